@@ -1,0 +1,235 @@
+"""The model bundle: ``model.onnx`` + ``model.json``, and the one-step contract the daemon relies on.
+
+A bundle is self-contained: the graph takes raw readings and returns raw predictions (scaling is
+inside), so anything that can run ONNX can use it. This module needs only numpy, pydantic and
+ONNX Runtime, never PyTorch.
+
+Contract (format version 1, mode ``stateful``):
+
+- inputs ``x`` ``[B, F]`` float32 in raw units, ``h`` ``[L, B, H]`` (and ``c`` for LSTM);
+- outputs ``y`` ``[B, 1]`` (the next reading, raw units), ``h_out`` (and ``c_out``);
+- ``B`` is dynamic; a zero state is the start of every stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from forecaster.errors import BundleError
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "model.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Scaler(_Strict):
+    """Standardisation applied inside the graph: ``(x - mean) / std`` per feature."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class Scores(_Strict):
+    """One-step scores on held-out data, model next to persistence (the last value)."""
+
+    rmse: float
+    mae: float
+    naive_rmse: float
+    naive_mae: float
+    n: int
+
+
+class TrainingData(_Strict):
+    """Where the weights came from: enough to tell two training sets apart."""
+
+    sha256: str = Field(description="sha256 of the CSV file the model was trained on")
+    source: str = Field(description="file name of the training CSV")
+    rows: int
+    series: int
+    column: list[str]
+    time_column: str | None = None
+    stream_column: str | None = None
+    until: str | None = Field(default=None, description="rows at or after this were not used")
+
+
+class Manifest(_Strict):
+    """``model.json``: what the graph is, what it predicts and how it was checked."""
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: str
+    mode: Literal["stateful"] = "stateful"
+    task: Literal["regress"] = "regress"
+    cell: Literal["lstm", "gru"]
+    layers: int = Field(ge=1)
+    hidden: int = Field(ge=1)
+    features: list[str] = Field(min_length=1, description="input features, in x's column order")
+    target: str = Field(description="the feature whose next value y predicts")
+    head: Literal["delta", "level"] = Field(
+        description="what the network itself predicts: 'delta' = change from the last reading "
+        "(y = x + delta), 'level' = the next value directly; y is always the next value"
+    )
+    scaler: Scaler
+    delta_scale: float = Field(gt=0, description="scale of the delta head, raw units")
+    warmup: int = Field(ge=0, description="readings before a stream's predictions count as warm")
+    opset: int
+    onnx_sha256: str
+    training_data: TrainingData
+    validation: Scores
+    parity_max_abs_diff: float = Field(description="export-time PyTorch vs ORT, scaled units")
+    package_version: str
+    created: str
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state tensor: input name, output name, and ``[L, H]`` (batch in between)."""
+
+    name: str
+    output: str
+    layers: int
+    hidden: int
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """Parse and validate ``model.json``; every problem becomes a :class:`BundleError`."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"bundle {bundle_dir} is not a directory")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"bundle {bundle_dir} has no {MANIFEST_FILE}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: manifest must be a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{path}: {where}: {first['msg']}") from None
+
+
+def state_specs(manifest: Manifest) -> tuple[StateSpec, ...]:
+    names = ("h", "c") if manifest.cell == "lstm" else ("h",)
+    return tuple(StateSpec(n, f"{n}_out", manifest.layers, manifest.hidden) for n in names)
+
+
+class Bundle:
+    """A verified bundle with a live ONNX Runtime session.
+
+    Loading reads the ONNX file once, checks its sha256 against the manifest and builds the
+    session from those same bytes, so what was verified is what runs, and a graph that refers to
+    external data files cannot load them (there is no base path to resolve them against).
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, session: ort.InferenceSession) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.session = session
+        self.states = state_specs(manifest)
+        self._output_names = ["y", *(s.output for s in self.states)]
+        self._check_signature()
+
+    @classmethod
+    def load(cls, path: str | Path, *, intra_op_threads: int = 1) -> Bundle:
+        bundle_dir = Path(path)
+        manifest = read_manifest(bundle_dir)
+        onnx_path = bundle_dir / MODEL_FILE
+        try:
+            blob = onnx_path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"bundle {bundle_dir}: cannot read {MODEL_FILE} ({exc.strerror})") from None
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != manifest.onnx_sha256:
+            raise BundleError(
+                f"bundle {bundle_dir}: {MODEL_FILE} sha256 {digest[:12]}… does not match the "
+                f"manifest's {manifest.onnx_sha256[:12]}…"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped errors for bad graphs
+            raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot load the graph ({exc})") from None
+        return cls(bundle_dir, manifest, session)
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.onnx_sha256
+
+    @property
+    def n_features(self) -> int:
+        return len(self.manifest.features)
+
+    def _check_signature(self) -> None:
+        m = self.manifest
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        expected_in: dict[str, list[object]] = {"x": ["B", len(m.features)]}
+        for s in self.states:
+            expected_in[s.name] = [s.layers, "B", s.hidden]
+        if set(inputs) != set(expected_in) or not {"y", *(s.output for s in self.states)} <= set(outputs):
+            raise BundleError(
+                f"bundle {self.path}: graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do "
+                f"not match the manifest ({m.cell}: {sorted(expected_in)})"
+            )
+        for name, shape in expected_in.items():
+            got = inputs[name]
+            fixed = [d for d in shape if isinstance(d, int)]
+            got_fixed = [d for d in got if isinstance(d, int)]
+            if len(got) != len(shape) or fixed != got_fixed:
+                raise BundleError(
+                    f"bundle {self.path}: input {name} has shape {got}, manifest says {shape}"
+                )
+
+    def zero_state(self, batch: int) -> tuple[np.ndarray, ...]:
+        return tuple(np.zeros((s.layers, batch, s.hidden), dtype=np.float32) for s in self.states)
+
+    def step(
+        self, x: np.ndarray, state: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """One step for a batch of streams: ``x`` ``[B, F]``, states ``[L, B, H]`` each.
+
+        Returns the predictions ``[B]`` (float32, raw units) and the new states. ONNX Runtime
+        releases the GIL while it runs, so the MQTT thread keeps receiving meanwhile.
+        """
+        feeds = {"x": np.ascontiguousarray(x, dtype=np.float32)}
+        for spec, value in zip(self.states, state, strict=True):
+            feeds[spec.name] = value
+        y, *new_state = self.session.run(self._output_names, feeds)
+        return y[:, 0], tuple(new_state)
+
+    def warm_up(self) -> None:
+        """Run one zero input so the first real reading does not pay ORT's lazy initialisation."""
+        self.step(np.zeros((1, self.n_features), dtype=np.float32), self.zero_state(1))
