@@ -1,0 +1,41 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set everything up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all lint typecheck clean bundle broker-deps
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[train,dev]"
+	@touch $(STAMP)
+
+# System packages the tests use: a real mosquitto broker, promtool, systemd-analyze.
+broker-deps:
+	@bash scripts/system-deps.sh
+
+demo: $(STAMP) broker-deps
+	$(PY) -m forecaster.demo
+
+test: $(STAMP) broker-deps
+	$(PY) -m pytest -q
+
+test-all: $(STAMP) broker-deps
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check forecaster tests benchmarks
+	$(VENV)/bin/ruff format --check forecaster tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# Rebuild the bundled model exactly as models/README.md records it.
+bundle: $(STAMP)
+	bash models/build.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache runs .demo

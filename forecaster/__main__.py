@@ -1,0 +1,5 @@
+"""``python -m forecaster`` runs the CLI."""
+
+from forecaster.cli import main
+
+main()

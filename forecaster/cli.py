@@ -1,0 +1,239 @@
+"""The ``forecaster`` command: thin wrappers that parse options and call the modules.
+
+Every expected failure is a :class:`ForecasterError` and becomes ``error: …`` on one line with
+exit code 2. Training and export import PyTorch lazily, so the serving install (no torch) can
+run ``serve``, ``evaluate``, ``inspect`` and ``replay``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from forecaster.bundle import TrainingData
+from forecaster.errors import ForecasterError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Streaming one-step-ahead forecasts for MQTT sensor streams.",
+)
+
+ColumnOpt = Annotated[
+    list[str] | None,
+    typer.Option("--column", "-c", help="value column; repeat for several series (one global model)"),
+]
+TimeOpt = Annotated[
+    str | None, typer.Option("--time-column", help="time column: ISO 8601 (offsets ok) or epoch seconds")
+]
+StreamOpt = Annotated[
+    str | None, typer.Option("--stream-column", help="long format: column holding the stream id")
+]
+NoHeaderOpt = Annotated[
+    bool, typer.Option("--no-header", help="the CSV has no header row; columns are named 0, 1, …")
+]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _need_torch(command: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail(f"'forecaster {command}' needs PyTorch: pip install 'forecaster[train]'")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="CSV file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")] = Path("runs/latest"),
+    column: ColumnOpt = None,
+    time_column: TimeOpt = None,
+    stream_column: StreamOpt = None,
+    no_header: NoHeaderOpt = False,
+    cell: Annotated[str, typer.Option(help="lstm or gru")] = "lstm",
+    layers: Annotated[int, typer.Option(help="stacked recurrent layers")] = 1,
+    hidden: Annotated[int, typer.Option(help="hidden units per layer")] = 128,
+    dropout: Annotated[float, typer.Option(help="dropout between stacked layers")] = 0.0,
+    head: Annotated[str, typer.Option(help="delta (change from last reading) or level")] = "delta",
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="parallel lanes per gradient step")] = 32,
+    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 10,
+    bptt: Annotated[int, typer.Option(help="truncated-BPTT chunk length (steps)")] = 64,
+    clip_norm: Annotated[float, typer.Option(help="gradient clipping: max global norm")] = 1.0,
+    val_fraction: Annotated[float, typer.Option(help="last part of each series for validation")] = 0.2,
+    patience: Annotated[int, typer.Option(help="early stopping: epochs without improvement")] = 5,
+    seed: Annotated[int, typer.Option(help="same seed, same weights")] = 0,
+    until: Annotated[
+        str | None, typer.Option(help="train only on rows before this row index or time")
+    ] = None,
+    warmup: Annotated[
+        int | None, typer.Option(help="readings before predictions count as warm (default: measured)")
+    ] = None,
+    name: Annotated[str, typer.Option(help="model name recorded in the bundle")] = "model",
+    version: Annotated[str, typer.Option(help="model version recorded in the bundle")] = "1.0.0",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Fit an LSTM or GRU on CSV data with truncated BPTT, as the daemon will run it."""
+    _need_torch("train")
+    from forecaster.data import load_csv
+    from forecaster.train import TrainConfig
+    from forecaster.train import train as run_training
+
+    if cell not in ("lstm", "gru"):
+        _fail(f"--cell must be lstm or gru, not {cell!r}")
+    if head not in ("delta", "level"):
+        _fail(f"--head must be delta or level, not {head!r}")
+    cfg = TrainConfig(
+        cell=cell,  # type: ignore[arg-type]
+        layers=layers, hidden=hidden, dropout=dropout,
+        head=head,  # type: ignore[arg-type]
+        lr=lr, batch_size=batch_size, epochs=epochs, bptt=bptt, clip_norm=clip_norm,
+        val_fraction=val_fraction, patience=patience, seed=seed, until=until,
+        name=name, version=version, warmup=warmup,
+    )
+    cfg.check()
+    dataset = load_csv(data, column, time_column, stream_column, header=not no_header)
+    report = run_training(dataset, cfg, out, progress=not quiet and sys.stderr.isatty())
+    v = report["validation"]
+    typer.echo(
+        f"run {out}: best epoch {report['best_epoch']}, validation RMSE {v['rmse']:.4f} "
+        f"(persistence {v['naive_rmse']:.4f}, n={v['n']}), warm-up {report['warmup']} readings"
+    )
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="training run directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")],
+    name: Annotated[str | None, typer.Option(help="override the model name")] = None,
+    version: Annotated[str | None, typer.Option(help="override the model version")] = None,
+    tolerance: Annotated[float, typer.Option(help="parity limit, scaled units")] = 1e-4,
+) -> None:
+    """Write an ONNX bundle and prove ONNX Runtime steps it exactly like PyTorch unrolls it."""
+    _need_torch("export")
+    from forecaster.export import PARITY_STEPS, PARITY_STREAMS
+    from forecaster.export import export as run_export
+
+    manifest, parity = run_export(run, out, name=name, version=version, tolerance=tolerance)
+    typer.echo(
+        f"bundle {out}: {manifest.name} {manifest.version} ({manifest.cell} "
+        f"{manifest.layers}x{manifest.hidden}), sha256 {manifest.onnx_sha256[:12]}; parity over "
+        f"{PARITY_STEPS} steps x {PARITY_STREAMS} streams: max |ORT - PyTorch| = {parity:.2e} "
+        f"(limit {tolerance:g})"
+    )
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    data: Annotated[Path, typer.Argument(help="CSV file")],
+    column: ColumnOpt = None,
+    time_column: TimeOpt = None,
+    stream_column: StreamOpt = None,
+    no_header: NoHeaderOpt = False,
+    warmup: Annotated[
+        int | None, typer.Option(help="skip each stream's first N predictions (default: the bundle's)")
+    ] = None,
+    start: Annotated[
+        str | None, typer.Option("--from", help="score only targets at/after this row index or time")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    predictions: Annotated[
+        Path | None, typer.Option("--predictions", help="write every prediction to this CSV")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="draw actual vs predicted (PNG)")] = None,
+) -> None:
+    """Score a bundle step by step from a zero state, exactly as the daemon runs it."""
+    from forecaster.bundle import Bundle
+    from forecaster.data import load_csv
+    from forecaster.evaluate import evaluate_bundle, plot_predictions, write_predictions
+
+    b = Bundle.load(bundle)
+    td = b.manifest.training_data
+    if not (column or time_column or stream_column) and _has_columns(data, td, no_header):
+        # Same layout as the training data: read it the way training did.
+        column, time_column, stream_column = td.column, td.time_column, td.stream_column
+    dataset = load_csv(data, column, time_column, stream_column, header=not no_header)
+    result = evaluate_bundle(b, dataset, warmup, start)
+    sc = result.score().as_dict()
+    if predictions is not None:
+        write_predictions(result, predictions)
+    if plot is not None:
+        plot_predictions(result, plot, f"{b.manifest.name} {b.manifest.version} on {data.name}")
+    if as_json:
+        typer.echo(json.dumps({**sc, "model": b.manifest.name, "version": b.manifest.version}))
+        return
+    typer.echo(f"{b.manifest.name} {b.manifest.version} on {data.name}: {sc['n']} one-step predictions scored")
+    typer.echo(f"  {'':12}{'model':>12}{'persistence':>14}")
+    typer.echo(f"  {'RMSE':12}{sc['rmse']:12.4f}{sc['naive_rmse']:14.4f}")
+    typer.echo(f"  {'MAE':12}{sc['mae']:12.4f}{sc['naive_mae']:14.4f}")
+    typer.echo(f"  {'MASE':12}{sc['mase']:12.4f}")
+    typer.echo(f"  skill vs persistence (1 - RMSE ratio): {sc['skill']:+.3f}")
+
+
+def _has_columns(data: Path, td: TrainingData, no_header: bool) -> bool:
+    """Whether the CSV's header holds the columns the bundle was trained on."""
+    columns = [*td.column, *(c for c in (td.time_column, td.stream_column) if c)]
+    if no_header:
+        return all(c.isdigit() for c in columns)
+    try:
+        with data.open(encoding="utf-8-sig") as fh:
+            first = fh.readline()
+    except OSError:
+        return False
+    header = [c.strip() for c in first.strip().split(",")]
+    return all(c in header for c in columns)
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="the manifest as JSON")] = False,
+) -> None:
+    """Show a bundle's manifest and verify its ONNX file's sha256."""
+    from forecaster.bundle import Bundle
+
+    b = Bundle.load(bundle)  # verifies the sha256 and the graph's signature
+    m = b.manifest
+    if as_json:
+        typer.echo(json.dumps({**m.model_dump(), "sha256_verified": True}, indent=2))
+        return
+    rows: list[tuple[str, Any]] = [
+        ("name", m.name), ("version", m.version), ("mode", m.mode), ("task", m.task),
+        ("cell", f"{m.cell}, {m.layers} layer(s) x {m.hidden}"),
+        ("features", ", ".join(m.features)), ("predicts", f"next {m.target} ({m.head} head)"),
+        ("warm-up", f"{m.warmup} readings"),
+        ("scaler", f"mean {m.scaler.mean}, std {m.scaler.std}"),
+        ("trained on", f"{m.training_data.source} ({m.training_data.rows} rows, "
+                       f"sha256 {m.training_data.sha256[:12]}…, until {m.training_data.until})"),
+        ("validation RMSE", f"{m.validation.rmse:.4f} (persistence {m.validation.naive_rmse:.4f}, "
+                            f"n={m.validation.n})"),
+        ("parity", f"{m.parity_max_abs_diff:.2e} (scaled units)"),
+        ("opset", m.opset), ("onnx sha256", f"{m.onnx_sha256} (verified)"),
+        ("package", m.package_version), ("created", m.created),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        typer.echo(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: expected failures become one line on stderr and exit code 2."""
+    try:
+        return app(args=argv, prog_name="forecaster", standalone_mode=True)
+    except ForecasterError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+

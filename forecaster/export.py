@@ -1,0 +1,169 @@
+"""Export a training run to a bundle and prove the ONNX graph steps exactly like PyTorch unrolls.
+
+The proof is the contract the daemon depends on: PyTorch unrolls a long sequence for several
+streams in one call; ONNX Runtime steps the exported one-step graph one reading at a time with
+the state carried, as the daemon will. If they drift apart by more than ``tolerance`` (in the
+target's standardised units) anywhere, the export fails and no bundle is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from forecaster import __version__
+from forecaster.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, Manifest
+from forecaster.errors import ForecasterError
+from forecaster.nn import RNNForecaster, StepModule
+from forecaster.train import load_run
+
+OPSET = 17
+PARITY_STEPS = 1000
+PARITY_STREAMS = 8
+PARITY_TOLERANCE = 1e-4
+
+
+class ParityError(ForecasterError):
+    """ONNX Runtime's stepped output differs from PyTorch's unroll beyond the tolerance."""
+
+
+def to_onnx(model: RNNForecaster) -> bytes:
+    """The one-step graph with a dynamic batch axis, as bytes (a single file, no external data)."""
+    step = StepModule(model).eval()
+    names = ["h", "c"] if model.spec.cell == "lstm" else ["h"]
+    batch = 2
+    args = (torch.zeros(batch, model.spec.n_features), *model.zero_state(batch))
+    dynamic: dict[str, dict[int, str]] = {"x": {0: "B"}, "y": {0: "B"}}
+    for n in names:
+        dynamic[n] = {1: "B"}
+        dynamic[f"{n}_out"] = {1: "B"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but emits a single fused LSTM/GRU node, which
+        # ONNX Runtime steps far faster than the unrolled graph of the dynamo exporter.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            step,
+            args,
+            buf,
+            input_names=["x", *names],
+            output_names=["y", *(f"{n}_out" for n in names)],
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return buf.getvalue()
+
+
+def parity_inputs(model: RNNForecaster, steps: int, streams: int, seed: int = 0) -> np.ndarray:
+    """``[T, B, F]`` raw readings: AR(1) walks around the training mean with the training spread,
+    plus occasional jumps, so the check covers the range the model will see."""
+    rng = np.random.default_rng(seed)
+    mean = np.asarray(model.spec.mean)
+    std = np.asarray(model.spec.std)
+    z = np.zeros((steps, streams, model.spec.n_features))
+    for t in range(1, steps):
+        z[t] = 0.97 * z[t - 1] + 0.25 * rng.standard_normal(z.shape[1:])
+    jumps = rng.random(z.shape) < 0.01
+    z = z + jumps * rng.normal(0, 2.0, z.shape)
+    return (mean + std * z).astype(np.float32)
+
+
+def check_parity(model: RNNForecaster, onnx_bytes: bytes, steps: int = PARITY_STEPS,
+                 streams: int = PARITY_STREAMS) -> float:
+    """Max |ORT − PyTorch| over every step and stream, in the target's standardised units."""
+    x = parity_inputs(model, steps, streams)
+    with torch.no_grad():
+        _, ref, _ = model.forward_seq(torch.from_numpy(x), model.zero_state(streams))
+    expected = ref.numpy()
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    names = ["h", "c"] if model.spec.cell == "lstm" else ["h"]
+    state = [np.zeros((model.spec.layers, streams, model.spec.hidden), np.float32) for _ in names]
+    got = np.empty_like(expected)
+    for t in range(steps):
+        y, *state = sess.run(None, {"x": x[t], **dict(zip(names, state, strict=True))})
+        got[t] = y[:, 0]
+    return float(np.max(np.abs(got - expected)) / model.spec.std[0])
+
+
+def manifest_for(model: RNNForecaster, report: dict[str, Any], sha: str, parity: float,
+                 name: str | None, version: str | None) -> Manifest:
+    spec = model.spec
+    cfg = report["config"]
+    data = report["data"]
+    val = report["validation"]
+    return Manifest.model_validate(
+        {
+            "name": name or cfg["name"],
+            "version": version or cfg["version"],
+            "cell": spec.cell,
+            "layers": spec.layers,
+            "hidden": spec.hidden,
+            "features": ["value"],
+            "target": "value",
+            "head": spec.head,
+            "scaler": {"mean": list(spec.mean), "std": list(spec.std)},
+            "delta_scale": spec.delta_scale,
+            "warmup": report["warmup"],
+            "opset": OPSET,
+            "onnx_sha256": sha,
+            "training_data": {
+                "sha256": data["sha256"],
+                "source": data["source"],
+                "rows": data["rows"],
+                "series": data["series"],
+                "column": data["column"],
+                "time_column": data["time_column"],
+                "stream_column": data["stream_column"],
+                "until": data["until"],
+            },
+            "validation": {k: val[k] for k in ("rmse", "mae", "naive_rmse", "naive_mae", "n")},
+            "parity_max_abs_diff": parity,
+            "package_version": __version__,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+
+
+def export(run_dir: Path, out: Path, name: str | None = None, version: str | None = None,
+           tolerance: float = PARITY_TOLERANCE) -> tuple[Manifest, float]:
+    """Write ``out/model.onnx`` and ``out/model.json`` once the parity proof passes."""
+    model, report = load_run(Path(run_dir))
+    blob = to_onnx(model)
+    parity = check_parity(model, blob)
+    if not parity <= tolerance:
+        raise ParityError(
+            f"ONNX Runtime differs from PyTorch by {parity:.3g} (scaled units) over "
+            f"{PARITY_STEPS} steps x {PARITY_STREAMS} streams; the limit is {tolerance:g}"
+        )
+    sha = hashlib.sha256(blob).hexdigest()
+    manifest = manifest_for(model, report, sha, parity, name, version)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / MODEL_FILE, blob)
+    _write_atomic(out / MANIFEST_FILE, (manifest.model_dump_json(indent=2) + "\n").encode())
+    Bundle.load(out)  # the bundle as written must load and verify
+    return manifest, parity
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def describe(manifest: Manifest) -> str:
+    return json.dumps(manifest.model_dump(), indent=2)

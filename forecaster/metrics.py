@@ -1,0 +1,477 @@
+"""Every Prometheus metric of the daemon, defined once, on a registry passed in.
+
+Nothing is registered at import time: the daemon builds one :class:`Metrics` on its own
+``CollectorRegistry`` and tests build as many as they like on fresh ones. Labels are bounded by
+configuration (routes) or by code (reasons, results); a stream id is never a label, because a
+flood of new topics would otherwise become a flood of time series in every Prometheus scraping us.
+
+The HTTP side is deliberately thin (see ``STYLE.md``: pure core, thin I/O): the exposition text is
+``generate_latest``; :class:`MetricsServer` only routes three paths to it and to two callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Final
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+#: Route label used when a reading matched no route: Prometheus treats an empty label value as an
+#: absent label, which would merge these series with unlabelled ones.
+NO_ROUTE: Final = "none"
+
+#: Reasons a reading is rejected. The first group mirrors the codec's payload checks; the second
+#: comes from the state store, the queue and the MQTT layer. Listed here so dashboards and tests
+#: have one source of truth, and so :meth:`Metrics.reject` can refuse a typo that would otherwise
+#: silently create a new series.
+PAYLOAD_REJECT_REASONS: Final = (
+    "not_utf8",
+    "too_large",
+    "bad_json",
+    "too_deep",
+    "not_finite",
+    "wrong_type",
+    "missing_key",
+    "bad_timestamp",
+    "empty",
+    "bad_stream",
+    "too_many",
+)
+REJECT_REASONS: Final = (
+    *PAYLOAD_REJECT_REASONS,
+    "duplicate",
+    "out_of_order",
+    "queue_full",
+    "non_finite_state",
+    "no_route",
+    "callback_error",
+)
+STATE_RESET_REASONS: Final = ("gap", "non_finite", "model_changed")
+EVICTION_REASONS: Final = ("lru", "idle")
+RESULTS: Final = ("ok", "failed")
+RESTORE_RESULTS: Final = ("ok", "missing", "corrupt", "foreign")
+
+# Buckets. Seconds and counts are base units; prometheus_client appends ``+Inf`` itself.
+#: One ONNX call: ~40 µs at batch 1 up to a pathological second.
+INFERENCE_BUCKETS: Final = (
+    50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0,
+)  # fmt: skip
+#: Readings per ONNX call: powers of two up to the largest ``max_batch`` worth configuring.
+BATCH_SIZE_BUCKETS: Final = tuple(float(2**i) for i in range(13))  # 1 … 4096
+#: Received → published: sub-millisecond when idle, seconds when a backlog drains.
+END_TO_END_BUCKETS: Final = (
+    0.5e-3, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0,
+)  # fmt: skip
+#: Absolute errors in raw sensor units, whose scale we cannot know: a 1-2.5-5 ladder over seven
+#: decades covers millivolts to kilopascals without per-route configuration.
+ABS_ERROR_BUCKETS: Final = (
+    # Built from decimal text so the le labels read 0.0025, not 0.0025000000000000005.
+    *(float(f"{m}e{e}") for e in range(-3, 4) for m in (1, 2.5, 5)),
+    1e4,
+)
+
+
+class Metrics:
+    """All daemon metrics, created on ``registry``.
+
+    Attributes are the prometheus_client objects themselves, so callers use the ordinary
+    ``.labels(...).inc()`` API; the few helpers below exist where a call site would otherwise have
+    to know an invariant (one model-info series per route, batched error sums).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+
+        self.readings = Counter(
+            "forecaster_readings",
+            "Readings accepted for a route (decoded, validated, in order).",
+            ["route"],
+            registry=r,
+        )
+        self.readings_rejected = Counter(
+            "forecaster_readings_rejected",
+            "Readings dropped, by route ('none' when no route matched) and reason.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.predictions = Counter(
+            "forecaster_predictions",
+            "Predictions published.",
+            ["route"],
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "forecaster_inference_seconds",
+            "Wall time of one ONNX Runtime call (one micro-batch wave).",
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "forecaster_batch_size",
+            "Readings stepped per ONNX Runtime call.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "forecaster_end_to_end_seconds",
+            "Time from a reading's arrival at the daemon to its prediction being published.",
+            buckets=END_TO_END_BUCKETS,
+            registry=r,
+        )
+        self.streams = Gauge(
+            "forecaster_streams",
+            "Streams with live recurrent state.",
+            ["route"],
+            registry=r,
+        )
+        self.state_resets = Counter(
+            "forecaster_state_resets",
+            "Stream states reset to zero (gap: time gap over the limit; non_finite: NaN/Inf in "
+            "the state; model_changed: a reload changed the model).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.streams_evicted = Counter(
+            "forecaster_streams_evicted",
+            "Stream states dropped (lru: max_streams cap; idle: TTL expired).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "forecaster_queue_depth",
+            "Readings waiting between the MQTT thread and the inference worker.",
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "forecaster_mqtt_connected",
+            "1 while the MQTT session is up, else 0.",
+            registry=r,
+        )
+        self.mqtt_reconnects = Counter(
+            "forecaster_mqtt_reconnects",
+            "MQTT connections established after the first one.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "forecaster_ready",
+            "1 while the daemon reports ready (models loaded and warm, MQTT subscribed), else 0.",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "forecaster_model_info",
+            "The model bundle serving each route (value is always 1).",
+            ["route", "name", "version", "sha256"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "forecaster_reloads",
+            "Configuration/model reloads (SIGHUP), by result.",
+            ["result"],
+            registry=r,
+        )
+        self.snapshots = Counter(
+            "forecaster_snapshots",
+            "State snapshots written, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.snapshot_restores = Counter(
+            "forecaster_snapshot_restores",
+            "State snapshot restores at start-up (foreign: written for another model bundle).",
+            ["result"],
+            registry=r,
+        )
+        self.callback_errors = Counter(
+            "forecaster_callback_errors",
+            "Exceptions caught in MQTT callbacks (an uncaught one would kill paho's thread).",
+            ["callback"],
+            registry=r,
+        )
+        self.publish_inflight = Gauge(
+            "forecaster_publish_inflight",
+            "QoS>0 prediction publishes not yet acknowledged by the broker.",
+            registry=r,
+        )
+        self.prediction_abs_error = Histogram(
+            "forecaster_prediction_abs_error",
+            "|actual - predicted| for each reading that had a prediction, in raw units.",
+            ["route"],
+            buckets=ABS_ERROR_BUCKETS,
+            registry=r,
+        )
+        self.naive_abs_error = Histogram(
+            "forecaster_naive_abs_error",
+            "|actual - previous actual| (persistence baseline) for the same readings.",
+            ["route"],
+            buckets=ABS_ERROR_BUCKETS,
+            registry=r,
+        )
+        self.prediction_squared_error = Counter(
+            "forecaster_prediction_squared_error",
+            "Sum of (actual - predicted)^2; divide its rate by the abs-error _count rate for MSE.",
+            ["route"],
+            registry=r,
+        )
+        self.naive_squared_error = Counter(
+            "forecaster_naive_squared_error",
+            "Sum of (actual - previous actual)^2, the persistence baseline's squared error.",
+            ["route"],
+            registry=r,
+        )
+
+        # Process RSS/CPU/FDs and the Python version, on *this* registry rather than the global one.
+        BootClockProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+
+        # route -> label values of its current forecaster_model_info series.
+        self._model_labels: dict[str, tuple[str, str, str, str]] = {}
+        self._model_lock = threading.Lock()
+
+    def reject(self, route: str, reason: str, n: int = 1) -> None:
+        """Count ``n`` rejected readings; maps an unmatched route ('') to ``none``.
+
+        Refuses unknown reasons so a typo fails a test instead of inventing a series that no
+        dashboard or alert looks at.
+        """
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}")
+        self.readings_rejected.labels(route or NO_ROUTE, reason).inc(n)
+
+    def set_model(self, route: str, name: str, version: str, sha256: str) -> None:
+        """Publish the model serving ``route``, removing the series of the model it replaces.
+
+        Without the removal a reload would leave two info series at 1 for one route, and a
+        ``* on(route) group_left`` join in a dashboard would fail with duplicate matches.
+        """
+        new = (route, name, version, sha256)
+        with self._model_lock:
+            old = self._model_labels.get(route)
+            if old is not None and old != new:
+                self.model_info.remove(*old)
+            self.model_info.labels(*new).set(1)
+            self._model_labels[route] = new
+
+    def clear_model(self, route: str) -> None:
+        """Drop a route's model-info series (the route was removed by a reload)."""
+        with self._model_lock:
+            old = self._model_labels.pop(route, None)
+            if old is not None:
+                self.model_info.remove(*old)
+
+    def observe_errors(self, route: str, abs_err: np.ndarray, naive_abs_err: np.ndarray) -> None:
+        """Record a batch of online errors of the model and of persistence for one route.
+
+        Both arrays hold the same readings (a reading without a previous prediction is left out of
+        both), so the two histograms' ``_count`` agree and skill = 1 - model/persistence compares
+        like with like. Squares are summed in numpy and added once: one lock round-trip per batch
+        instead of per reading. Non-finite entries are a bug upstream; they are dropped here rather
+        than poisoning a counter forever (a NaN in a counter never goes away).
+        """
+        a = np.asarray(abs_err, dtype=np.float64).ravel()
+        b = np.asarray(naive_abs_err, dtype=np.float64).ravel()
+        if a.shape != b.shape:
+            raise ValueError(f"abs_err {a.shape} and naive_abs_err {b.shape} differ in shape")
+        keep = np.isfinite(a) & np.isfinite(b)
+        if not keep.all():
+            log.warning("dropping %d non-finite online errors on route %s", (~keep).sum(), route)
+            a, b = a[keep], b[keep]
+        if a.size == 0:
+            return
+        model_h = self.prediction_abs_error.labels(route)
+        naive_h = self.naive_abs_error.labels(route)
+        for x in a.tolist():
+            model_h.observe(x)
+        for x in b.tolist():
+            naive_h.observe(x)
+        self.prediction_squared_error.labels(route).inc(float(np.dot(a, a)))
+        self.naive_squared_error.labels(route).inc(float(np.dot(b, b)))
+
+
+class BootClockProcessCollector(ProcessCollector):
+    """prometheus_client's ProcessCollector, still working under systemd's ``ProcSubset=pid``.
+
+    The stock collector reads the boot time from ``/proc/stat`` and, when that file is hidden
+    (our unit hides everything in /proc but process directories), silently exports nothing: no
+    RSS, no CPU, no start time. The boot time is also realtime minus CLOCK_BOOTTIME, which
+    needs no /proc at all.
+    """
+
+    def _boot_time(self) -> float:
+        try:
+            btime = super()._boot_time()
+        except OSError:
+            btime = None
+        if btime:
+            return float(btime)
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Liveness:
+    """Heartbeat of the inference loop, for ``/healthz``.
+
+    The HTTP thread cannot tell a wedged inference worker from a quiet one by itself; the worker
+    beats on every loop turn (including idle timeouts), so a stale beat means stuck, not idle.
+    Pure: the clock is passed in, so tests need no sleeping. A float assignment is atomic under the
+    GIL, so no lock is needed between the beating thread and the reading one.
+    """
+
+    def __init__(self, now: float) -> None:
+        # Counting construction as a beat gives the loop ``timeout`` seconds to start.
+        self._last = now
+
+    def beat(self, now: float) -> None:
+        self._last = now
+
+    @property
+    def last_beat(self) -> float:
+        return self._last
+
+    def alive(self, now: float, timeout: float) -> bool:
+        return now - self._last <= timeout
+
+    def check(self, now: float, timeout: float) -> tuple[bool, str]:
+        """``alive`` in the shape :class:`MetricsServer` callbacks return."""
+        age = now - self._last
+        if age <= timeout:
+            return True, "ok"
+        return False, f"inference loop silent for {age:.1f}s (limit {timeout:g}s)"
+
+
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes the three paths; the server object carries the registry and callbacks."""
+
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            try:
+                body = generate_latest(self.server.registry)
+            except Exception:
+                # A broken custom collector must not take the endpoint down with a traceback.
+                log.exception("collecting metrics failed")
+                self._send(500, b"collecting metrics failed\n", "text/plain; charset=utf-8")
+                return
+            self._send(200, body, CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._probe(self.server.health)
+        elif path == "/readyz":
+            self._probe(self.server.ready)
+        else:
+            self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+    def _probe(self, check: HealthCheck) -> None:
+        try:
+            ok, reason = check()
+        except Exception as exc:
+            log.exception("health callback failed")
+            ok, reason = False, f"health check raised {type(exc).__name__}: {exc}"
+        text = "ok" if ok else (reason or "not ok")
+        self._send(200 if ok else 503, (text + "\n").encode(), "text/plain; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        # Prometheus scrapes every few seconds; an access log line each time is noise in journald.
+        log.debug("%s - " + format, self.address_string(), *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Rebinding right after a restart must not fail on TIME_WAIT sockets of the previous process.
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        health: HealthCheck,
+        ready: HealthCheck,
+    ) -> None:
+        self.registry = registry
+        self.health = health
+        self.ready = ready
+        super().__init__(address, _Handler)
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a background thread.
+
+    Not prometheus_client's ``start_http_server``: that one has no health paths and cannot be
+    stopped, and tests need to stop it and see the port freed.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        bind: str,
+        port: int,
+        health: HealthCheck,
+        ready: HealthCheck,
+    ) -> None:
+        self._registry = registry
+        self._address = (bind, port)
+        self._health = health
+        self._ready = ready
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind and serve; raises ``OSError`` if the port is taken, so start-up fails loudly."""
+        if self._server is not None:
+            raise RuntimeError("MetricsServer already started")
+        server = _Server(self._address, self._registry, self._health, self._ready)
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="metrics-http",
+            daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        log.info("metrics on http://%s:%d/metrics", self._address[0], self.port)
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket (idempotent)."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    @property
+    def port(self) -> int:
+        """The bound port; differs from the requested one when that was 0 (ephemeral)."""
+        if self._server is None:
+            raise RuntimeError("MetricsServer not started")
+        return int(self._server.server_address[1])

@@ -1,0 +1,105 @@
+"""The PyTorch forecaster: a stacked LSTM or GRU with scaling and the output head built in.
+
+Everything the ONNX graph does happens in this module, in one place: standardise the reading,
+step the RNN, map the last layer's output to the next reading in raw units. ``forward_seq``
+unrolls a whole sequence (training, validation, the parity reference); ``StepModule`` wraps the
+same weights as the one-step graph that is exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild the network around saved weights."""
+
+    cell: Literal["lstm", "gru"]
+    layers: int
+    hidden: int
+    n_features: int
+    head: Literal["delta", "level"]
+    dropout: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    delta_scale: float
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class RNNForecaster(nn.Module):
+    """Stacked RNN whose head predicts the next value of feature 0.
+
+    With ``head="delta"`` the network predicts the change from the last reading in units of
+    ``delta_scale`` and the head starts at zero, so an untrained model *is* persistence and
+    training can only move it away from persistence where that helps. ``head="level"``
+    predicts the standardised next value directly.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        rnn_cls = nn.LSTM if spec.cell == "lstm" else nn.GRU
+        self.rnn = rnn_cls(
+            input_size=spec.n_features,
+            hidden_size=spec.hidden,
+            num_layers=spec.layers,
+            dropout=spec.dropout if spec.layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(spec.hidden, 1)
+        if spec.head == "delta":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32))
+        self.register_buffer("delta_scale", torch.tensor(spec.delta_scale, dtype=torch.float32))
+
+    def zero_state(self, batch: int) -> State:
+        h = torch.zeros(self.spec.layers, batch, self.spec.hidden)
+        return (h, torch.zeros_like(h)) if self.spec.cell == "lstm" else (h,)
+
+    def _rnn(self, xs: Tensor, state: State) -> tuple[Tensor, State]:
+        if self.spec.cell == "lstm":
+            out, (h, c) = self.rnn(xs, (state[0], state[1]))
+            return out, (h, c)
+        out, h = self.rnn(xs, state[0])
+        return out, (h,)
+
+    def forward_seq(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
+        """Unroll ``x`` ``[T, B, F]`` (raw). Returns head output ``[T, B]`` (scaled), ``y`` ``[T, B]``
+        (next value, raw units) and the final state."""
+        xs = (x - self.mean) / self.std
+        out, state = self._rnn(xs, state)
+        o = self.head(out).squeeze(-1)
+        return o, self.to_raw(o, x[..., 0]), state
+
+    def to_raw(self, o: Tensor, last: Tensor) -> Tensor:
+        if self.spec.head == "delta":
+            return last + o * self.delta_scale
+        return self.mean[0] + o * self.std[0]
+
+    def target(self, x_next: Tensor, x_last: Tensor) -> Tensor:
+        """The head's training target for the next reading, in the head's scaled units."""
+        if self.spec.head == "delta":
+            return (x_next - x_last) / self.delta_scale
+        return (x_next - self.mean[0]) / self.std[0]
+
+
+class StepModule(nn.Module):
+    """One step of a :class:`RNNForecaster` with the bundle's signature (``x``, states → ``y``, states)."""
+
+    def __init__(self, model: RNNForecaster) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        _, y, new_state = self.model.forward_seq(x.unsqueeze(0), tuple(state))
+        return (y[0].unsqueeze(-1), *new_state)
