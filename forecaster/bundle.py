@@ -167,7 +167,9 @@ class Bundle:
         try:
             blob = onnx_path.read_bytes()
         except OSError as exc:
-            raise BundleError(f"bundle {bundle_dir}: cannot read {MODEL_FILE} ({exc.strerror})") from None
+            raise BundleError(
+                f"bundle {bundle_dir}: cannot read {MODEL_FILE} ({exc.strerror})"
+            ) from None
         digest = hashlib.sha256(blob).hexdigest()
         if digest != manifest.onnx_sha256:
             raise BundleError(
@@ -181,7 +183,9 @@ class Bundle:
         try:
             session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own untyped errors for bad graphs
-            raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot load the graph ({exc})") from None
+            raise BundleError(
+                f"bundle {bundle_dir}: ONNX Runtime cannot load the graph ({exc})"
+            ) from None
         return cls(bundle_dir, manifest, session)
 
     @property
@@ -199,7 +203,9 @@ class Bundle:
         expected_in: dict[str, list[object]] = {"x": ["B", len(m.features)]}
         for s in self.states:
             expected_in[s.name] = [s.layers, "B", s.hidden]
-        if set(inputs) != set(expected_in) or not {"y", *(s.output for s in self.states)} <= set(outputs):
+        if set(inputs) != set(expected_in) or not {"y", *(s.output for s in self.states)} <= set(
+            outputs
+        ):
             raise BundleError(
                 f"bundle {self.path}: graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do "
                 f"not match the manifest ({m.cell}: {sorted(expected_in)})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -26,10 +27,13 @@ app = typer.Typer(
 
 ColumnOpt = Annotated[
     list[str] | None,
-    typer.Option("--column", "-c", help="value column; repeat for several series (one global model)"),
+    typer.Option(
+        "--column", "-c", help="value column; repeat for several series (one global model)"
+    ),
 ]
 TimeOpt = Annotated[
-    str | None, typer.Option("--time-column", help="time column: ISO 8601 (offsets ok) or epoch seconds")
+    str | None,
+    typer.Option("--time-column", help="time column: ISO 8601 (offsets ok) or epoch seconds"),
 ]
 StreamOpt = Annotated[
     str | None, typer.Option("--stream-column", help="long format: column holding the stream id")
@@ -54,7 +58,9 @@ def _need_torch(command: str) -> None:
 @app.command()
 def train(
     data: Annotated[Path, typer.Argument(help="CSV file")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")] = Path("runs/latest"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")] = Path(
+        "runs/latest"
+    ),
     column: ColumnOpt = None,
     time_column: TimeOpt = None,
     stream_column: StreamOpt = None,
@@ -69,14 +75,17 @@ def train(
     epochs: Annotated[int, typer.Option(help="maximum epochs")] = 10,
     bptt: Annotated[int, typer.Option(help="truncated-BPTT chunk length (steps)")] = 64,
     clip_norm: Annotated[float, typer.Option(help="gradient clipping: max global norm")] = 1.0,
-    val_fraction: Annotated[float, typer.Option(help="last part of each series for validation")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(help="last part of each series for validation")
+    ] = 0.2,
     patience: Annotated[int, typer.Option(help="early stopping: epochs without improvement")] = 5,
     seed: Annotated[int, typer.Option(help="same seed, same weights")] = 0,
     until: Annotated[
         str | None, typer.Option(help="train only on rows before this row index or time")
     ] = None,
     warmup: Annotated[
-        int | None, typer.Option(help="readings before predictions count as warm (default: measured)")
+        int | None,
+        typer.Option(help="readings before predictions count as warm (default: measured)"),
     ] = None,
     name: Annotated[str, typer.Option(help="model name recorded in the bundle")] = "model",
     version: Annotated[str, typer.Option(help="model version recorded in the bundle")] = "1.0.0",
@@ -94,11 +103,22 @@ def train(
         _fail(f"--head must be delta or level, not {head!r}")
     cfg = TrainConfig(
         cell=cell,  # type: ignore[arg-type]
-        layers=layers, hidden=hidden, dropout=dropout,
+        layers=layers,
+        hidden=hidden,
+        dropout=dropout,
         head=head,  # type: ignore[arg-type]
-        lr=lr, batch_size=batch_size, epochs=epochs, bptt=bptt, clip_norm=clip_norm,
-        val_fraction=val_fraction, patience=patience, seed=seed, until=until,
-        name=name, version=version, warmup=warmup,
+        lr=lr,
+        batch_size=batch_size,
+        epochs=epochs,
+        bptt=bptt,
+        clip_norm=clip_norm,
+        val_fraction=val_fraction,
+        patience=patience,
+        seed=seed,
+        until=until,
+        name=name,
+        version=version,
+        warmup=warmup,
     )
     cfg.check()
     dataset = load_csv(data, column, time_column, stream_column, header=not no_header)
@@ -141,16 +161,20 @@ def evaluate(
     stream_column: StreamOpt = None,
     no_header: NoHeaderOpt = False,
     warmup: Annotated[
-        int | None, typer.Option(help="skip each stream's first N predictions (default: the bundle's)")
+        int | None,
+        typer.Option(help="skip each stream's first N predictions (default: the bundle's)"),
     ] = None,
     start: Annotated[
-        str | None, typer.Option("--from", help="score only targets at/after this row index or time")
+        str | None,
+        typer.Option("--from", help="score only targets at/after this row index or time"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     predictions: Annotated[
         Path | None, typer.Option("--predictions", help="write every prediction to this CSV")
     ] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="draw actual vs predicted (PNG)")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="draw actual vs predicted (PNG)")
+    ] = None,
 ) -> None:
     """Score a bundle step by step from a zero state, exactly as the daemon runs it."""
     from forecaster.bundle import Bundle
@@ -172,7 +196,9 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps({**sc, "model": b.manifest.name, "version": b.manifest.version}))
         return
-    typer.echo(f"{b.manifest.name} {b.manifest.version} on {data.name}: {sc['n']} one-step predictions scored")
+    typer.echo(
+        f"{b.manifest.name} {b.manifest.version} on {data.name}: {sc['n']} one-step predictions scored"
+    )
     typer.echo(f"  {'':12}{'model':>12}{'persistence':>14}")
     typer.echo(f"  {'RMSE':12}{sc['rmse']:12.4f}{sc['naive_rmse']:14.4f}")
     typer.echo(f"  {'MAE':12}{sc['mae']:12.4f}{sc['naive_mae']:14.4f}")
@@ -208,18 +234,30 @@ def inspect(
         typer.echo(json.dumps({**m.model_dump(), "sha256_verified": True}, indent=2))
         return
     rows: list[tuple[str, Any]] = [
-        ("name", m.name), ("version", m.version), ("mode", m.mode), ("task", m.task),
+        ("name", m.name),
+        ("version", m.version),
+        ("mode", m.mode),
+        ("task", m.task),
         ("cell", f"{m.cell}, {m.layers} layer(s) x {m.hidden}"),
-        ("features", ", ".join(m.features)), ("predicts", f"next {m.target} ({m.head} head)"),
+        ("features", ", ".join(m.features)),
+        ("predicts", f"next {m.target} ({m.head} head)"),
         ("warm-up", f"{m.warmup} readings"),
         ("scaler", f"mean {m.scaler.mean}, std {m.scaler.std}"),
-        ("trained on", f"{m.training_data.source} ({m.training_data.rows} rows, "
-                       f"sha256 {m.training_data.sha256[:12]}…, until {m.training_data.until})"),
-        ("validation RMSE", f"{m.validation.rmse:.4f} (persistence {m.validation.naive_rmse:.4f}, "
-                            f"n={m.validation.n})"),
+        (
+            "trained on",
+            f"{m.training_data.source} ({m.training_data.rows} rows, "
+            f"sha256 {m.training_data.sha256[:12]}…, until {m.training_data.until})",
+        ),
+        (
+            "validation RMSE",
+            f"{m.validation.rmse:.4f} (persistence {m.validation.naive_rmse:.4f}, "
+            f"n={m.validation.n})",
+        ),
         ("parity", f"{m.parity_max_abs_diff:.2e} (scaled units)"),
-        ("opset", m.opset), ("onnx sha256", f"{m.onnx_sha256} (verified)"),
-        ("package", m.package_version), ("created", m.created),
+        ("opset", m.opset),
+        ("onnx sha256", f"{m.onnx_sha256} (verified)"),
+        ("package", m.package_version),
+        ("created", m.created),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -237,3 +275,116 @@ def main(argv: list[str] | None = None) -> Any:
         typer.echo("interrupted", err=True)
         sys.exit(130)
 
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", envvar="FORECASTER_CONFIG", help="TOML config file"),
+]
+
+
+def _load_config(config: Path | None, overrides: dict[str, Any]) -> Any:
+    from forecaster.config import load_config
+
+    return load_config(config, overrides=overrides)
+
+
+@app.command("check-config")
+def check_config(
+    config: Annotated[Path, typer.Argument(help="TOML config file")],
+    bundles: Annotated[bool, typer.Option(help="also load and verify every route's bundle")] = True,
+) -> None:
+    """Validate a daemon configuration without connecting to anything."""
+    from forecaster.bundle import Bundle
+    from forecaster.config import config_summary
+
+    cfg = _load_config(config, {})
+    if bundles:
+        for route in cfg.routes:
+            Bundle.load(route.bundle)
+    typer.echo(config_summary(cfg))
+    typer.echo("configuration OK")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="broker host (mqtt.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="broker port (mqtt.port)")] = None,
+    client_id: Annotated[str | None, typer.Option(help="MQTT client id (mqtt.client_id)")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="metrics port (metrics.port; 0 = any free port)")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="snapshot directory (daemon.state_dir)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = None,
+) -> None:
+    """Run the daemon: MQTT readings in, one-step predictions out, metrics on HTTP."""
+    import logging
+
+    from forecaster.daemon import Daemon
+
+    overrides = {
+        "mqtt.host": host,
+        "mqtt.port": port,
+        "mqtt.client_id": client_id,
+        "metrics.port": metrics_port,
+        "daemon.state_dir": state_dir,
+        "daemon.log_level": log_level,
+    }
+    cfg = _load_config(config, overrides)
+    logging.basicConfig(
+        level=cfg.daemon.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    daemon = Daemon(cfg, config_path=config)
+    daemon.install_signals()
+    raise typer.Exit(daemon.run())
+
+
+@app.command()
+def replay(
+    data: Annotated[Path, typer.Argument(help="CSV file")],
+    host: Annotated[str, typer.Option(help="broker host")] = "localhost",
+    port: Annotated[int, typer.Option(help="broker port")] = 1883,
+    topic: Annotated[
+        str, typer.Option(help="topic template; {stream} is the stream name")
+    ] = "sensors/{stream}/flow",
+    streams: Annotated[int, typer.Option(help="copies of each series, as separate streams")] = 1,
+    rate: Annotated[float, typer.Option(help="readings per second; 0 = as fast as possible")] = 0.0,
+    fmt: Annotated[str, typer.Option("--format", help="number, json or batch")] = "json",
+    batch_topic: Annotated[str, typer.Option(help="topic of batch payloads")] = "gateway/batch",
+    batch_size: Annotated[int, typer.Option(help="readings per batch payload")] = 100,
+    qos: Annotated[int, typer.Option(help="MQTT QoS 0, 1 or 2")] = 1,
+    column: ColumnOpt = None,
+    time_column: TimeOpt = None,
+    stream_column: StreamOpt = None,
+    no_header: NoHeaderOpt = False,
+    start: Annotated[
+        str | None, typer.Option("--from", help="first row index or time to send")
+    ] = None,
+    stop: Annotated[
+        str | None, typer.Option("--until", help="stop before this row index or time")
+    ] = None,
+) -> None:
+    """Publish a CSV to a broker as live readings."""
+    from forecaster.data import load_csv
+    from forecaster.replay import connect, plan
+    from forecaster.replay import replay as run_replay
+
+    if fmt not in ("number", "json", "batch"):
+        _fail(f"--format must be number, json or batch, not {fmt!r}")
+    if qos not in (0, 1, 2):
+        _fail("--qos must be 0, 1 or 2")
+    dataset = load_csv(data, column, time_column, stream_column, header=not no_header)
+    items = plan(dataset, topic, streams, start, stop)
+    client = connect(host, port)
+    try:
+        started = time.monotonic()
+        sent = run_replay(client, items, fmt, qos, rate, batch_topic, batch_size)  # type: ignore[arg-type]
+        took = time.monotonic() - started
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    typer.echo(f"published {sent} readings in {took:.1f} s ({sent / max(took, 1e-9):.0f}/s)")

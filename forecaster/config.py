@@ -172,8 +172,9 @@ class DaemonConfig(_Section):
     )
     on_full: Literal["block", "drop_newest", "drop_oldest"] = Field(
         default="block",
-        description="When the queue is full: block the MQTT thread (QoS>0 back-pressure), or "
-        "drop a reading.",
+        description="When the queue is full: 'block' stops reading from the broker, which then "
+        "holds the backlog (back-pressure, nothing lost); 'drop_newest' / 'drop_oldest' drop "
+        "readings (counted as queue_full) to keep latency bounded.",
     )
     state_dir: Path = Field(
         default=Path("state"), description="Where per-stream state snapshots are written."

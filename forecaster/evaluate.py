@@ -70,7 +70,9 @@ def unroll(
             target = np.arange(a + 1, b)
             warm = np.arange(1, b - a) >= warmup
             cols["row"].append(s.rows[target])
-            cols["time"].append(s.times[target] if s.times is not None else np.full(b - a - 1, np.nan))
+            cols["time"].append(
+                s.times[target] if s.times is not None else np.full(b - a - 1, np.nan)
+            )
             cols["actual"].append(vals[1:])
             cols["predicted"].append(preds[:-1])
             cols["naive"].append(vals[:-1])
@@ -149,7 +151,9 @@ def plot_predictions(result: Unroll, path: Path, title: str) -> None:
     ax.plot(x, result.predicted[m], label="predicted (one step ahead)", lw=1.0, color="tab:blue")
     scored_rows = x[result.scored[m]]
     if len(scored_rows):
-        ax.axvspan(scored_rows.min(), scored_rows.max(), color="tab:green", alpha=0.08, label="scored")
+        ax.axvspan(
+            scored_rows.min(), scored_rows.max(), color="tab:green", alpha=0.08, label="scored"
+        )
     ax.set_xlabel("row")
     ax.set_title(title)
     ax.legend(loc="best")

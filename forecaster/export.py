@@ -79,8 +79,12 @@ def parity_inputs(model: RNNForecaster, steps: int, streams: int, seed: int = 0)
     return (mean + std * z).astype(np.float32)
 
 
-def check_parity(model: RNNForecaster, onnx_bytes: bytes, steps: int = PARITY_STEPS,
-                 streams: int = PARITY_STREAMS) -> float:
+def check_parity(
+    model: RNNForecaster,
+    onnx_bytes: bytes,
+    steps: int = PARITY_STEPS,
+    streams: int = PARITY_STREAMS,
+) -> float:
     """Max |ORT − PyTorch| over every step and stream, in the target's standardised units."""
     x = parity_inputs(model, steps, streams)
     with torch.no_grad():
@@ -96,8 +100,14 @@ def check_parity(model: RNNForecaster, onnx_bytes: bytes, steps: int = PARITY_ST
     return float(np.max(np.abs(got - expected)) / model.spec.std[0])
 
 
-def manifest_for(model: RNNForecaster, report: dict[str, Any], sha: str, parity: float,
-                 name: str | None, version: str | None) -> Manifest:
+def manifest_for(
+    model: RNNForecaster,
+    report: dict[str, Any],
+    sha: str,
+    parity: float,
+    name: str | None,
+    version: str | None,
+) -> Manifest:
     spec = model.spec
     cfg = report["config"]
     data = report["data"]
@@ -135,8 +145,13 @@ def manifest_for(model: RNNForecaster, report: dict[str, Any], sha: str, parity:
     )
 
 
-def export(run_dir: Path, out: Path, name: str | None = None, version: str | None = None,
-           tolerance: float = PARITY_TOLERANCE) -> tuple[Manifest, float]:
+def export(
+    run_dir: Path,
+    out: Path,
+    name: str | None = None,
+    version: str | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> tuple[Manifest, float]:
     """Write ``out/model.onnx`` and ``out/model.json`` once the parity proof passes."""
     model, report = load_run(Path(run_dir))
     blob = to_onnx(model)

@@ -59,6 +59,7 @@ REJECT_REASONS: Final = (
     "out_of_order",
     "queue_full",
     "non_finite_state",
+    "evicted",
     "no_route",
     "callback_error",
 )
@@ -363,6 +364,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _Server
     protocol_version = "HTTP/1.1"
+    # Keep-alive connections from scrapers hold a thread each; drop the idle ones.
+    timeout = 30
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

@@ -90,7 +90,9 @@ def split(data: Dataset, cfg: TrainConfig) -> tuple[list[Series], list[int]]:
     cuts: list[int] = []
     for s in data.series:
         end = cut_index(s, cfg.until) if cfg.until is not None else len(s)
-        part = Series(s.name, s.values[:end], s.rows[:end], None if s.times is None else s.times[:end])
+        part = Series(
+            s.name, s.values[:end], s.rows[:end], None if s.times is None else s.times[:end]
+        )
         if len(part) == 0:
             continue
         kept.append(part)
@@ -144,8 +146,13 @@ def load_run(run_dir: Path) -> tuple[RNNForecaster, dict[str, Any]]:
     run_dir = Path(run_dir)
     try:
         report = json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8"))
-        spec = ModelSpec(**{**report["model"], "mean": tuple(report["model"]["mean"]),
-                            "std": tuple(report["model"]["std"])})
+        spec = ModelSpec(
+            **{
+                **report["model"],
+                "mean": tuple(report["model"]["mean"]),
+                "std": tuple(report["model"]["std"]),
+            }
+        )
     except FileNotFoundError:
         raise DataError(f"{run_dir}: not a training run (no {REPORT_FILE})") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -267,8 +274,9 @@ def train(
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(cfg.seed)
     mean, std, delta = fit_scaling(tape)
-    spec = ModelSpec(cfg.cell, cfg.layers, cfg.hidden, tape.x.shape[1], cfg.head, cfg.dropout,
-                     mean, std, delta)
+    spec = ModelSpec(
+        cfg.cell, cfg.layers, cfg.hidden, tape.x.shape[1], cfg.head, cfg.dropout, mean, std, delta
+    )
     model = RNNForecaster(spec)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     tape_t = {
@@ -304,18 +312,28 @@ def train(
                 total += float(loss.detach()) * n
                 count += n
                 bar.batch(epoch, total / max(count, 1))
-            row = {"epoch": epoch, "train_loss": total / max(count, 1), **validate(),
-                   "seconds": time.perf_counter() - started}
+            row = {
+                "epoch": epoch,
+                "train_loss": total / max(count, 1),
+                **validate(),
+                "seconds": time.perf_counter() - started,
+            }
             history.append(row)
             bar.epoch(epoch, row)
             if best is None or row["val_rmse"] < best[0]:
-                best = (row["val_rmse"], epoch, {k: v.clone() for k, v in model.state_dict().items()})
+                best = (
+                    row["val_rmse"],
+                    epoch,
+                    {k: v.clone() for k, v in model.state_dict().items()},
+                )
                 stale = 0
             else:
                 stale += 1
                 if stale >= cfg.patience:
-                    log(f"early stop after epoch {epoch}: no better validation RMSE for "
-                        f"{cfg.patience} epochs")
+                    log(
+                        f"early stop after epoch {epoch}: no better validation RMSE for "
+                        f"{cfg.patience} epochs"
+                    )
                     break
     assert best is not None
     model.load_state_dict(best[2])
@@ -388,7 +406,9 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
             self._p = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
             )
 
@@ -404,8 +424,12 @@ class _Progress:
 
     def batch(self, epoch: int, loss: float) -> None:
         if self.enabled:
-            self._p.update(self._task, advance=1, description=f"epoch {epoch}/{self.epochs}",
-                           info=f"train loss {loss:.4f}")
+            self._p.update(
+                self._task,
+                advance=1,
+                description=f"epoch {epoch}/{self.epochs}",
+                info=f"train loss {loss:.4f}",
+            )
 
     def epoch(self, epoch: int, row: dict[str, float]) -> None:
         if self.enabled:

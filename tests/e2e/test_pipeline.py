@@ -46,16 +46,39 @@ def reference_unroll(run: Path, values: np.ndarray) -> np.ndarray:
                 h[k] = (1 - z) * n + z * h[k]
             inp = h[k]
         o_ = float(w["head.weight"][0] @ h[-1] + w["head.bias"][0])
-        out[t] = v + o_ * spec["delta_scale"] if spec["head"] == "delta" else (
-            spec["mean"][0] + o_ * spec["std"][0])
+        out[t] = (
+            v + o_ * spec["delta_scale"]
+            if spec["head"] == "delta"
+            else (spec["mean"][0] + o_ * spec["std"][0])
+        )
     return out
 
 
 @pytest.mark.parametrize(("cell", "layers"), [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2)])
 def test_train_export_evaluate(cli, tmp_path: Path, cell: str, layers: int) -> None:
     run, bundle, preds = tmp_path / "run", tmp_path / "bundle", tmp_path / "p.csv"
-    cli("train", WATER, "--time-column", "Time", "--until", "1014", "--cell", cell, "--layers",
-        str(layers), "--hidden", "12", "--epochs", "2", "--bptt", "32", "--out", run, "-q", check=True)
+    cli(
+        "train",
+        WATER,
+        "--time-column",
+        "Time",
+        "--until",
+        "1014",
+        "--cell",
+        cell,
+        "--layers",
+        str(layers),
+        "--hidden",
+        "12",
+        "--epochs",
+        "2",
+        "--bptt",
+        "32",
+        "--out",
+        run,
+        "-q",
+        check=True,
+    )
     report = json.loads((run / "report.json").read_text())
     assert len(report["epochs"]) == 2 and report["model"]["cell"] == cell
     assert (run / "loss.png").stat().st_size > 1000
@@ -63,7 +86,9 @@ def test_train_export_evaluate(cli, tmp_path: Path, cell: str, layers: int) -> N
     assert "parity over 1000 steps x 8 streams" in exp.stdout
     m = Bundle.load(bundle).manifest
     assert m.cell == cell and m.layers == layers and m.parity_max_abs_diff <= 1e-4
-    ev = cli("evaluate", bundle, WATER, "--from", "1014", "--json", "--predictions", preds, check=True)
+    ev = cli(
+        "evaluate", bundle, WATER, "--from", "1014", "--json", "--predictions", preds, check=True
+    )
     scores = json.loads(ev.stdout)
     assert {"rmse", "mae", "mase", "naive_rmse", "n"} <= scores.keys()
     assert scores["n"] == 1268 - 1014
@@ -80,8 +105,22 @@ def test_train_export_evaluate(cli, tmp_path: Path, cell: str, layers: int) -> N
 
 def test_same_seed_same_weights(cli, tmp_path: Path) -> None:
     def weights(seed: int, out: Path) -> dict[str, np.ndarray]:
-        cli("train", WATER, "--time-column", "Time", "--hidden", "8", "--epochs", "1", "--seed",
-            str(seed), "--out", out, "-q", check=True)
+        cli(
+            "train",
+            WATER,
+            "--time-column",
+            "Time",
+            "--hidden",
+            "8",
+            "--epochs",
+            "1",
+            "--seed",
+            str(seed),
+            "--out",
+            out,
+            "-q",
+            check=True,
+        )
         return dict(np.load(out / "weights.npz"))
 
     a, b, c = weights(7, tmp_path / "a"), weights(7, tmp_path / "b"), weights(8, tmp_path / "c")
@@ -92,7 +131,16 @@ def test_same_seed_same_weights(cli, tmp_path: Path) -> None:
 
 def test_evaluate_plot_and_inspect(cli, tiny_bundle: Path, tmp_path: Path) -> None:
     png = tmp_path / "p.png"
-    cli("evaluate", tiny_bundle, WATER, "--from", "2022-05-02T00:00:00+02:00", "--plot", png, check=True)
+    cli(
+        "evaluate",
+        tiny_bundle,
+        WATER,
+        "--from",
+        "2022-05-02T00:00:00+02:00",
+        "--plot",
+        png,
+        check=True,
+    )
     assert png.read_bytes()[:4] == b"\x89PNG"
     out = cli("inspect", tiny_bundle, check=True).stdout
     assert "verified" in out and "tiny" in out

@@ -11,16 +11,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from forecaster.metrics import (
-    BootClockProcessCollector,
     EVICTION_REASONS,
     REJECT_REASONS,
     RESTORE_RESULTS,
     RESULTS,
     STATE_RESET_REASONS,
+    BootClockProcessCollector,
     Liveness,
     Metrics,
     MetricsServer,
@@ -128,9 +133,14 @@ def test_process_metrics_survive_hidden_proc_stat(tmp_path: Path) -> None:
     fake_proc = tmp_path / "proc"
     fake_proc.mkdir()
     (fake_proc / "self").symlink_to("/proc/self")  # process dirs stay, /proc/stat is gone
+    stock = CollectorRegistry()
+    ProcessCollector(proc=str(fake_proc), registry=stock)
+    assert stock.get_sample_value("process_resident_memory_bytes") is None  # the problem
+
     registry = CollectorRegistry()
     BootClockProcessCollector(proc=str(fake_proc), registry=registry)
-    assert registry.get_sample_value("process_resident_memory_bytes") > 0
+    rss = registry.get_sample_value("process_resident_memory_bytes")
+    assert rss is not None and rss > 0
 
     reference = CollectorRegistry()
     BootClockProcessCollector(registry=reference)  # real /proc/stat here

@@ -1,0 +1,129 @@
+"""Micro-batching: step many streams with one ONNX Runtime call, in order, per stream.
+
+A micro-batch can hold several readings of one stream. They must be stepped one after the other
+(each needs the state the previous one produced), so the batch is split into *waves*: wave k
+holds the k-th reading of every stream in the batch, in arrival order. Each wave is one gather,
+one ONNX call and one scatter. This module holds no I/O: the daemon feeds it readings and turns
+the :class:`Outcome` into MQTT messages and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from forecaster.bundle import Bundle
+from forecaster.codec import Prediction, Reading
+from forecaster.state import StateStore, Verdict, finite_rows
+
+
+def waves(streams: Sequence[str]) -> list[list[int]]:
+    """Indices of ``streams`` grouped so no stream appears twice in a group, order kept."""
+    count: dict[str, int] = {}
+    out: list[list[int]] = []
+    for i, s in enumerate(streams):
+        k = count.get(s, 0)
+        count[s] = k + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(i)
+    return out
+
+
+@dataclass
+class Outcome:
+    """What stepping a list of readings produced, aligned with the input.
+
+    ``predictions[i]`` is None when reading ``i`` was dropped; ``drops`` says why, counted by
+    reason. ``abs_err``/``naive_abs_err`` hold the online errors of the previous (warm)
+    predictions that these readings resolved.
+    """
+
+    predictions: list[Prediction | None]
+    drops: Counter[str] = field(default_factory=Counter)
+    resets: Counter[str] = field(default_factory=Counter)
+    evicted: list[str] = field(default_factory=list)
+    calls: list[tuple[int, float]] = field(default_factory=list)  # (batch size, seconds)
+    abs_err: list[np.ndarray] = field(default_factory=list)
+    naive_abs_err: list[np.ndarray] = field(default_factory=list)
+
+
+class Engine:
+    """One route's model and states; stepping happens on one thread only (the worker's)."""
+
+    def __init__(
+        self, bundle: Bundle, store: StateStore, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.bundle = bundle
+        self.store = store
+        self._clock = clock
+
+    @property
+    def warmup(self) -> int:
+        return self.bundle.manifest.warmup
+
+    def step(self, readings: Sequence[Reading], now: float) -> Outcome:
+        out = Outcome(predictions=[None] * len(readings))
+        for wave in waves([r.stream for r in readings]):
+            self._step_wave([readings[i] for i in wave], wave, now, out)
+        return out
+
+    def _step_wave(self, rs: list[Reading], where: list[int], now: float, out: Outcome) -> None:
+        store = self.store
+        slots = np.empty(len(rs), dtype=np.intp)
+        for j, r in enumerate(rs):
+            slot, evicted = store.acquire(r.stream, now)
+            slots[j] = slot
+            if evicted is not None:
+                out.evicted.append(evicted)
+        # A wave wider than max_streams evicts its own members: those readings have no state.
+        live = np.array([store.slot_of(r.stream) == slots[j] for j, r in enumerate(rs)], dtype=bool)
+        ts = np.array([r.ts for r in rs], dtype=np.float64)
+        values = np.array([r.value for r in rs], dtype=np.float64)
+        verdict = store.check_many(slots, ts)
+        keep = live & ((verdict == Verdict.STEP) | (verdict == Verdict.RESET))
+        out.drops["evicted"] += int((~live).sum())
+        out.drops["duplicate"] += int((live & (verdict == Verdict.DUPLICATE)).sum())
+        out.drops["out_of_order"] += int((live & (verdict == Verdict.OUT_OF_ORDER)).sum())
+        for j in np.flatnonzero(keep & (verdict == Verdict.RESET)):
+            store.reset(int(slots[j]))
+            out.resets["gap"] += 1
+        if not keep.any():
+            return
+        idx = np.flatnonzero(keep)
+        slots, ts, values = slots[idx], ts[idx], values[idx]
+
+        # Online accuracy: the previous prediction of each stream meets its actual value.
+        last_pred = store.last_pred[slots]
+        prior_seen = store.seen[slots]
+        judged = np.isfinite(last_pred) & (prior_seen >= self.warmup)
+        if judged.any():
+            out.abs_err.append(np.abs(values[judged] - last_pred[judged]))
+            out.naive_abs_err.append(np.abs(values[judged] - store.last_value[slots][judged]))
+
+        x = values.astype(np.float32).reshape(-1, 1)
+        state = store.gather(slots)
+        started = self._clock()
+        y, new_state = self.bundle.step(x, state)
+        out.calls.append((len(slots), self._clock() - started))
+        ok = finite_rows(new_state) & np.isfinite(y)
+        store.scatter(slots, new_state, ok)
+        if not ok.all():
+            out.drops["non_finite_state"] += int((~ok).sum())
+            for j in np.flatnonzero(~ok):
+                store.reset(int(slots[j]))
+                out.resets["non_finite"] += 1
+        good = np.flatnonzero(ok)
+        if not good.size:
+            return
+        store.record(slots[good], ts[good], values[good], y[good].astype(np.float64), now)
+        seen_after = store.seen[slots[good]]
+        warmup = self.warmup
+        for j, n_seen in zip(good.tolist(), seen_after.tolist(), strict=True):
+            i = where[int(idx[j])]
+            r = rs[int(idx[j])]
+            out.predictions[i] = Prediction(r.stream, r.ts, float(y[j]), n_seen >= warmup)

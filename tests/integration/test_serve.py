@@ -1,0 +1,193 @@
+"""The daemon against a real mosquitto: parity with evaluate, restarts, hostile input, reload."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from forecaster.data import load_csv
+from forecaster.replay import connect, plan, replay
+
+from .conftest import MODEL, ROOT, Collector
+
+WATER = ROOT / "data" / "water-flow.csv"
+HOLDOUT = 1014
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[float, float]:
+    """``forecaster evaluate --predictions``: prediction made at each reading's time."""
+    out = tmp_path_factory.mktemp("ref") / "p.csv"
+    subprocess.run([sys.executable, "-m", "forecaster", "evaluate", str(MODEL), str(WATER),
+                    "--predictions", str(out)], check=True, capture_output=True, cwd=ROOT)
+    data = load_csv(WATER, time_column="Time")
+    times = data.series[0].times
+    assert times is not None
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    # evaluate lists the prediction *for* row r; it was made on reading r-1
+    return {float(times[int(r["row"]) - 1]): float(r["predicted"]) for r in rows}
+
+
+def publish(port: int, fmt: str = "json", streams: int = 1, start: str | None = None,
+            stop: str | None = None, qos: int = 1) -> int:
+    data = load_csv(WATER, time_column="Time")
+    items = plan(data, "sensors/{stream}/flow", streams, start, stop)
+    client = connect("127.0.0.1", port)
+    try:
+        return replay(client, items, fmt, qos, rate=0)  # type: ignore[arg-type]
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def by_stream(messages: list[tuple[str, bytes]]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for _topic, payload in messages:
+        doc = json.loads(payload)
+        for p in doc if isinstance(doc, list) else [doc]:
+            out.setdefault(p["stream"], []).append(p)
+    return out
+
+
+def assert_matches(preds: list[dict], reference: dict[float, float], n: int) -> None:
+    assert len(preds) == n, f"{len(preds)} predictions for {n} readings"
+    ts = [p["ts"] for p in preds]
+    assert ts == sorted(ts), "predictions out of order"
+    got = np.array([p["value"] for p in preds])
+    want = np.array([reference[t] for t in ts if t in reference] + [np.nan] * 0)
+    assert len(want) == n - 1 or len(want) == n
+    np.testing.assert_allclose(got[: len(want)], want, rtol=0, atol=1e-5)
+
+
+def test_daemon_equals_evaluate(broker, daemon_factory, reference) -> None:
+    d = daemon_factory()
+    d.start()
+    sub = Collector(broker.port)
+    n = publish(broker.port)
+    msgs = sub.wait_for(n)
+    streams = by_stream(msgs)
+    assert list(streams) == ["sensors/s0/flow"]
+    assert_matches(streams["sensors/s0/flow"], reference, n)
+    warm = [p["warm"] for p in streams["sensors/s0/flow"]]
+    manifest = json.loads((MODEL / "model.json").read_text())
+    assert warm.index(True) == manifest["warmup"] - 1
+    assert d.metric("forecaster_predictions_total", route="water") == n
+    assert d.metric("forecaster_readings_total", route="water") == n
+    assert d.stop() == 0
+    sub.close()
+
+
+def test_100_interleaved_streams_and_batches(broker, daemon_factory, reference) -> None:
+    d = daemon_factory(max_batch=512)
+    d.start()
+    sub = Collector(broker.port)
+    n = publish(broker.port, streams=100, stop="300")
+    msgs = sub.wait_for(n)
+    streams = by_stream(msgs)
+    assert len(streams) == 100
+    for preds in streams.values():
+        assert_matches(preds, reference, 300)
+    assert d.metric("forecaster_batch_size_count") < n  # readings were batched
+    # gateway batches: a batch in gives a batch out; the stream ids come from the payload
+    # ("s0".."s9"), so these are new streams, starting from a zero state like the reference
+    before = len(sub.messages)
+    m = publish(broker.port, fmt="batch", streams=10, stop="100")
+    msgs = sub.wait_for(before + m // 100)[before:]
+    assert all(isinstance(json.loads(p), list) for _, p in msgs)
+    got = by_stream(msgs)
+    assert sorted(got) == [f"s{i}" for i in range(10)]
+    assert sum(len(v) for v in got.values()) == m
+    for preds in got.values():
+        np.testing.assert_allclose([p["value"] for p in preds],
+                                   [reference[p["ts"]] for p in preds], rtol=0, atol=1e-5)
+    assert d.stop() == 0
+    sub.close()
+
+
+def test_restart_loses_nothing_and_duplicates_nothing(broker, daemon_factory, reference) -> None:
+    d = daemon_factory()
+    d.start()
+    sub = Collector(broker.port)
+    n1 = publish(broker.port, stop="500")
+    sub.wait_for(n1)
+    t0 = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 10
+    # readings published while the daemon is down are queued by the broker (persistent session)
+    n2 = publish(broker.port, start="500")
+    d.start()
+    msgs = sub.wait_for(n1 + n2)
+    time.sleep(0.5)
+    streams = by_stream(sub.messages)
+    assert_matches(streams["sensors/s0/flow"], reference, n1 + n2)
+    assert d.metric("forecaster_snapshot_restores_total", result="ok") == 1
+    assert d.stop() == 0
+    sub.close()
+    assert msgs
+
+
+def test_hostile_input_leaves_valid_streams_unchanged(broker, daemon_factory, reference) -> None:
+    d = daemon_factory()
+    d.start()
+    sub = Collector(broker.port)
+    bad = [
+        ("sensors/evil/flow", b"NaN"), ("sensors/evil/flow", b'{"value": NaN}'),
+        ("sensors/evil/flow", b'{"value": Infinity}'), ("sensors/evil/flow", b"\xff\xfe"),
+        ("sensors/evil/flow", b"[" * 5000 + b"]" * 5000), ("sensors/evil/flow", b'{"v": 1}'),
+        ("sensors/evil/flow", b'{"value": "12"}'), ("sensors/evil/flow", b"x" * 70000),
+        ("sensors/evil/flow", b'{"value": 1, "ts": "yesterday"}'), ("sensors/evil/flow", b""),
+        ("gateway/batch", b'[{"value": 1}]'), ("sensors/evil/flow", b"1" * 5000),
+    ]
+    client = connect("127.0.0.1", broker.port)
+    data = load_csv(WATER, time_column="Time")
+    items = plan(data, "sensors/{stream}/flow", 1, None, "400")
+    for k, it in enumerate(items):
+        client.publish(it.topic, json.dumps({"value": it.value, "ts": it.ts}), qos=1)
+        if k % 30 == 0:
+            topic, payload = bad[(k // 30) % len(bad)]
+            client.publish(topic, payload, qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+    sub.wait_for(len(items), timeout=30)
+    time.sleep(0.5)  # anything extra (a prediction for a bad reading) would arrive by now
+    streams = by_stream(sub.messages)
+    assert list(streams) == ["sensors/s0/flow"]
+    assert_matches(streams["sensors/s0/flow"], reference, len(items))
+    rejected = d.metric("forecaster_readings_rejected_total")
+    assert rejected >= 12
+    for reason in ("not_finite", "not_utf8", "too_deep", "missing_key", "wrong_type",
+                   "too_large", "bad_timestamp", "empty"):
+        assert d.metric("forecaster_readings_rejected_total", reason=reason) >= 1, reason
+    assert d.http("/healthz")[0] == 200
+    assert d.stop() == 0
+    sub.close()
+
+
+def test_reload_with_corrupt_bundle_keeps_serving(broker, daemon_factory, tmp_path: Path) -> None:
+    live = tmp_path / "live-bundle"
+    shutil.copytree(MODEL, live)
+    d = daemon_factory(bundle=live)
+    d.start()
+    sub = Collector(broker.port)
+    (live / "model.onnx").write_bytes(b"corrupt")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.metric("forecaster_reloads_total", result="failed") < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert d.metric("forecaster_reloads_total", result="failed") == 1
+    n = publish(broker.port, stop="50")
+    assert len(sub.wait_for(n)) == n
+    assert d.metric("forecaster_model_info", route="water", name="water-flow") == 1
+    assert d.stop() == 0
+    sub.close()
