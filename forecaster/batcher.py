@@ -89,8 +89,8 @@ class Engine:
         out.drops["evicted"] += int((~live).sum())
         out.drops["duplicate"] += int((live & (verdict == Verdict.DUPLICATE)).sum())
         out.drops["out_of_order"] += int((live & (verdict == Verdict.OUT_OF_ORDER)).sum())
-        for j in np.flatnonzero(keep & (verdict == Verdict.RESET)):
-            store.reset(int(slots[j]))
+        for k in np.flatnonzero(keep & (verdict == Verdict.RESET)):
+            store.reset(int(slots[k]))
             out.resets["gap"] += 1
         if not keep.any():
             return
@@ -114,8 +114,8 @@ class Engine:
         store.scatter(slots, new_state, ok)
         if not ok.all():
             out.drops["non_finite_state"] += int((~ok).sum())
-            for j in np.flatnonzero(~ok):
-                store.reset(int(slots[j]))
+            for k in np.flatnonzero(~ok):
+                store.reset(int(slots[k]))
                 out.resets["non_finite"] += 1
         good = np.flatnonzero(ok)
         if not good.size:

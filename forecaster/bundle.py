@@ -1,4 +1,4 @@
-"""The model bundle: ``model.onnx`` + ``model.json``, and the one-step contract the daemon relies on.
+"""The model bundle (``model.onnx`` + ``model.json``) and the one-step contract of the daemon.
 
 A bundle is self-contained: the graph takes raw readings and returns raw predictions (scaling is
 inside), so anything that can run ONNX can use it. This module needs only numpy, pydantic and
@@ -128,7 +128,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
-            f"{path}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported "
+            f"(this build reads {FORMAT_VERSION})"
         )
     try:
         return Manifest.model_validate(raw)

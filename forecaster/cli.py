@@ -196,9 +196,8 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps({**sc, "model": b.manifest.name, "version": b.manifest.version}))
         return
-    typer.echo(
-        f"{b.manifest.name} {b.manifest.version} on {data.name}: {sc['n']} one-step predictions scored"
-    )
+    m = b.manifest
+    typer.echo(f"{m.name} {m.version} on {data.name}: {sc['n']} one-step predictions scored")
     typer.echo(f"  {'':12}{'model':>12}{'persistence':>14}")
     typer.echo(f"  {'RMSE':12}{sc['rmse']:12.4f}{sc['naive_rmse']:14.4f}")
     typer.echo(f"  {'MAE':12}{sc['mae']:12.4f}{sc['naive_mae']:14.4f}")

@@ -187,6 +187,12 @@ class Daemon:
             on_state=self._on_mqtt_state,
         )
 
+    @property
+    def _mqtt(self) -> Transport:
+        if self.transport is None:
+            raise RuntimeError("the daemon is not set up: call setup() first")
+        return self.transport
+
     # ------------------------------------------------------------------ health
 
     def _health(self) -> tuple[bool, str]:
@@ -195,9 +201,9 @@ class Daemon:
     def _ready(self) -> tuple[bool, str]:
         if not self.routes:
             return False, "models not loaded"
-        if self.transport is None or not self.transport.connected:
+        if self.transport is None or not self._mqtt.connected:
             return False, "MQTT not connected"
-        if not self.transport.subscribed:
+        if not self._mqtt.subscribed:
             return False, "MQTT subscriptions pending"
         if self._stop.is_set():
             return False, "stopping"
@@ -228,11 +234,10 @@ class Daemon:
         """Runs on paho's thread: decode, count, enqueue. Never steps the model."""
         if not self._accepting:
             return  # not acknowledged: the broker redelivers it to the next run
-        assert self.transport is not None
         route = self._route_for(topic)
         if route is None:
             self.metrics.reject(NO_ROUTE, "no_route")
-            self.transport.ack(mid, qos)
+            self._mqtt.ack(mid, qos)
             return
         decoded = decode(payload, topic, route.spec, time.time())
         for reason, detail in decoded.rejects:
@@ -246,7 +251,7 @@ class Daemon:
                 detail,
             )
         if not decoded.readings:
-            self.transport.ack(mid, qos)
+            self._mqtt.ack(mid, qos)
             return
         self.metrics.readings.labels(route.name).inc(len(decoded.readings))
         self._enqueue(Work(route, decoded.readings, decoded.batch, topic, mid, qos))
@@ -287,7 +292,6 @@ class Daemon:
         self._drop(work)
 
     def _drop(self, work: Work) -> None:
-        assert self.transport is not None
         self.metrics.reject(work.route.name, "queue_full", len(work.readings))
         self._rl.warning(
             "queue_full",
@@ -295,7 +299,7 @@ class Daemon:
             self.cfg.daemon.queue_size,
             self.cfg.daemon.on_full,
         )
-        self.transport.ack(work.mid, work.qos)
+        self._mqtt.ack(work.mid, work.qos)
 
     # ------------------------------------------------------------------ worker
 
@@ -340,9 +344,8 @@ class Daemon:
                         # A bug must not silently stop serving: log, count, keep going.
                         log.exception("unexpected error while processing a batch")
                         self.metrics.callback_errors.labels("worker").inc()
-                        assert self.transport is not None
                         for w in items:
-                            self.transport.ack(w.mid, w.qos)
+                            self._mqtt.ack(w.mid, w.qos)
                 if self._reload.is_set():
                     self._reload.clear()
                     self._do_reload()
@@ -359,7 +362,6 @@ class Daemon:
             self._worker_done.set()
 
     def _process(self, items: list[Work]) -> None:
-        assert self.transport is not None
         m = self.metrics
         now = time.monotonic()
         by_route: dict[str, list[Work]] = {}
@@ -403,11 +405,11 @@ class Daemon:
                 pos += len(w.readings)
                 acks = [(w.mid, w.qos)] if w.qos > 0 else []
                 if not preds:
-                    self.transport.ack(w.mid, w.qos)
+                    self._mqtt.ack(w.mid, w.qos)
                     continue
                 payload = encode_predictions(preds, manifest.name, manifest.version, w.batch)
                 topic = prediction_topic(route.cfg.prediction_topic, w.topic)
-                self.transport.publish(topic, payload, route.cfg.qos, route.cfg.retain, acks)
+                self._mqtt.publish(topic, payload, route.cfg.qos, route.cfg.retain, acks)
                 published += len(preds)
                 sent = time.time()
                 for r in w.readings:
@@ -423,9 +425,9 @@ class Daemon:
             self.metrics.streams.labels(route.name).set(len(route.engine.store))
         self.metrics.queue_depth.set(self._queue.qsize())
         if self.transport is not None:
-            self.metrics.publish_inflight.set(self.transport.inflight)
-            self.metrics.mqtt_reconnects.inc(self.transport.reconnects - self._reconnects_seen)
-            self._reconnects_seen = self.transport.reconnects
+            self.metrics.publish_inflight.set(self._mqtt.inflight)
+            self.metrics.mqtt_reconnects.inc(self._mqtt.reconnects - self._reconnects_seen)
+            self._reconnects_seen = self._mqtt.reconnects
 
     def snapshot(self) -> None:
         for route in self.routes:
@@ -523,11 +525,10 @@ class Daemon:
 
     def run(self) -> int:
         self.setup()
-        assert self.transport is not None
         self._accepting = True
         worker = threading.Thread(target=self._worker, name="inference", daemon=True)
         worker.start()
-        self.transport.start()
+        self._mqtt.start()
         last_status = 0.0
         last_count = 0
         while not self._stop.wait(0.2):
@@ -536,7 +537,7 @@ class Daemon:
             if ready and not self._ready_sent:
                 self._ready_sent = True
                 self.notifier.ready()
-                log.info("ready: models warm, subscribed to %s", ", ".join(self.transport.filters))
+                log.info("ready: models warm, subscribed to %s", ", ".join(self._mqtt.filters))
             now = time.monotonic()
             if now - last_status >= 5.0:
                 rate = (self._processed - last_count) / (now - last_status) if last_status else 0.0
@@ -556,17 +557,14 @@ class Daemon:
         self._accepting = False
         self._stop.set()
         self._worker_done.wait(timeout=STOP_TIMEOUT / 2)
-        assert self.transport is not None
-        if not self.transport.flush(
-            timeout=max(0.5, STOP_TIMEOUT / 2 - (time.monotonic() - started))
-        ):
+        if not self._mqtt.flush(timeout=max(0.5, STOP_TIMEOUT / 2 - (time.monotonic() - started))):
             log.warning(
                 "stopping with %d prediction(s) unacknowledged by the broker; their "
                 "readings will be redelivered",
-                self.transport.inflight,
+                self._mqtt.inflight,
             )
         self.snapshot()
-        self.transport.stop()
+        self._mqtt.stop()
         if self.server is not None:
             self.server.stop()
         log.info("stopped in %.2f s", time.monotonic() - started)

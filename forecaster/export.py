@@ -55,7 +55,7 @@ def to_onnx(model: RNNForecaster) -> bytes:
         torch.onnx.export(
             step,
             args,
-            buf,
+            buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to any file object
             input_names=["x", *names],
             output_names=["y", *(f"{n}_out" for n in names)],
             dynamic_axes=dynamic,

@@ -54,8 +54,15 @@ def backoff(attempt: int, low: float, high: float, rng: random.Random) -> float:
 class _Link:
     """One paho client with jittered reconnects and guarded callbacks."""
 
-    def __init__(self, cfg: MQTTConfig, password: str | None, client_id: str, persistent: bool,
-                 on_error: Callable[[str], None], rng: random.Random) -> None:
+    def __init__(
+        self,
+        cfg: MQTTConfig,
+        password: str | None,
+        client_id: str,
+        persistent: bool,
+        on_error: Callable[[str], None],
+        rng: random.Random,
+    ) -> None:
         self.cfg = cfg
         self.persistent = persistent
         self._on_error = on_error
@@ -102,8 +109,9 @@ class _Link:
 
     def _next_delay(self) -> None:
         """paho waits ``min_delay`` after a reset: give it a freshly jittered one each time."""
-        delay = backoff(self.attempt, self.cfg.reconnect_min_delay, self.cfg.reconnect_max_delay,
-                        self._rng)
+        delay = backoff(
+            self.attempt, self.cfg.reconnect_min_delay, self.cfg.reconnect_max_delay, self._rng
+        )
         self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
         self.attempt += 1
 
@@ -131,7 +139,8 @@ class _Link:
             self.cfg.host,
             self.cfg.port,
             keepalive=self.cfg.keepalive,
-            clean_start=(not self.persistent) if self.cfg.protocol == "5"
+            clean_start=(not self.persistent)
+            if self.cfg.protocol == "5"
             else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=props,
         )
@@ -241,13 +250,16 @@ class Transport:
 
     # ------------------------------------------------------------------ subscriber link
 
-    def _sub_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any,
-                     _p: Any) -> None:
+    def _sub_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
-        log.info("connected to %s:%s (session present: %s)", self.cfg.host, self.cfg.port,
-                 getattr(flags, "session_present", "?"))
+        log.info(
+            "connected to %s:%s (session present: %s)",
+            self.cfg.host,
+            self.cfg.port,
+            getattr(flags, "session_present", "?"),
+        )
         self._sub.up()
         self._subscribed = False
         self._pending_subs.clear()
@@ -281,7 +293,7 @@ class Transport:
             self._on_error("bad_topic")  # brokers should refuse these; count and move on
             self.ack(msg.mid, msg.qos)
             return
-        self._on_message(topic, msg.payload, msg.mid, msg.qos)
+        self._on_message(topic, bytes(msg.payload), msg.mid, msg.qos)
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a reading (QoS ≥ 1) on the subscriber link; thread-safe in paho."""
@@ -303,8 +315,9 @@ class Transport:
         self._pub.lost()
         self._changed()
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool,
-                acks: list[tuple[int, int]]) -> bool:
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[tuple[int, int]]
+    ) -> bool:
         """Publish one prediction message; ``acks`` (incoming mid, qos) are acknowledged once it
         is written (QoS 0) or acknowledged by the broker (QoS ≥ 1). Blocks while the in-flight
         window is full; returns False if stopping interrupted the wait."""

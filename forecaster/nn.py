@@ -44,6 +44,10 @@ class RNNForecaster(nn.Module):
     predicts the standardised next value directly.
     """
 
+    mean: Tensor
+    std: Tensor
+    delta_scale: Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -74,8 +78,10 @@ class RNNForecaster(nn.Module):
         return out, (h,)
 
     def forward_seq(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, State]:
-        """Unroll ``x`` ``[T, B, F]`` (raw). Returns head output ``[T, B]`` (scaled), ``y`` ``[T, B]``
-        (next value, raw units) and the final state."""
+        """Unroll ``x`` ``[T, B, F]`` (raw units).
+
+        Returns the head's output ``[T, B]`` (its scaled units), ``y`` ``[T, B]`` (the next value
+        in raw units) and the final state."""
         xs = (x - self.mean) / self.std
         out, state = self._rnn(xs, state)
         o = self.head(out).squeeze(-1)
@@ -94,7 +100,9 @@ class RNNForecaster(nn.Module):
 
 
 class StepModule(nn.Module):
-    """One step of a :class:`RNNForecaster` with the bundle's signature (``x``, states → ``y``, states)."""
+    """One step of a :class:`RNNForecaster` with the bundle's signature.
+
+    ``(x, *states) -> (y, *new_states)``, exactly what ``model.onnx`` exposes."""
 
     def __init__(self, model: RNNForecaster) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ exactly where the daemon would reset it. An epoch is one walk of every lane over
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -96,7 +97,7 @@ def split(data: Dataset, cfg: TrainConfig) -> tuple[list[Series], list[int]]:
         if len(part) == 0:
             continue
         kept.append(part)
-        cuts.append(int(round(len(part) * (1.0 - cfg.val_fraction))))
+        cuts.append(round(len(part) * (1.0 - cfg.val_fraction)))
     if not kept:
         raise DataError("no readings before --until")
     return kept, cuts
@@ -138,7 +139,7 @@ def fit_scaling(tape: Tape) -> tuple[tuple[float, ...], tuple[float, ...], float
 def save_weights(model: RNNForecaster, path: Path) -> None:
     """Plain arrays in an ``.npz``: loads with ``allow_pickle=False``, nothing executable inside."""
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    np.savez(path, **arrays)  # type: ignore[arg-type]
+    np.savez(path, **arrays)
 
 
 def load_run(run_dir: Path) -> tuple[RNNForecaster, dict[str, Any]]:
@@ -231,7 +232,7 @@ def _train_chunk(
     reset = tape_t["reset"][index]  # [T, B]
     bounds = [0, *[int(t) for t in torch.nonzero(reset.any(dim=1)).flatten() if t > 0], len(idx)]
     outs: list[torch.Tensor] = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         keep = (~reset[lo]).float()[None, :, None]
         state = tuple(s * keep for s in state)
         o, _, state = model.forward_seq(x[lo:hi], state)
@@ -306,7 +307,7 @@ def train(
                 loss, n, state = _train_chunk(model, tape_t, idx, state, cfg.loss)
                 state = tuple(s.detach() for s in state)
                 opt.zero_grad()
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
                 opt.step()
                 total += float(loss.detach()) * n
@@ -335,7 +336,8 @@ def train(
                         f"{cfg.patience} epochs"
                     )
                     break
-    assert best is not None
+    if best is None:  # epochs >= 1 is checked, so the loop ran at least once
+        raise DataError("training ran no epoch")
     model.load_state_dict(best[2])
     model.eval()
     warmup = cfg.warmup if cfg.warmup is not None else measure_warmup(model, tape)

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths, a CLI runner that goes through a real subprocess, a tiny trained bundle."""
+"""Shared fixtures: paths, a CLI run through a real subprocess, a tiny trained bundle."""
 
 from __future__ import annotations
 

@@ -89,8 +89,9 @@ class Collector:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5
+        )
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
@@ -118,8 +119,15 @@ class Collector:
         self.client.disconnect()
 
 
-def write_config(path: Path, port: int, metrics_port: int, state_dir: Path, bundle: Path = MODEL,
-                 extra_route: str = "", **daemon: object) -> Path:
+def write_config(
+    path: Path,
+    port: int,
+    metrics_port: int,
+    state_dir: Path,
+    bundle: Path = MODEL,
+    extra_route: str = "",
+    **daemon: object,
+) -> Path:
     daemon_lines = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in daemon.items())
     path.write_text(f"""
 [mqtt]
@@ -157,14 +165,18 @@ class DaemonProc:
         fh = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "forecaster", "serve", "--config", str(self.config)],
-            stdout=fh, stderr=fh, cwd=ROOT,
+            stdout=fh,
+            stderr=fh,
+            cwd=ROOT,
         )
         if wait_ready:
             self.wait_ready()
 
     def http(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2
+            ) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
@@ -174,7 +186,9 @@ class DaemonProc:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}"
+                )
             try:
                 if self.http("/readyz")[0] == 200:
                     return
@@ -209,8 +223,15 @@ def daemon_factory(tmp_path: Path, broker: Broker) -> Iterator:
 
     def make(bundle: Path = MODEL, extra_route: str = "", **daemon: object) -> DaemonProc:
         mport = free_port()
-        cfg = write_config(tmp_path / f"forecaster-{len(procs)}.toml", broker.port, mport,
-                           tmp_path / "state", bundle, extra_route, **daemon)
+        cfg = write_config(
+            tmp_path / f"forecaster-{len(procs)}.toml",
+            broker.port,
+            mport,
+            tmp_path / "state",
+            bundle,
+            extra_route,
+            **daemon,
+        )
         d = DaemonProc(cfg, mport, tmp_path / f"daemon-{len(procs)}.log")
         procs.append(d)
         return d

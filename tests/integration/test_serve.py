@@ -27,8 +27,21 @@ HOLDOUT = 1014
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[float, float]:
     """``forecaster evaluate --predictions``: prediction made at each reading's time."""
     out = tmp_path_factory.mktemp("ref") / "p.csv"
-    subprocess.run([sys.executable, "-m", "forecaster", "evaluate", str(MODEL), str(WATER),
-                    "--predictions", str(out)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forecaster",
+            "evaluate",
+            str(MODEL),
+            str(WATER),
+            "--predictions",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
     data = load_csv(WATER, time_column="Time")
     times = data.series[0].times
     assert times is not None
@@ -38,8 +51,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[float, float]:
     return {float(times[int(r["row"]) - 1]): float(r["predicted"]) for r in rows}
 
 
-def publish(port: int, fmt: str = "json", streams: int = 1, start: str | None = None,
-            stop: str | None = None, qos: int = 1) -> int:
+def publish(
+    port: int,
+    fmt: str = "json",
+    streams: int = 1,
+    start: str | None = None,
+    stop: str | None = None,
+    qos: int = 1,
+) -> int:
     data = load_csv(WATER, time_column="Time")
     items = plan(data, "sensors/{stream}/flow", streams, start, stop)
     client = connect("127.0.0.1", port)
@@ -108,8 +127,9 @@ def test_100_interleaved_streams_and_batches(broker, daemon_factory, reference) 
     assert sorted(got) == [f"s{i}" for i in range(10)]
     assert sum(len(v) for v in got.values()) == m
     for preds in got.values():
-        np.testing.assert_allclose([p["value"] for p in preds],
-                                   [reference[p["ts"]] for p in preds], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            [p["value"] for p in preds], [reference[p["ts"]] for p in preds], rtol=0, atol=1e-5
+        )
     assert d.stop() == 0
     sub.close()
 
@@ -141,12 +161,18 @@ def test_hostile_input_leaves_valid_streams_unchanged(broker, daemon_factory, re
     d.start()
     sub = Collector(broker.port)
     bad = [
-        ("sensors/evil/flow", b"NaN"), ("sensors/evil/flow", b'{"value": NaN}'),
-        ("sensors/evil/flow", b'{"value": Infinity}'), ("sensors/evil/flow", b"\xff\xfe"),
-        ("sensors/evil/flow", b"[" * 5000 + b"]" * 5000), ("sensors/evil/flow", b'{"v": 1}'),
-        ("sensors/evil/flow", b'{"value": "12"}'), ("sensors/evil/flow", b"x" * 70000),
-        ("sensors/evil/flow", b'{"value": 1, "ts": "yesterday"}'), ("sensors/evil/flow", b""),
-        ("gateway/batch", b'[{"value": 1}]'), ("sensors/evil/flow", b"1" * 5000),
+        ("sensors/evil/flow", b"NaN"),
+        ("sensors/evil/flow", b'{"value": NaN}'),
+        ("sensors/evil/flow", b'{"value": Infinity}'),
+        ("sensors/evil/flow", b"\xff\xfe"),
+        ("sensors/evil/flow", b"[" * 5000 + b"]" * 5000),
+        ("sensors/evil/flow", b'{"v": 1}'),
+        ("sensors/evil/flow", b'{"value": "12"}'),
+        ("sensors/evil/flow", b"x" * 70000),
+        ("sensors/evil/flow", b'{"value": 1, "ts": "yesterday"}'),
+        ("sensors/evil/flow", b""),
+        ("gateway/batch", b'[{"value": 1}]'),
+        ("sensors/evil/flow", b"1" * 5000),
     ]
     client = connect("127.0.0.1", broker.port)
     data = load_csv(WATER, time_column="Time")
@@ -165,8 +191,16 @@ def test_hostile_input_leaves_valid_streams_unchanged(broker, daemon_factory, re
     assert_matches(streams["sensors/s0/flow"], reference, len(items))
     rejected = d.metric("forecaster_readings_rejected_total")
     assert rejected >= 12
-    for reason in ("not_finite", "not_utf8", "too_deep", "missing_key", "wrong_type",
-                   "too_large", "bad_timestamp", "empty"):
+    for reason in (
+        "not_finite",
+        "not_utf8",
+        "too_deep",
+        "missing_key",
+        "wrong_type",
+        "too_large",
+        "bad_timestamp",
+        "empty",
+    ):
         assert d.metric("forecaster_readings_rejected_total", reason=reason) >= 1, reason
     assert d.http("/healthz")[0] == 200
     assert d.stop() == 0
