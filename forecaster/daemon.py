@@ -108,6 +108,7 @@ class Daemon:
         self._ready_sent = False
         self._processed = 0
         self._reconnects_seen = 0
+        self._state_lock = threading.Lock()
         self.transport: Transport | None = None
         self.server: MetricsServer | None = None
 
@@ -210,7 +211,13 @@ class Daemon:
         return True, "ready"
 
     def _on_mqtt_state(self, connected: bool) -> None:
-        self.metrics.mqtt_connected.set(1 if connected else 0)
+        # Called from either link's network thread.
+        with self._state_lock:
+            self.metrics.mqtt_connected.set(1 if connected else 0)
+            if self.transport is not None:
+                seen = self.transport.reconnects
+                self.metrics.mqtt_reconnects.inc(max(0, seen - self._reconnects_seen))
+                self._reconnects_seen = max(seen, self._reconnects_seen)
 
     def _on_callback_error(self, callback: str) -> None:
         self.metrics.callback_errors.labels(callback).inc()
@@ -415,6 +422,7 @@ class Daemon:
                 for r in w.readings:
                     m.end_to_end_seconds.observe(max(0.0, sent - r.received))
             m.predictions.labels(route_name).inc(published)
+            m.streams.labels(route_name).set(len(route.engine.store))
             self._processed += len(readings)
 
     def _housekeeping(self, now: float) -> None:
@@ -426,8 +434,6 @@ class Daemon:
         self.metrics.queue_depth.set(self._queue.qsize())
         if self.transport is not None:
             self.metrics.publish_inflight.set(self._mqtt.inflight)
-            self.metrics.mqtt_reconnects.inc(self._mqtt.reconnects - self._reconnects_seen)
-            self._reconnects_seen = self._mqtt.reconnects
 
     def snapshot(self) -> None:
         for route in self.routes:
