@@ -21,7 +21,7 @@ demo: $(STAMP) broker-deps
 	$(PY) -m forecaster.demo
 
 test: $(STAMP) broker-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP) broker-deps
 	$(PY) -m pytest -q -m "slow or not slow"

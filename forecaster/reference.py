@@ -1,0 +1,113 @@
+"""Reference tables for the docs, generated from the code so they cannot drift from it.
+
+``python -m forecaster.reference`` rewrites ``docs/configuration.md`` and ``docs/metrics.md``; a
+test fails when the committed files differ from what the code would generate.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from forecaster.config import DaemonConfig, MetricsConfig, MQTTConfig, RouteConfig, TLSConfig
+from forecaster.metrics import Metrics
+
+SECTIONS: list[tuple[str, type[BaseModel], str]] = [
+    ("mqtt", MQTTConfig, "FORECASTER_MQTT__"),
+    ("mqtt.tls", TLSConfig, "FORECASTER_MQTT__TLS__"),
+    ("daemon", DaemonConfig, "FORECASTER_DAEMON__"),
+    ("metrics", MetricsConfig, "FORECASTER_METRICS__"),
+    ("[[routes]]", RouteConfig, "(FORECASTER_ROUTES, JSON list)"),
+]
+
+
+def _default(field: object) -> str:
+    value = getattr(field, "default", PydanticUndefined)
+    if value is PydanticUndefined:
+        return "required"
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if value is None:
+        return "none"
+    return f"`{value}`"
+
+
+def configuration_md() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `forecaster/config.py` by `python -m forecaster.reference`; do not edit.",
+        "One model serves the TOML file (`forecaster serve --config FILE`), the environment",
+        "(`FORECASTER_<SECTION>__<KEY>`, case-insensitive) and the command-line flags; later",
+        "layers win: defaults < file < environment < flags. Unknown keys and unknown",
+        "`FORECASTER_*` variables are errors, reported with their key path. Validate a file",
+        "without connecting: `forecaster check-config FILE`. A commented example:",
+        "[`deploy/forecaster.toml`](../deploy/forecaster.toml).",
+        "",
+    ]
+    for name, model, env in SECTIONS:
+        lines += [
+            f"## `{name}`",
+            "",
+            (model.__doc__ or "").strip().splitlines()[0],
+            "",
+            "| key | default | environment | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key, field in model.model_fields.items():
+            if field.default_factory is not None:
+                continue  # a nested section, listed under its own heading
+            env_name = f"`{env}{key.upper()}`" if env.startswith("FORECASTER") else "—"
+            desc = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | {_default(field)} | {env_name} | {desc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def metrics_md() -> str:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    lines = [
+        "# Metrics reference",
+        "",
+        "Generated from `forecaster/metrics.py` by `python -m forecaster.reference`; do not edit.",
+        "Served at `http://127.0.0.1:18090/metrics` by default (`metrics.bind`, `metrics.port`).",
+        "No metric carries a stream id: a flood of new topics must not become a flood of series.",
+        "",
+        "| metric | type | labels | meaning |",
+        "|---|---|---|---|",
+    ]
+    rows = []
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        kind = value._type  # prometheus_client keeps name, type and labels on the wrapper
+        name = value._name + ("_total" if kind == "counter" else "")
+        labels = ", ".join(f"`{k}`" for k in value._labelnames) or "—"
+        doc = value._documentation.replace("|", "\\|")
+        rows.append(f"| `{name}` | {kind} | {labels} | {doc} |")
+    lines += sorted(rows)
+    lines += [
+        "",
+        "Process metrics (`process_resident_memory_bytes`, `process_cpu_seconds_total`, …) and",
+        "`python_info` are exported too.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    root = Path(__file__).resolve().parents[1] / "docs"
+    root.mkdir(exist_ok=True)
+    (root / "configuration.md").write_text(configuration_md(), encoding="utf-8")
+    (root / "metrics.md").write_text(metrics_md(), encoding="utf-8")
+    sys.stdout.write(f"wrote {root}/configuration.md and {root}/metrics.md\n")
+
+
+if __name__ == "__main__":
+    main()
