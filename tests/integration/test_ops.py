@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import time
 import subprocess
+import time
 
 import pytest
 
@@ -25,8 +25,9 @@ def test_live_metrics_pass_promtool_and_track_online_accuracy(broker, daemon_fac
     assert len(sub.wait_for(n)) == n
     status, text = d.http("/metrics")
     assert status == 200
-    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
-                           text=True, timeout=30)
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     # online accuracy: every warm prediction met its actual (warm-up 89 of 400 readings)
     judged = d.metric("forecaster_prediction_abs_error_count", route="water")

@@ -23,13 +23,34 @@ def compatible_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture as the bundled model (LSTM 2x64), other weights."""
     base = tmp_path_factory.mktemp("compat")
     for args in (
-        ["train", str(WATER), "--time-column", "Time", "--until", "1014", "--layers", "2",
-         "--hidden", "64", "--epochs", "1", "--seed", "3", "--name", "water-flow",
-         "--version", "2.0.0", "--out", str(base / "run"), "-q"],
+        [
+            "train",
+            str(WATER),
+            "--time-column",
+            "Time",
+            "--until",
+            "1014",
+            "--layers",
+            "2",
+            "--hidden",
+            "64",
+            "--epochs",
+            "1",
+            "--seed",
+            "3",
+            "--name",
+            "water-flow",
+            "--version",
+            "2.0.0",
+            "--out",
+            str(base / "run"),
+            "-q",
+        ],
         ["export", str(base / "run"), "--out", str(base / "bundle")],
     ):
-        subprocess.run([sys.executable, "-m", "forecaster", *args], check=True,
-                       capture_output=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "forecaster", *args], check=True, capture_output=True, cwd=ROOT
+        )
     return base / "bundle"
 
 
@@ -76,7 +97,7 @@ payload = "number"
 
 def test_mqtt_311_and_status_topic(broker, daemon_factory) -> None:
     d = daemon_factory()
-    d.config.write_text(d.config.read_text().replace('[mqtt]\n', '[mqtt]\nprotocol = "3.1.1"\n'))
+    d.config.write_text(d.config.read_text().replace("[mqtt]\n", '[mqtt]\nprotocol = "3.1.1"\n'))
     d.start()
     status = Collector(broker.port, topic="forecaster/status")
     assert status.wait_for(1, timeout=5)[-1][1] == b"online"  # retained
