@@ -126,10 +126,7 @@ def test_tls_verified_connection_and_refused_untrusted_broker(tmp_path: Path, pk
         time.sleep(4)
         assert bad.http("/readyz")[0] == 503  # the broker's certificate is not trusted
         assert bad.metric("forecaster_mqtt_connected") == 0
-        assert (
-            "certificate verify failed" in bad.log.read_text().lower()
-            or "cannot connect" in bad.log.read_text()
-        )
+        assert "cannot connect" in bad.log.read_text()
         assert good.stop() == 0 and bad.stop() == 0
     finally:
         for d in (good, bad):
