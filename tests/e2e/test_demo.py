@@ -1,0 +1,124 @@
+"""``make demo``'s command run as a user runs it: exit 0, a real summary, nothing left behind."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forecaster.demo import Scoreboard
+from forecaster.replay import ReplayItem
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _running_with(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (pgrep -f, or /proc without it)."""
+    if shutil.which("pgrep"):
+        out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True, check=False)
+        return [line for line in out.stdout.splitlines() if line.strip()]
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.broker
+def test_demo_runs_and_cleans_up() -> None:
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(mosquitto):
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto (make test does it)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORECASTER_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "forecaster.demo",
+            *("--seconds", "12", "--plain", "--streams", "2", "--rate", "20"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=ROOT,
+        env=env,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"demo exited {proc.returncode}\n{out}\n{proc.stderr}"
+
+    predictions = re.search(r"^\s+predictions\s+(\d+) received", out, re.M)
+    assert predictions, out
+    # The training rows alone (1014 per stream) give more predictions than this.
+    assert int(predictions.group(1)) > 2000, out
+    skill = re.search(r"^\s+skill\s+([+-]?\d+\.\d+) vs persistence", out, re.M)
+    assert skill, out
+    assert math.isfinite(float(skill.group(1))), out
+    scored = re.search(r"^\s+scored\s+(\d+) held-out", out, re.M)
+    assert scored and int(scored.group(1)) > 0, out
+    assert re.search(r"^\s+latency\s+p50 \d+\.\d ms, p99 \d+\.\d ms", out, re.M), out
+    assert re.search(r"^\s+daemon exit\s+0$", out, re.M), out
+    # One status line a second in --plain mode.
+    assert len(re.findall(r"^\[\s*\d+\.\ds\]", out, re.M)) >= 5, out
+
+    started = re.search(r"^demo: workdir (\S+); mosquitto pid (\d+) .* daemon pid (\d+)", out, re.M)
+    assert started, out
+    workdir = started.group(1)
+    assert not Path(workdir).exists(), f"{workdir} was left behind"
+    assert _running_with(workdir) == [], "a mosquitto or daemon child is still running"
+    for pid in (int(started.group(2)), int(started.group(3))):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _items(values: list[float], first_live: int) -> tuple[list[ReplayItem], list[ReplayItem]]:
+    items = [
+        ReplayItem("s0", "sensors/s0/flow", v, 3600.0 * i, seq=i, row=i)
+        for i, v in enumerate(values)
+    ]
+    return items[:first_live], items[first_live:]
+
+
+def test_scoreboard_joins_in_either_order() -> None:
+    """Prediction at t is scored against the actual at t+1, whichever is seen first; only
+    held-out targets count; skill is 1 - RMSE ratio, worked out by hand here."""
+    values = [10.0, 11.0, 13.0, 12.0, 12.0]
+    warm, live = _items(values, 2)
+    board = Scoreboard(warm, live)
+    topic = "sensors/s0/flow"
+    for it in warm:
+        board.on_sent(it, 100.0 + it.row)
+    # Prediction made at row 0 targets row 1, a training row: never scored.
+    board.on_prediction(topic, 0.0, 10.5, 100.1)
+    # Prediction made at row 1 (targets row 2) arrives before row 2 is published.
+    board.on_prediction(topic, 3600.0, 12.0, 101.1)
+    assert board.snapshot().scored == 0
+    board.on_sent(live[0], 102.0)  # row 2 = 13: error 1, persistence error 2
+    assert board.snapshot().scored == 1
+    # Row 3 is published first, the prediction made at row 2 (which targets it) after.
+    board.on_sent(live[1], 103.0)  # row 3 = 12
+    board.on_prediction(topic, 7200.0, 12.5, 102.004)  # error -0.5, persistence error -1
+    # A prediction that arrives before its reading's publish time is recorded still counts.
+    board.on_prediction(topic, 4 * 3600.0, 11.0, 104.003)
+    board.on_sent(live[2], 104.0)
+
+    snap = board.snapshot()
+    assert snap.scored == 2
+    assert snap.rmse == pytest.approx(math.sqrt((1.0 + 0.25) / 2))
+    assert snap.naive_rmse == pytest.approx(math.sqrt((4.0 + 1.0) / 2))
+    assert snap.skill == pytest.approx(1 - math.sqrt(1.25 / 5.0))
+    # Latency of held-out readings only: rows 2 (4 ms) and 4 (3 ms; received first).
+    assert snap.latency_n == 2
+    assert snap.latency_ms[0] == pytest.approx(3.5, abs=1e-6)
+    s0 = snap.streams[0]
+    assert (s0.actual, s0.predicted) == (12.0, 12.5)
+    assert s0.recent_actual == (13.0, 12.0)
