@@ -51,13 +51,17 @@ log = logging.getLogger(__name__)
 SNAPSHOT_VERSION = 1
 _SNAPSHOT_FORMAT = "forecaster-state"
 _META = ("last_ts", "last_value", "last_pred", "seen", "last_used")
-# Exceptions np.load and zipfile raise for files that are not what they claim to be.
+# Exceptions np.load and zipfile raise for files that are not what they claim to be. A damaged
+# header can claim a newer zip version or an unknown compression method (NotImplementedError) or
+# an encrypted member (RuntimeError): found by tests/faults/test_fuzz.py.
 _LOAD_ERRORS = (
     OSError,
     ValueError,
     KeyError,
     EOFError,
     MemoryError,
+    NotImplementedError,
+    RuntimeError,
     zipfile.BadZipFile,
     zlib.error,
 )

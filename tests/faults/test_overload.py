@@ -1,0 +1,198 @@
+"""Overload: a slow consumer and a flood of new topics.
+
+Slow consumer: readings offered at about twice the rate the daemon sustains. With
+``on_full = "block"`` the queue fills, the broker holds the backlog and nothing is lost; with
+``drop_newest`` the excess is dropped and counted (``rejected{reason="queue_full"}``). Either way
+the daemon stays up, its memory stays bounded, the backlog shows in ``forecaster_queue_depth``
+and it catches up afterwards: every reading is either predicted or counted with a reason.
+
+Topic flood: many distinct new streams against a small ``max_streams``: RSS bounded, LRU
+evictions counted, and the long-lived streams keep exactly the uninterrupted predictions.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from forecaster.replay import ReplayItem
+
+from .conftest import (
+    DaemonProc,
+    Feed,
+    Sink,
+    drift,
+    log_text,
+    report,
+    rss_mb,
+    verify,
+    wait_until,
+    water_items,
+)
+
+
+def accounted(d: DaemonProc) -> float:
+    return d.metric("forecaster_predictions_total") + d.metric("forecaster_readings_rejected_total")
+
+
+class Sampler(threading.Thread):
+    """Samples the daemon's RSS and queue depth every 0.25 s."""
+
+    def __init__(self, d: DaemonProc) -> None:
+        super().__init__(daemon=True)
+        self.d = d
+        self.rss: list[float] = []
+        self.depth: list[float] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        assert self.d.proc is not None
+        while not self.stop_flag.wait(0.25):
+            if self.d.proc.poll() is not None:
+                return
+            self.rss.append(rss_mb(self.d.proc.pid))
+            self.depth.append(self.d.metric("forecaster_queue_depth"))
+
+    def close(self) -> None:
+        self.stop_flag.set()
+        self.join()
+
+
+def slow_consumer(broker, daemon, on_full: str, seconds: float) -> None:
+    queue_size = 500
+    d = daemon(max_batch=1, max_delay_ms=0, queue_size=queue_size, on_full=on_full)
+    d.start()
+    assert d.proc is not None
+    rss0 = rss_mb(d.proc.pid)
+    items = water_items(streams=80)
+    # calibrate: the daemon's sustained rate on this machine, from a burst it must work through
+    burst = 2000
+    t0 = time.monotonic()
+    feed = Feed(broker.port, items[:burst], rate=0, client_id="calibrate")
+    feed.start()
+    assert wait_until(lambda: accounted(d) >= burst, 60), log_text(d)
+    sustained = d.metric("forecaster_predictions_total") / (time.monotonic() - t0)
+    feed.close()
+    offered = 2 * sustained
+    n = min(len(items) - burst, int(offered * seconds))
+    rest = items[burst : burst + n]
+    sampler = Sampler(d)
+    sampler.start()
+    feed = Feed(broker.port, rest, rate=offered)
+    t1 = time.monotonic()
+    feed.start()
+    feed.join()
+    publish_s = time.monotonic() - t1
+    done_at_end = accounted(d) - burst
+    caught_up = wait_until(lambda: accounted(d) >= burst + n, 4 * seconds + 30)
+    catch_up_s = time.monotonic() - t1 - publish_s
+    sampler.close()
+    feed.close()
+    assert caught_up, f"{accounted(d)} of {burst + n} accounted for:\n{log_text(d)[-2000:]}"
+    assert d.proc.poll() is None and d.http("/healthz")[0] == 200
+    processed_rate = done_at_end / publish_s
+    queue_full = d.metric("forecaster_readings_rejected_total", reason="queue_full")
+    predicted = d.metric("forecaster_predictions_total")
+    report(
+        f"slow consumer ({on_full})",
+        sustained_per_s=round(sustained),
+        offered_per_s=round(n / publish_s),
+        processed_during_overload_per_s=round(processed_rate),
+        seconds=round(publish_s, 1),
+        catch_up_s=round(catch_up_s, 1),
+        queue_depth_max=max(sampler.depth, default=0),
+        queue_full_drops=queue_full,
+        rss_start_mb=round(rss0),
+        rss_max_mb=round(max(sampler.rss, default=rss0)),
+    )
+    # it really was overloaded (a full queue; then a backlog to work off, or drops), and the
+    # backlog was visible in the metrics
+    assert max(sampler.depth) >= queue_size * 0.5
+    # memory bounded by the queue, not by the offered load
+    assert max(sampler.rss) - rss0 < 80
+    if on_full == "block":
+        assert catch_up_s > 0.5 * seconds * 0.3
+        assert queue_full == 0 and predicted == burst + n  # the broker held the backlog
+    else:
+        assert queue_full > 0 and predicted + queue_full == burst + n
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("on_full", ["block", "drop_newest"])
+def test_slow_consumer(broker, daemon, on_full: str) -> None:
+    slow_consumer(broker, daemon, on_full, seconds=float(os.environ.get("FAULTS_SECONDS", "6")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_full", ["block", "drop_oldest"])
+def test_slow_consumer_30s(broker, daemon, on_full: str) -> None:
+    slow_consumer(broker, daemon, on_full, seconds=30)
+
+
+def flood(broker, daemon, reference, flood_streams: int, max_streams: int) -> float:
+    d = daemon(extra_route=f"max_streams = {max_streams}")
+    d.start()
+    assert d.proc is not None
+    long_lived = water_items(streams=3, stop="400")
+    per_row = flood_streams // 400
+    items: list[ReplayItem] = []
+    k = 0
+    for i in range(0, len(long_lived), 3):
+        items.extend(long_lived[i : i + 3])
+        for _ in range(per_row):
+            topic = f"sensors/f{k}/flow"
+            items.append(ReplayItem(f"f{k}", topic, 100.0, 1.0e9, 10_000_000 + k, 0))
+            k += 1
+    sink = Sink(
+        broker.port,
+        topic="forecast/sensors/s0/flow,forecast/sensors/s1/flow,forecast/sensors/s2/flow",
+    )
+    sampler = Sampler(d)
+    sampler.start()
+    rss0 = rss_mb(d.proc.pid)
+    feed = Feed(broker.port, items, rate=0)
+    t0 = time.monotonic()
+    feed.start()
+    feed.join()
+    ok = wait_until(lambda: accounted(d) >= len(items), 60 + len(items) / 1000)
+    took = time.monotonic() - t0
+    sampler.close()
+    assert ok, log_text(d)[-2000:]
+    wait_until(lambda: verify(long_lived, sink.snapshot()).predicted == len(long_lived), 10)
+    messages = sink.snapshot()
+    v = verify(long_lived, messages)
+    dr = drift(messages, reference, tol=1e-5)
+    evicted = d.metric("forecaster_streams_evicted_total", reason="lru")
+    streams = d.metric("forecaster_streams")
+    report(
+        f"topic flood {k} streams, max_streams {max_streams}",
+        seconds=round(took, 1),
+        evicted_lru=evicted,
+        rss_start_mb=round(rss0),
+        rss_max_mb=round(max(sampler.rss, default=rss0)),
+    )
+    assert v.missing == [] and v.duplicates == 0
+    assert dr.steps == 0 and dr.compared >= 3 * 399  # exactly the uninterrupted predictions
+    assert evicted == k + 3 - max_streams
+    assert streams <= max_streams
+    assert d.http("/healthz")[0] == 200
+    assert "f1" not in d.http("/metrics")[1]  # stream ids never become labels
+    feed.close()
+    sink.close()
+    assert d.stop() == 0
+    return max(sampler.rss, default=rss0) - rss0
+
+
+def test_topic_flood(broker, daemon, reference) -> None:
+    growth = flood(broker, daemon, reference, flood_streams=20_000, max_streams=2_000)
+    assert growth < 60
+
+
+@pytest.mark.slow
+def test_topic_flood_million(broker, daemon, reference) -> None:
+    growth = flood(broker, daemon, reference, flood_streams=1_000_000, max_streams=100_000)
+    # 100,000 LSTM 2x64 states are ~110 MB; the id maps and the topic cache come on top
+    assert growth < 400
