@@ -5,6 +5,13 @@ A micro-batch can hold several readings of one stream. They must be stepped one 
 holds the k-th reading of every stream in the batch, in arrival order. Each wave is one gather,
 one ONNX call and one scatter. This module holds no I/O: the daemon feeds it readings and turns
 the :class:`Outcome` into MQTT messages and metrics.
+
+A window model (see ``window.py``) goes through the same waves: each reading is pushed into its
+stream's buffer of the last W readings and the full buffers of a wave are run as one ``[B, W, F]``
+call. A stream's first W−1 readings (after its start or a reset) only fill the buffer: they give
+no prediction and count as nothing (neither a drop nor an error). An event classifier's
+predictions carry a probability and an event, and labels that arrive with readings are counted as
+true/false positives/negatives instead of regression errors.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from forecaster.bundle import Bundle
+from forecaster.classify import counts
 from forecaster.codec import Prediction, Reading
 from forecaster.state import StateStore, Verdict, finite_rows
+from forecaster.window import as_batch, push
 
 
 def waves(streams: Sequence[str]) -> list[list[int]]:
@@ -50,6 +59,7 @@ class Outcome:
     calls: list[tuple[int, float]] = field(default_factory=list)  # (batch size, seconds)
     abs_err: list[np.ndarray] = field(default_factory=list)
     naive_abs_err: list[np.ndarray] = field(default_factory=list)
+    events: Counter[str] = field(default_factory=Counter)  # tp/fp/tn/fn of labelled readings
 
 
 class Engine:
@@ -96,21 +106,33 @@ class Engine:
             return
         idx = np.flatnonzero(keep)
         slots, ts, values = slots[idx], ts[idx], values[idx]
+        manifest = self.bundle.manifest
+        classify = manifest.task == "classify"
+        labels = np.array(
+            [np.nan if rs[k].label is None else rs[k].label for k in idx.tolist()], dtype=np.float64
+        )
 
         # Online accuracy: the previous prediction of each stream meets its actual value.
         last_pred = store.last_pred[slots]
         prior_seen = store.seen[slots]
         judged = np.isfinite(last_pred) & (prior_seen >= self.warmup)
-        if judged.any():
+        if classify:
+            if manifest.horizon == 1:  # the previous prediction was about this reading's label
+                self._judge(last_pred, labels, judged, out)
+        elif judged.any():
             out.abs_err.append(np.abs(values[judged] - last_pred[judged]))
             out.naive_abs_err.append(np.abs(values[judged] - store.last_value[slots][judged]))
 
         x = values.astype(np.float32).reshape(-1, 1)
         state = store.gather(slots)
-        started = self._clock()
-        y, new_state = self.bundle.step(x, state)
-        out.calls.append((len(slots), self._clock() - started))
-        ok = finite_rows(new_state) & np.isfinite(y)
+        if self.bundle.mode == "window":
+            y, new_state, ready = self._run_windows(state, x, prior_seen + 1, out)
+        else:
+            started = self._clock()
+            y, new_state = self.bundle.step(x, state)
+            out.calls.append((len(slots), self._clock() - started))
+            ready = np.ones(len(slots), dtype=bool)
+        ok = finite_rows(new_state) & (np.isfinite(y) | ~ready)
         store.scatter(slots, new_state, ok)
         if not ok.all():
             out.drops["non_finite_state"] += int((~ok).sum())
@@ -123,7 +145,46 @@ class Engine:
         store.record(slots[good], ts[good], values[good], y[good].astype(np.float64), now)
         seen_after = store.seen[slots[good]]
         warmup = self.warmup
+        threshold = manifest.threshold if classify and manifest.threshold is not None else None
+        if threshold is not None and manifest.horizon == 0:
+            made = np.zeros(len(slots), dtype=bool)
+            made[good] = ready[good]
+            self._judge(y.astype(np.float64), labels, made, out)
         for j, n_seen in zip(good.tolist(), seen_after.tolist(), strict=True):
+            if not ready[j]:
+                continue  # a window still filling: no prediction yet
             i = where[int(idx[j])]
             r = rs[int(idx[j])]
-            out.predictions[i] = Prediction(r.stream, r.ts, float(y[j]), n_seen >= warmup)
+            value = float(y[j])
+            if threshold is None:
+                out.predictions[i] = Prediction(r.stream, r.ts, value, n_seen >= warmup)
+            else:
+                out.predictions[i] = Prediction(
+                    r.stream, r.ts, value, n_seen >= warmup, value, value >= threshold
+                )
+
+    def _run_windows(
+        self, state: tuple[np.ndarray, ...], x: np.ndarray, seen: np.ndarray, out: Outcome
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+        """Push each reading into its buffer and run the full buffers in one call.
+
+        Returns ``y`` (NaN where the buffer is not full yet), the new buffers and the mask of
+        full ones."""
+        (buffers,) = state
+        new = push(buffers, x)
+        ready = seen >= self.bundle.window
+        y = np.full(len(x), np.nan, dtype=np.float32)
+        if ready.any():
+            started = self._clock()
+            y[ready] = self.bundle.predict_windows(as_batch(new[:, ready]))
+            out.calls.append((int(ready.sum()), self._clock() - started))
+        return y, (new,), ready
+
+    def _judge(self, probs: np.ndarray, labels: np.ndarray, mask: np.ndarray, out: Outcome) -> None:
+        """Count predictions whose label is known as true/false positives/negatives."""
+        threshold = self.bundle.manifest.threshold
+        use = mask & np.isfinite(labels) & np.isfinite(probs)
+        if threshold is None or not use.any():
+            return
+        tp, fp, tn, fn = counts(labels[use], probs[use] >= threshold)
+        out.events.update({"tp": tp, "fp": fp, "tn": tn, "fn": fn})

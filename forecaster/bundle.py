@@ -9,6 +9,15 @@ Contract (format version 1, mode ``stateful``):
 - inputs ``x`` ``[B, F]`` float32 in raw units, ``h`` ``[L, B, H]`` (and ``c`` for LSTM);
 - outputs ``y`` ``[B, 1]`` (the next reading, raw units), ``h_out`` (and ``c_out``);
 - ``B`` is dynamic; a zero state is the start of every stream.
+
+Mode ``window`` (same format version; the fields it adds are optional with defaults):
+
+- input ``x`` ``[B, W, F]`` float32, the last ``W`` readings of each stream, oldest first; no
+  state inputs or outputs: every call starts from a zero state;
+- output ``y`` ``[B, 1]``, predicted from the output after the last reading.
+
+Task ``classify`` (either mode): ``y`` is the probability of an event (the label of the last
+reading, or of the next one with ``horizon`` 1) and ``threshold`` turns it into a yes/no.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from forecaster.errors import BundleError
 
@@ -52,6 +61,19 @@ class Scores(_Strict):
     n: int
 
 
+class ClassScores(_Strict):
+    """Held-out scores of an event classifier at the manifest's threshold."""
+
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    roc_auc: float | None = Field(description="None when the held-out labels hold one class")
+    n: int
+    positives: int = Field(description="held-out readings labelled 1")
+    pos_weight: float = Field(description="BCE weight of the positive class used in training")
+
+
 class TrainingData(_Strict):
     """Where the weights came from: enough to tell two training sets apart."""
 
@@ -71,8 +93,31 @@ class Manifest(_Strict):
     format_version: int = FORMAT_VERSION
     name: str
     version: str
-    mode: Literal["stateful"] = "stateful"
-    task: Literal["regress"] = "regress"
+    mode: Literal["stateful", "window"] = Field(
+        default="stateful",
+        description="stateful: one step per reading, state carried; window: the last `window` "
+        "readings per call, from a zero state",
+    )
+    window: int | None = Field(default=None, ge=1, description="readings per window (window mode)")
+    bidirectional: bool = Field(default=False, description="bidirectional layers (window mode)")
+    window_input: Literal["level", "diff"] | None = Field(
+        default=None,
+        description="window mode: 'level' = readings standardised with `scaler`; 'diff' = "
+        "change from the previous reading (0 for the first) divided by `delta_scale`",
+    )
+    task: Literal["regress", "classify"] = Field(
+        default="regress", description="regress: y is the next value; classify: y = P(event)"
+    )
+    horizon: int | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="classify: 0 = the label of the last reading, 1 = of the next reading",
+    )
+    label_column: str | None = Field(default=None, description="classify: the training labels")
+    threshold: float | None = Field(
+        default=None, description="classify: event = probability >= threshold (from validation)"
+    )
     cell: Literal["lstm", "gru"]
     layers: int = Field(ge=1)
     hidden: int = Field(ge=1)
@@ -88,10 +133,32 @@ class Manifest(_Strict):
     opset: int
     onnx_sha256: str
     training_data: TrainingData
-    validation: Scores
+    validation: Scores | None = Field(default=None, description="regress: held-out scores")
+    validation_classification: ClassScores | None = Field(
+        default=None, description="classify: held-out scores at the threshold"
+    )
     parity_max_abs_diff: float = Field(description="export-time PyTorch vs ORT, scaled units")
     package_version: str
     created: str
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.mode == "window" and self.window is None:
+            raise ValueError("window mode needs `window`")
+        if self.mode == "window" and self.window_input is None:
+            raise ValueError("window mode needs `window_input`")
+        if self.mode == "stateful" and (
+            self.window is not None or self.bidirectional or self.window_input is not None
+        ):
+            raise ValueError("stateful mode takes no `window`, `window_input` or `bidirectional`")
+        if self.task == "classify":
+            if self.threshold is None or self.horizon is None:
+                raise ValueError("classify needs `threshold` and `horizon`")
+            if self.validation_classification is None:
+                raise ValueError("classify needs `validation_classification`")
+        elif self.validation is None:
+            raise ValueError("regress needs `validation`")
+        return self
 
 
 @dataclass(frozen=True)
@@ -140,6 +207,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
 
 
 def state_specs(manifest: Manifest) -> tuple[StateSpec, ...]:
+    if manifest.mode == "window":
+        return ()
     names = ("h", "c") if manifest.cell == "lstm" else ("h",)
     return tuple(StateSpec(n, f"{n}_out", manifest.layers, manifest.hidden) for n in names)
 
@@ -157,6 +226,7 @@ class Bundle:
         self.manifest = manifest
         self.session = session
         self.states = state_specs(manifest)
+        self.mode = manifest.mode
         self._output_names = ["y", *(s.output for s in self.states)]
         self._check_signature()
 
@@ -197,11 +267,26 @@ class Bundle:
     def n_features(self) -> int:
         return len(self.manifest.features)
 
+    @property
+    def window(self) -> int:
+        """Readings per window; 1 for a stateful model (it reads one at a time)."""
+        return self.manifest.window or 1
+
+    @property
+    def state_shapes(self) -> list[tuple[int, int]]:
+        """``(L, H)`` of each per-stream tensor the daemon keeps: the recurrent states, or for a
+        window model its last ``W`` readings as one ``(W, F)`` tensor (see ``window.py``)."""
+        if self.mode == "window":
+            return [(self.window, self.n_features)]
+        return [(s.layers, s.hidden) for s in self.states]
+
     def _check_signature(self) -> None:
         m = self.manifest
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         expected_in: dict[str, list[object]] = {"x": ["B", len(m.features)]}
+        if m.mode == "window":
+            expected_in["x"] = ["B", self.window, len(m.features)]
         for s in self.states:
             expected_in[s.name] = [s.layers, "B", s.hidden]
         if set(inputs) != set(expected_in) or not {"y", *(s.output for s in self.states)} <= set(
@@ -237,6 +322,14 @@ class Bundle:
         y, *new_state = self.session.run(self._output_names, feeds)
         return y[:, 0], tuple(new_state)
 
+    def predict_windows(self, x: np.ndarray) -> np.ndarray:
+        """Window mode: ``x`` ``[B, W, F]`` raw readings, oldest first → ``y`` ``[B]`` float32."""
+        (y,) = self.session.run(["y"], {"x": np.ascontiguousarray(x, dtype=np.float32)})
+        return y[:, 0]
+
     def warm_up(self) -> None:
         """Run one zero input so the first real reading does not pay ORT's lazy initialisation."""
+        if self.mode == "window":
+            self.predict_windows(np.zeros((1, self.window, self.n_features), dtype=np.float32))
+            return
         self.step(np.zeros((1, self.n_features), dtype=np.float32), self.zero_state(1))

@@ -10,13 +10,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
 from forecaster.bundle import TrainingData
 from forecaster.errors import ForecasterError
+
+if TYPE_CHECKING:
+    from forecaster.bundle import Bundle
+    from forecaster.data import Dataset
 
 app = typer.Typer(
     add_completion=False,
@@ -89,9 +94,37 @@ def train(
     ] = None,
     name: Annotated[str, typer.Option(help="model name recorded in the bundle")] = "model",
     version: Annotated[str, typer.Option(help="model version recorded in the bundle")] = "1.0.0",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="stateful (state carried reading to reading) or window (last --window readings "
+            "from a zero state each time)"
+        ),
+    ] = "stateful",
+    window: Annotated[int | None, typer.Option(help="window mode: readings per window")] = None,
+    bidirectional: Annotated[
+        bool, typer.Option("--bidirectional", help="bidirectional layers (window mode only)")
+    ] = False,
+    task: Annotated[
+        str, typer.Option(help="regress (next value) or classify (event probability)")
+    ] = "regress",
+    label_column: Annotated[
+        str | None, typer.Option(help="classify: the 0/1 event label column")
+    ] = None,
+    horizon: Annotated[
+        int,
+        typer.Option(help="classify: 0 = label of the window's last reading, 1 = of the next one"),
+    ] = 0,
+    window_input: Annotated[
+        str | None,
+        typer.Option(
+            help="window mode: level (standardised readings) or diff (step changes; default for "
+            "classify)"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Fit an LSTM or GRU on CSV data with truncated BPTT, as the daemon will run it."""
+    """Fit an LSTM or GRU on CSV data: truncated BPTT as the daemon runs it, or on windows."""
     _need_torch("train")
     from forecaster.data import load_csv
     from forecaster.train import TrainConfig
@@ -119,10 +152,32 @@ def train(
         name=name,
         version=version,
         warmup=warmup,
+        mode=mode,  # type: ignore[arg-type]
+        window=window,
+        bidirectional=bidirectional,
+        task=task,  # type: ignore[arg-type]
+        label_column=label_column,
+        horizon=horizon,
+        window_input=window_input,  # type: ignore[arg-type]
     )
     cfg.check()
-    dataset = load_csv(data, column, time_column, stream_column, header=not no_header)
-    report = run_training(dataset, cfg, out, progress=not quiet and sys.stderr.isatty())
+    dataset = load_csv(
+        data, column, time_column, stream_column, header=not no_header, label_column=label_column
+    )
+    report = run_training(
+        dataset, cfg, out, progress=not quiet and sys.stderr.isatty(), log=_log_line(quiet)
+    )
+    if task == "classify":
+        c = report["validation_classification"]
+        auc = "n/a" if c["roc_auc"] is None else f"{c['roc_auc']:.3f}"
+        typer.echo(
+            f"run {out}: best epoch {report['best_epoch']}, validation ROC AUC {auc} (majority "
+            f"class 0.5), F1 {c['f1']:.3f}, precision {c['precision']:.3f}, recall "
+            f"{c['recall']:.3f}, accuracy {c['accuracy']:.3f} at threshold "
+            f"{report['threshold']:.4g} (n={c['n']}, {c['positives']} positive); positive-class "
+            f"weight {report['pos_weight']:.2f}"
+        )
+        return
     v = report["validation"]
     typer.echo(
         f"run {out}: best epoch {report['best_epoch']}, validation RMSE {v['rmse']:.4f} "
@@ -144,10 +199,11 @@ def export(
     from forecaster.export import export as run_export
 
     manifest, parity = run_export(run, out, name=name, version=version, tolerance=tolerance)
+    unit = "windows" if manifest.mode == "window" else "steps"
     typer.echo(
         f"bundle {out}: {manifest.name} {manifest.version} ({manifest.cell} "
         f"{manifest.layers}x{manifest.hidden}), sha256 {manifest.onnx_sha256[:12]}; parity over "
-        f"{PARITY_STEPS} steps x {PARITY_STREAMS} streams: max |ORT - PyTorch| = {parity:.2e} "
+        f"{PARITY_STEPS} {unit} x {PARITY_STREAMS} streams: max |ORT - PyTorch| = {parity:.2e} "
         f"(limit {tolerance:g})"
     )
 
@@ -183,10 +239,16 @@ def evaluate(
 
     b = Bundle.load(bundle)
     td = b.manifest.training_data
+    label = b.manifest.label_column
     if not (column or time_column or stream_column) and _has_columns(data, td, no_header):
         # Same layout as the training data: read it the way training did.
         column, time_column, stream_column = td.column, td.time_column, td.stream_column
-    dataset = load_csv(data, column, time_column, stream_column, header=not no_header)
+    dataset = load_csv(
+        data, column, time_column, stream_column, header=not no_header, label_column=label
+    )
+    if b.manifest.task == "classify":
+        _evaluate_events(b, dataset, data, start, as_json, predictions)
+        return
     result = evaluate_bundle(b, dataset, warmup, start)
     sc = result.score().as_dict()
     if predictions is not None:
@@ -203,6 +265,39 @@ def evaluate(
     typer.echo(f"  {'MAE':12}{sc['mae']:12.4f}{sc['naive_mae']:14.4f}")
     typer.echo(f"  {'MASE':12}{sc['mase']:12.4f}")
     typer.echo(f"  skill vs persistence (1 - RMSE ratio): {sc['skill']:+.3f}")
+
+
+def _evaluate_events(
+    b: Bundle,
+    dataset: Dataset,
+    data: Path,
+    start: str | None,
+    as_json: bool,
+    predictions: Path | None,
+) -> None:
+    from forecaster.evaluate import evaluate_events, write_event_predictions
+
+    result = evaluate_events(b, dataset, start)
+    sc = result.score().as_dict()
+    if predictions is not None:
+        write_event_predictions(result, predictions)
+    m = b.manifest
+    if as_json:
+        typer.echo(json.dumps({**sc, "model": m.name, "version": m.version}))
+        return
+    auc = "n/a (one class)" if sc["roc_auc"] is None else f"{sc['roc_auc']:.4f}"
+    typer.echo(
+        f"{m.name} {m.version} on {data.name}: {sc['n']} labelled predictions scored "
+        f"({sc['positives']} positive), event = probability >= {m.threshold:.4g}"
+    )
+    for key in ("accuracy", "precision", "recall", "f1"):
+        typer.echo(f"  {key:12}{sc[key]:.4f}")
+    typer.echo(f"  {'ROC AUC':12}{auc}  (majority class: 0.5)")
+
+
+def _log_line(quiet: bool) -> Callable[[str], None]:
+    """Training's remarks go to stderr (stdout holds the one-line result), unless --quiet."""
+    return (lambda _text: None) if quiet else (lambda text: typer.echo(text, err=True))
 
 
 def _has_columns(data: Path, td: TrainingData, no_header: bool) -> bool:
@@ -232,14 +327,37 @@ def inspect(
     if as_json:
         typer.echo(json.dumps({**m.model_dump(), "sha256_verified": True}, indent=2))
         return
+    bidir = ", bidirectional" if m.bidirectional else ""
+    if m.task == "classify":
+        which = "last reading" if m.horizon == 0 else "next reading"
+        predicts = f"P(event) of the {which} ('{m.label_column}'), event at >= {m.threshold:.4g}"
+    else:
+        predicts = f"next {m.target} ({m.head} head)"
+    held_out: tuple[str, Any]
+    if m.validation_classification is not None:
+        c = m.validation_classification
+        auc = "n/a" if c.roc_auc is None else f"{c.roc_auc:.3f}"
+        held_out = (
+            "validation",
+            f"ROC AUC {auc}, F1 {c.f1:.3f}, precision {c.precision:.3f}, recall {c.recall:.3f}, "
+            f"accuracy {c.accuracy:.3f} (n={c.n}, {c.positives} positive)",
+        )
+    elif m.validation is not None:
+        held_out = (
+            "validation RMSE",
+            f"{m.validation.rmse:.4f} (persistence {m.validation.naive_rmse:.4f}, "
+            f"n={m.validation.n})",
+        )
+    else:
+        held_out = ("validation", "none recorded")
     rows: list[tuple[str, Any]] = [
         ("name", m.name),
         ("version", m.version),
-        ("mode", m.mode),
+        ("mode", m.mode if m.window is None else f"{m.mode}, {m.window} readings"),
         ("task", m.task),
-        ("cell", f"{m.cell}, {m.layers} layer(s) x {m.hidden}"),
+        ("cell", f"{m.cell}, {m.layers} layer(s) x {m.hidden}" + bidir),
         ("features", ", ".join(m.features)),
-        ("predicts", f"next {m.target} ({m.head} head)"),
+        ("predicts", predicts),
         ("warm-up", f"{m.warmup} readings"),
         ("scaler", f"mean {m.scaler.mean}, std {m.scaler.std}"),
         (
@@ -247,11 +365,7 @@ def inspect(
             f"{m.training_data.source} ({m.training_data.rows} rows, "
             f"sha256 {m.training_data.sha256[:12]}…, until {m.training_data.until})",
         ),
-        (
-            "validation RMSE",
-            f"{m.validation.rmse:.4f} (persistence {m.validation.naive_rmse:.4f}, "
-            f"n={m.validation.n})",
-        ),
+        held_out,
         ("parity", f"{m.parity_max_abs_diff:.2e} (scaled units)"),
         ("opset", m.opset),
         ("onnx sha256", f"{m.onnx_sha256} (verified)"),

@@ -46,13 +46,17 @@ class Reason(StrEnum):
 
 @dataclass(slots=True, frozen=True)
 class Reading:
-    """One accepted observation; ``value`` is always finite so the model never sees NaN."""
+    """One accepted observation; ``value`` is always finite so the model never sees NaN.
+
+    ``label`` is the reading's 0/1 event label when the payload carried one (an event
+    classifier's online accuracy is counted from it), else None."""
 
     stream: str
     value: float
     ts: float
     received: float
     topic: str
+    label: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,6 +67,7 @@ class PayloadSpec:
     value_key: str = "value"
     ts_key: str = "ts"
     stream_key: str = "stream"
+    label_key: str = "label"
     max_bytes: int = 65536
     max_items: int = 10000
 
@@ -78,12 +83,17 @@ class Decoded:
 
 @dataclass(slots=True, frozen=True)
 class Prediction:
-    """One forecast for the next reading of ``stream``; ``warm`` is False while state is young."""
+    """One forecast for the next reading of ``stream``; ``warm`` is False while state is young.
+
+    An event classifier's prediction also carries ``probability`` (= ``value``) and ``event``
+    (probability ≥ the model's threshold); both stay None, and out of the JSON, otherwise."""
 
     stream: str
     ts: float
     value: float
     warm: bool
+    probability: float | None = None
+    event: bool | None = None
 
 
 class _Reject(Exception):
@@ -247,7 +257,16 @@ def _reading(
         raise _Reject(Reason.NOT_FINITE, f"{key!r} is not finite")
     ts_raw = obj.get(spec.ts_key)  # null counts as absent: producers write it for "unknown"
     ts = received if ts_raw is None else _timestamp(ts_raw)
-    return Reading(stream, value, ts, received, topic)
+    label_raw = obj.get(spec.label_key)
+    label = None if label_raw is None else _label(label_raw, spec.label_key)
+    return Reading(stream, value, ts, received, topic, label)
+
+
+def _label(raw: Any, key: str) -> float:
+    # 0/1 numbers only: true/false would be a second spelling to support forever.
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw not in (0, 1):
+        raise _Reject(Reason.WRONG_TYPE, f"{key!r} is not 0 or 1")
+    return float(raw)
 
 
 def _timestamp(raw: Any) -> float:
@@ -305,19 +324,25 @@ def encode_predictions(preds: Sequence[Prediction], model: str, version: str, ba
     """
     if not batch and len(preds) != 1:
         raise ValueError(f"a non-batch message carries exactly one prediction, got {len(preds)}")
-    objs = [
-        {
-            "stream": p.stream,
-            "ts": _finite_or_none(p.ts),
-            "value": _finite_or_none(p.value),
-            "model": model,
-            "version": version,
-            "warm": p.warm,
-        }
-        for p in preds
-    ]
+    objs = [_prediction_obj(p, model, version) for p in preds]
     doc: Any = objs if batch else objs[0]
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _prediction_obj(p: Prediction, model: str, version: str) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "stream": p.stream,
+        "ts": _finite_or_none(p.ts),
+        "value": _finite_or_none(p.value),
+        "model": model,
+        "version": version,
+        "warm": p.warm,
+    }
+    if p.probability is not None:
+        obj["probability"] = _finite_or_none(p.probability)
+    if p.event is not None:
+        obj["event"] = p.event
+    return obj
 
 
 def prediction_topic(template: str, topic: str) -> str:

@@ -76,11 +76,13 @@ class Work:
 def compatible(a: Bundle, b: Bundle) -> bool:
     """Whether ``b`` can continue from states ``a`` produced (same shapes, same inputs)."""
     ma, mb = a.manifest, b.manifest
-    return (ma.cell, ma.layers, ma.hidden, ma.features) == (
+    return (ma.cell, ma.layers, ma.hidden, ma.features, ma.mode, ma.window) == (
         mb.cell,
         mb.layers,
         mb.hidden,
         mb.features,
+        mb.mode,
+        mb.window,
     )
 
 
@@ -117,7 +119,7 @@ class Daemon:
     def _load_route(self, rc: RouteConfig) -> Route:
         bundle = Bundle.load(rc.bundle, intra_op_threads=self.cfg.daemon.intra_op_threads)
         bundle.warm_up()
-        shapes = [(s.layers, s.hidden) for s in bundle.states]
+        shapes = bundle.state_shapes  # a window model's are its buffers (see window.py)
         route = Route(rc, Engine(bundle, self._new_store(rc, shapes)))
         path = route.snapshot_path(self.cfg.daemon.state_dir)
         try:
@@ -396,6 +398,8 @@ class Daemon:
                     m.state_resets.labels(route_name, reason).inc(n)
             if outcome.evicted:
                 m.streams_evicted.labels(route_name, "lru").inc(len(outcome.evicted))
+            if outcome.events:
+                m.count_events(route_name, outcome.events)
             if outcome.abs_err:
                 m.observe_errors(
                     route_name,
@@ -497,7 +501,7 @@ class Daemon:
                 continue
             if not compatible(old, bundle):
                 n = len(route.engine.store)
-                shapes = [(s.layers, s.hidden) for s in bundle.states]
+                shapes = bundle.state_shapes
                 route.engine.store = self._new_store(rc, shapes)
                 self.metrics.state_resets.labels(rc.name, "model_changed").inc(n)
                 log.warning(

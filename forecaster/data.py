@@ -27,13 +27,25 @@ class Series:
     """One stream: its readings in time order, split into segments at missing values.
 
     ``values`` holds every row of the stream (NaN where missing); ``rows`` the CSV data-row
-    index (0-based, header excluded) of each; ``times`` epoch seconds or None.
+    index (0-based, header excluded) of each; ``times`` epoch seconds or None; ``labels`` the 0/1
+    event label of each reading (NaN where missing) when a label column was read, else None.
     """
 
     name: str
     values: np.ndarray
     rows: np.ndarray
     times: np.ndarray | None
+    labels: np.ndarray | None = None
+
+    def head(self, end: int) -> Series:
+        """The first ``end`` readings."""
+        return Series(
+            self.name,
+            self.values[:end],
+            self.rows[:end],
+            None if self.times is None else self.times[:end],
+            None if self.labels is None else self.labels[:end],
+        )
 
     def segments(self) -> list[tuple[int, int]]:
         """Half-open index ranges of consecutive finite values, in order."""
@@ -65,6 +77,7 @@ class Dataset:
     time_column: str | None
     stream_column: str | None
     rows: int = field(default=0)
+    label_column: str | None = None
 
 
 def parse_time(text: str) -> float:
@@ -106,12 +119,14 @@ def load_csv(
     time_column: str | None = None,
     stream_column: str | None = None,
     header: bool = True,
+    label_column: str | None = None,
 ) -> Dataset:
     """Read a CSV into series.
 
     Wide format: each value column is one series (a global model learns them all). Long format
     (``stream_column``): one value column, one series per distinct stream id, in file order.
     Without a header, columns are named by their 0-based position (``"0"``, ``"1"``, …).
+    ``label_column`` holds a 0/1 event label per row (blank = unknown), kept beside the values.
     """
     path = Path(path)
     try:
@@ -137,10 +152,11 @@ def load_csv(
         raise DataError(f"{path}: no data rows")
     t_idx = _resolve(names, time_column, "time column") if time_column else None
     s_idx = _resolve(names, stream_column, "stream column") if stream_column else None
+    l_idx = _resolve(names, label_column, "label column") if label_column else None
     if columns:
         value_names = list(columns)
     else:
-        candidates = [n for i, n in enumerate(names) if i not in (t_idx, s_idx)]
+        candidates = [n for i, n in enumerate(names) if i not in (t_idx, s_idx, l_idx)]
         if len(candidates) != 1:
             raise DataError(
                 f"{path}: say which value column to use with --column (candidates: "
@@ -162,12 +178,15 @@ def load_csv(
         except ValueError as exc:
             raise DataError(f"{path}: time column {time_column!r}: {exc}") from None
     row_ids = np.arange(len(body))
+    labels: np.ndarray | None = None
+    if l_idx is not None and label_column is not None:
+        labels = np.array([_cell_label(r[l_idx], i, label_column) for i, r in enumerate(body)])
 
     series: list[Series] = []
     if s_idx is None:
         for name, idx in zip(value_names, v_idx, strict=True):
             vals = np.array([_cell_value(r[idx], i, name) for i, r in enumerate(body)])
-            series.append(Series(name, vals, row_ids, times))
+            series.append(Series(name, vals, row_ids, times, labels))
     else:
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(body):
@@ -175,7 +194,15 @@ def load_csv(
         for name, members in groups.items():
             rows = np.array(members)
             vals = np.array([_cell_value(body[i][v_idx[0]], i, value_names[0]) for i in members])
-            series.append(Series(name, vals, rows, None if times is None else times[rows]))
+            series.append(
+                Series(
+                    name,
+                    vals,
+                    rows,
+                    None if times is None else times[rows],
+                    None if labels is None else labels[rows],
+                )
+            )
     if times is not None:
         series = [_time_ordered(s) for s in series]
     return Dataset(
@@ -186,7 +213,15 @@ def load_csv(
         time_column=time_column,
         stream_column=stream_column,
         rows=len(body),
+        label_column=label_column,
     )
+
+
+def _cell_label(text: str, row: int, column: str) -> float:
+    value = _cell_value(text, row, column)
+    if value == value and value not in (0.0, 1.0):
+        raise DataError(f"row {row} label column {column!r}: {text!r} is not 0 or 1")
+    return value
 
 
 def _time_ordered(s: Series) -> Series:
@@ -198,7 +233,8 @@ def _time_ordered(s: Series) -> Series:
     keep = np.ones(len(order), dtype=bool)
     keep[1:] = np.diff(times) > 0
     order = order[keep]
-    return Series(s.name, s.values[order], s.rows[order], s.times[order])
+    labels = None if s.labels is None else s.labels[order]
+    return Series(s.name, s.values[order], s.rows[order], s.times[order], labels)
 
 
 def cut_index(s: Series, point: str | None) -> int:

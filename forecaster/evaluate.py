@@ -2,6 +2,9 @@
 
 The unroll here is shared by training (validation, with PyTorch) and ``forecaster evaluate``
 (ONNX Runtime), so the figures in ``report.json``, ``model.json`` and ``evaluate`` mean the same.
+A window model is run the same way the daemon runs it: one prediction per reading from the last W
+readings, none for a segment's first W−1. An event classifier's probabilities are lined up with
+the label of the reading they are about (:func:`unroll_events`).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from forecaster.bundle import Bundle
+from forecaster.classify import ClassScore, score_events
 from forecaster.data import Dataset, Score, Series, cut_index, score
 from forecaster.errors import DataError
+from forecaster.window import windows
 
 #: Maps the readings of one segment (``[T]`` raw values, zero state at its start) to the
 #: one-step predictions made after each reading (``[T]``: ``out[k]`` predicts ``values[k+1]``).
@@ -46,12 +51,14 @@ def unroll(
     predict: SegmentPredictor,
     warmup: int,
     cuts: Sequence[int] | None = None,
+    first: int = 0,
 ) -> Unroll:
     """Run ``predict`` over every segment and line predictions up with their targets.
 
     A prediction is *warm* once its stream has seen ``warmup`` readings since the last reset
     (the daemon's ``warm`` flag); it is *scored* when warm and its target's index in its series
-    is at or after that series' cut (``None``: score everything warm).
+    is at or after that series' cut (``None``: score everything warm). The first ``first``
+    readings of each segment give no prediction (a window model's W−1): they are left out.
     """
     cols: dict[str, list[np.ndarray]] = {
         k: [] for k in ("row", "time", "actual", "predicted", "naive", "warm", "scored")
@@ -64,23 +71,25 @@ def unroll(
             vals = s.values[a:b]
             if b - a < 2:
                 continue
+            before = np.arange(a + 1, b) < cut
+            diffs.append(np.diff(vals)[before])
+            if b - a < first + 2:
+                continue
             preds = np.asarray(predict(vals), dtype=np.float64)
             if preds.shape != vals.shape:
                 raise DataError(f"predictor returned {preds.shape} for {vals.shape} readings")
-            target = np.arange(a + 1, b)
-            warm = np.arange(1, b - a) >= warmup
+            target = np.arange(a + 1 + first, b)
+            warm = np.arange(1 + first, b - a) >= warmup
             cols["row"].append(s.rows[target])
             cols["time"].append(
-                s.times[target] if s.times is not None else np.full(b - a - 1, np.nan)
+                s.times[target] if s.times is not None else np.full(len(target), np.nan)
             )
-            cols["actual"].append(vals[1:])
-            cols["predicted"].append(preds[:-1])
-            cols["naive"].append(vals[:-1])
+            cols["actual"].append(vals[1 + first :])
+            cols["predicted"].append(preds[first:-1])
+            cols["naive"].append(vals[first:-1])
             cols["warm"].append(warm)
             cols["scored"].append(warm & (target >= cut))
-            names.extend([s.name] * (b - a - 1))
-            before = target < cut
-            diffs.append(np.diff(vals)[before])
+            names.extend([s.name] * len(target))
     if not names:
         raise DataError("no segment has two consecutive readings to predict")
     cat = {k: np.concatenate(v) for k, v in cols.items()}
@@ -111,6 +120,124 @@ def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
         return out
 
     return predict
+
+
+@dataclass
+class EventUnroll:
+    """Every event probability over a labelled dataset, aligned with the label it predicts.
+
+    ``row``/``time``/``label`` are those of the reading whose label is predicted (the last reading
+    of the window with horizon 0, the next one with horizon 1); ``made_row``/``made_time`` those
+    of the reading after which the prediction was made (what the daemon stamps it with).
+    """
+
+    stream: list[str]
+    row: np.ndarray
+    time: np.ndarray
+    made_row: np.ndarray
+    made_time: np.ndarray
+    label: np.ndarray
+    probability: np.ndarray
+    scored: np.ndarray
+    threshold: float
+
+    def score(self) -> ClassScore:
+        m = self.scored
+        return score_events(self.label[m], self.probability[m], self.threshold)
+
+
+def unroll_events(
+    series: Sequence[Series],
+    predict: SegmentPredictor,
+    threshold: float,
+    horizon: int = 0,
+    cuts: Sequence[int] | None = None,
+    first: int = 0,
+) -> EventUnroll:
+    """Run ``predict`` over every segment and pair the probability after reading ``k`` with the
+    label of reading ``k + horizon`` (same segment). Readings before ``first`` in a segment give
+    no prediction; a prediction is *scored* when its label is known and at/after the cut."""
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("row", "time", "made_row", "made_time", "label", "probability", "scored")
+    }
+    names: list[str] = []
+    for i, s in enumerate(series):
+        if s.labels is None:
+            raise DataError(f"series {s.name!r} has no labels: give the label column")
+        cut = cuts[i] if cuts is not None else 0
+        for a, b in s.segments():
+            if b - a < first + 1 + horizon:
+                continue
+            preds = np.asarray(predict(s.values[a:b]), dtype=np.float64)
+            made = np.arange(a + first, b - horizon)
+            target = made + horizon
+            label = s.labels[target]
+            nan_times = np.full(len(target), np.nan)
+            cols["row"].append(s.rows[target])
+            cols["time"].append(s.times[target] if s.times is not None else nan_times)
+            cols["made_row"].append(s.rows[made])
+            cols["made_time"].append(s.times[made] if s.times is not None else nan_times)
+            cols["label"].append(label)
+            cols["probability"].append(preds[made - a])
+            cols["scored"].append(np.isfinite(label) & (target >= cut))
+            names.extend([s.name] * len(target))
+    if not names:
+        raise DataError("no segment is long enough for one prediction")
+    cat = {k: np.concatenate(v) for k, v in cols.items()}
+    return EventUnroll(
+        stream=names,
+        row=cat["row"],
+        time=cat["time"],
+        made_row=cat["made_row"],
+        made_time=cat["made_time"],
+        label=cat["label"],
+        probability=cat["probability"],
+        scored=cat["scored"].astype(bool),
+        threshold=threshold,
+    )
+
+
+def window_predictor(
+    bundle_or_fn: Bundle | Callable[[np.ndarray], np.ndarray], window: int, chunk: int = 4096
+) -> SegmentPredictor:
+    """Every window of a segment in batched calls, as the daemon's window path runs them.
+
+    ``out[k]`` is the prediction from readings ``k-W+1 … k``; NaN for ``k < W-1``."""
+    run = bundle_or_fn.predict_windows if isinstance(bundle_or_fn, Bundle) else bundle_or_fn
+
+    def predict(values: np.ndarray) -> np.ndarray:
+        out = np.full(len(values), np.nan)
+        x = windows(values.astype(np.float32), window)
+        for lo in range(0, len(x), chunk):
+            y = np.asarray(run(x[lo : lo + chunk]), dtype=np.float64)
+            out[window - 1 + lo : window - 1 + lo + len(y)] = y
+        return out
+
+    return predict
+
+
+def write_event_predictions(result: EventUnroll, path: Path) -> None:
+    """Every probability, one CSV row each, with the event at the threshold and the label."""
+    with Path(path).open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            ["row", "timestamp", "stream", "made_row", "label", "probability", "event", "scored"]
+        )
+        for i in range(len(result.stream)):
+            t = result.made_time[i]
+            lab = result.label[i]
+            w.writerow(
+                [
+                    int(result.row[i]),
+                    "" if np.isnan(t) else repr(float(t)),
+                    result.stream[i],
+                    int(result.made_row[i]),
+                    "" if np.isnan(lab) else int(lab),
+                    repr(float(result.probability[i])),
+                    int(result.probability[i] >= result.threshold),
+                    int(result.scored[i]),
+                ]
+            )
 
 
 def write_predictions(result: Unroll, path: Path) -> None:
@@ -167,4 +294,21 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, warmup: int | None, start: st
     if w < 0:
         raise DataError("--warmup must be 0 or more")
     cuts = [cut_index(s, start) for s in data.series] if start is not None else None
+    if bundle.mode == "window":
+        predictor = window_predictor(bundle, bundle.window)
+        return unroll(data.series, predictor, w, cuts, first=bundle.window - 1)
     return unroll(data.series, bundle_predictor(bundle), w, cuts)
+
+
+def evaluate_events(bundle: Bundle, data: Dataset, start: str | None) -> EventUnroll:
+    """An event classifier's probabilities over ``data`` (which must carry the label column)."""
+    m = bundle.manifest
+    if m.threshold is None or m.horizon is None:
+        raise DataError(f"bundle {bundle.path} is not an event classifier")
+    cuts = [cut_index(s, start) for s in data.series] if start is not None else None
+    if bundle.mode == "window":
+        predictor = window_predictor(bundle, bundle.window)
+    else:
+        predictor = bundle_predictor(bundle)
+    first = bundle.window - 1
+    return unroll_events(data.series, predictor, m.threshold, m.horizon, cuts, first)

@@ -3,7 +3,10 @@
 The proof is the contract the daemon depends on: PyTorch unrolls a long sequence for several
 streams in one call; ONNX Runtime steps the exported one-step graph one reading at a time with
 the state carried, as the daemon will. If they drift apart by more than ``tolerance`` (in the
-target's standardised units) anywhere, the export fails and no bundle is written.
+target's standardised units) anywhere, the export fails and no bundle is written. A window graph
+is proved the same way on every window of those streams (``PARITY_STEPS`` windows per stream, run
+in daemon-like batches of one window per stream); an event classifier's probabilities are compared
+directly (they have no scale).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import torch
 from forecaster import __version__
 from forecaster.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, Manifest
 from forecaster.errors import ForecasterError
-from forecaster.nn import RNNForecaster, StepModule
+from forecaster.nn import RNNForecaster, StepModule, WindowModule
 from forecaster.train import load_run
+from forecaster.window import windows
 
 OPSET = 17
 PARITY_STEPS = 1000
@@ -39,6 +43,8 @@ class ParityError(ForecasterError):
 
 def to_onnx(model: RNNForecaster) -> bytes:
     """The one-step graph with a dynamic batch axis, as bytes (a single file, no external data)."""
+    if model.spec.mode == "window":
+        return _window_onnx(model)
     step = StepModule(model).eval()
     names = ["h", "c"] if model.spec.cell == "lstm" else ["h"]
     batch = 2
@@ -65,6 +71,44 @@ def to_onnx(model: RNNForecaster) -> bytes:
     return buf.getvalue()
 
 
+def _window_onnx(model: RNNForecaster) -> bytes:
+    """The window graph ``x [B, W, F] -> y [B, 1]``, batch axis dynamic."""
+    module = WindowModule(model).eval()
+    x = torch.zeros(2, model.spec.window or 1, model.spec.n_features)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (x,),
+            buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to any file object
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "B"}, "y": {0: "B"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return buf.getvalue()
+
+
+def _window_parity(
+    model: RNNForecaster, onnx_bytes: bytes, steps: int, streams: int, scale: float
+) -> float:
+    w = model.spec.window or 1
+    x = parity_inputs(model, steps + w - 1, streams)  # [T, B, F]
+    per_stream = np.stack([windows(x[:, b], w) for b in range(streams)], axis=1)  # [N, B, W, F]
+    with torch.no_grad():
+        flat = torch.from_numpy(per_stream.reshape(-1, w, model.spec.n_features))
+        _, ref = model.forward_window(flat)
+    expected = ref.numpy().reshape(steps, streams)
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = np.empty_like(expected)
+    for t in range(steps):
+        (y,) = sess.run(None, {"x": per_stream[t]})
+        got[t] = y[:, 0]
+    return float(np.max(np.abs(got - expected)) / scale)
+
+
 def parity_inputs(model: RNNForecaster, steps: int, streams: int, seed: int = 0) -> np.ndarray:
     """``[T, B, F]`` raw readings: AR(1) walks around the training mean with the training spread,
     plus occasional jumps, so the check covers the range the model will see."""
@@ -85,7 +129,11 @@ def check_parity(
     steps: int = PARITY_STEPS,
     streams: int = PARITY_STREAMS,
 ) -> float:
-    """Max |ORT − PyTorch| over every step and stream, in the target's standardised units."""
+    """Max |ORT − PyTorch| over every step and stream, in the target's standardised units
+    (probabilities for an event classifier)."""
+    scale = 1.0 if model.spec.task == "classify" else float(model.spec.std[0])
+    if model.spec.mode == "window":
+        return _window_parity(model, onnx_bytes, steps, streams, scale)
     x = parity_inputs(model, steps, streams)
     with torch.no_grad():
         _, ref, _ = model.forward_seq(torch.from_numpy(x), model.zero_state(streams))
@@ -97,7 +145,7 @@ def check_parity(
     for t in range(steps):
         y, *state = sess.run(None, {"x": x[t], **dict(zip(names, state, strict=True))})
         got[t] = y[:, 0]
-    return float(np.max(np.abs(got - expected)) / model.spec.std[0])
+    return float(np.max(np.abs(got - expected)) / scale)
 
 
 def manifest_for(
@@ -111,9 +159,27 @@ def manifest_for(
     spec = model.spec
     cfg = report["config"]
     data = report["data"]
-    val = report["validation"]
+    val = report.get("validation")
+    classify = spec.task == "classify"
+    window_fields: dict[str, Any] = {}
+    if spec.mode == "window":
+        window_fields = {
+            "mode": "window",
+            "window": spec.window,
+            "bidirectional": spec.bidirectional,
+            "window_input": spec.window_input,
+        }
+    if classify:
+        window_fields |= {
+            "task": "classify",
+            "horizon": cfg["horizon"],
+            "label_column": cfg["label_column"],
+            "threshold": report["threshold"],
+            "validation_classification": report["validation_classification"],
+        }
     return Manifest.model_validate(
         {
+            **window_fields,
             "name": name or cfg["name"],
             "version": version or cfg["version"],
             "cell": spec.cell,
@@ -137,7 +203,9 @@ def manifest_for(
                 "stream_column": data["stream_column"],
                 "until": data["until"],
             },
-            "validation": {k: val[k] for k in ("rmse", "mae", "naive_rmse", "naive_mae", "n")},
+            "validation": None
+            if val is None
+            else {k: val[k] for k in ("rmse", "mae", "naive_rmse", "naive_mae", "n")},
             "parity_max_abs_diff": parity,
             "package_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),

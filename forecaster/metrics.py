@@ -67,6 +67,8 @@ STATE_RESET_REASONS: Final = ("gap", "non_finite", "model_changed")
 EVICTION_REASONS: Final = ("lru", "idle")
 RESULTS: Final = ("ok", "failed")
 RESTORE_RESULTS: Final = ("ok", "missing", "corrupt", "foreign")
+#: An event classifier's prediction against the label that arrived: true/false positive/negative.
+EVENT_OUTCOMES: Final = ("tp", "fp", "tn", "fn")
 
 # Buckets. Seconds and counts are base units; prometheus_client appends ``+Inf`` itself.
 #: One ONNX call: ~40 µs at batch 1 up to a pathological second.
@@ -238,6 +240,14 @@ class Metrics:
             registry=r,
         )
 
+        self.events = Counter(
+            "forecaster_events",
+            "Event classifiers: predictions judged against a label that arrived in a payload, "
+            "by outcome (tp, fp, tn, fn); precision = tp / (tp + fp), recall = tp / (tp + fn).",
+            ["route", "outcome"],
+            registry=r,
+        )
+
         # Process RSS/CPU/FDs and the Python version, on *this* registry rather than the global one.
         BootClockProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -304,6 +314,14 @@ class Metrics:
             naive_h.observe(x)
         self.prediction_squared_error.labels(route).inc(float(np.dot(a, a)))
         self.naive_squared_error.labels(route).inc(float(np.dot(b, b)))
+
+    def count_events(self, route: str, outcomes: dict[str, int]) -> None:
+        """Add an event classifier's judged predictions; refuses an unknown outcome."""
+        for outcome, n in outcomes.items():
+            if outcome not in EVENT_OUTCOMES:
+                raise ValueError(f"unknown event outcome {outcome!r}")
+            if n:
+                self.events.labels(route, outcome).inc(n)
 
 
 class BootClockProcessCollector(ProcessCollector):

@@ -3,7 +3,9 @@
 Everything the ONNX graph does happens in this module, in one place: standardise the reading,
 step the RNN, map the last layer's output to the next reading in raw units. ``forward_seq``
 unrolls a whole sequence (training, validation, the parity reference); ``StepModule`` wraps the
-same weights as the one-step graph that is exported.
+same weights as the one-step graph that is exported. In window mode ``forward_window`` runs a
+whole window from a zero state and ``WindowModule`` is the exported graph; with ``task="classify"``
+the head's output is a logit and ``y`` its sigmoid, the event probability.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class ModelSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     delta_scale: float
+    mode: Literal["stateful", "window"] = "stateful"
+    window: int | None = None
+    bidirectional: bool = False
+    task: Literal["regress", "classify"] = "regress"
+    window_input: Literal["level", "diff"] = "level"
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -57,9 +64,10 @@ class RNNForecaster(nn.Module):
             hidden_size=spec.hidden,
             num_layers=spec.layers,
             dropout=spec.dropout if spec.layers > 1 else 0.0,
+            bidirectional=spec.bidirectional,
         )
-        self.head = nn.Linear(spec.hidden, 1)
-        if spec.head == "delta":
+        self.head = nn.Linear(spec.hidden * (2 if spec.bidirectional else 1), 1)
+        if spec.head == "delta" and spec.task == "regress":
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32))
@@ -85,7 +93,40 @@ class RNNForecaster(nn.Module):
         xs = (x - self.mean) / self.std
         out, state = self._rnn(xs, state)
         o = self.head(out).squeeze(-1)
-        return o, self.to_raw(o, x[..., 0]), state
+        return o, self.output(o, x[..., 0]), state
+
+    def forward_window(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Run windows ``x`` ``[B, W, F]`` (raw units), each from a zero state.
+
+        ``window_input="level"`` standardises the readings; ``"diff"`` feeds the change from the
+        previous reading (0 for the first) in units of ``delta_scale``, which an event detector
+        needs when the series drifts out of the training range while its events (spikes, steps)
+        keep their size.
+
+        Returns the head's output ``[B]`` (scaled units, or the logit when classifying) and ``y``
+        ``[B]``: the next value in raw units, or the event probability. The head reads the last
+        output; bidirectional, that is the forward direction after the last reading beside the
+        backward direction after the first, so both directions have seen the whole window."""
+        if self.spec.window_input == "diff":
+            # Level-free: each step's change in units of a typical step (``delta_scale``).
+            steps = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
+            xs = (steps / self.delta_scale).transpose(0, 1)  # [W, B, F]
+        else:
+            xs = ((x - self.mean) / self.std).transpose(0, 1)
+        out, _ = self.rnn(xs)  # zero initial state
+        if self.spec.bidirectional:
+            h = self.spec.hidden
+            last = torch.cat([out[-1, :, :h], out[0, :, h:]], dim=-1)
+        else:
+            last = out[-1]
+        o = self.head(last).squeeze(-1)
+        return o, self.output(o, x[:, -1, 0])
+
+    def output(self, o: Tensor, last: Tensor) -> Tensor:
+        """The graph's ``y`` from the head's output: a probability or a raw-unit value."""
+        if self.spec.task == "classify":
+            return torch.sigmoid(o)
+        return self.to_raw(o, last)
 
     def to_raw(self, o: Tensor, last: Tensor) -> Tensor:
         if self.spec.head == "delta":
@@ -111,3 +152,15 @@ class StepModule(nn.Module):
     def forward(self, x: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         _, y, new_state = self.model.forward_seq(x.unsqueeze(0), tuple(state))
         return (y[0].unsqueeze(-1), *new_state)
+
+
+class WindowModule(nn.Module):
+    """A window-mode :class:`RNNForecaster` as the bundle's graph: ``x [B, W, F] -> y [B, 1]``."""
+
+    def __init__(self, model: RNNForecaster) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, y = self.model.forward_window(x)
+        return y.unsqueeze(-1)

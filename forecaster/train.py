@@ -57,6 +57,13 @@ class TrainConfig:
     name: str = "model"
     version: str = "1.0.0"
     warmup: int | None = None
+    mode: Literal["stateful", "window"] = "stateful"
+    window: int | None = None
+    bidirectional: bool = False
+    task: Literal["regress", "classify"] = "regress"
+    label_column: str | None = None
+    horizon: int = 0
+    window_input: Literal["level", "diff"] | None = None
 
     def check(self) -> None:
         problems = [
@@ -70,6 +77,45 @@ class TrainConfig:
             (self.clip_norm <= 0, "--clip-norm must be positive"),
             (not 0.0 < self.val_fraction < 1.0, "--val-fraction must be in (0, 1)"),
             (self.patience < 1, "--patience must be at least 1"),
+            (self.mode not in ("stateful", "window"), "--mode must be stateful or window"),
+            (self.task not in ("regress", "classify"), "--task must be regress or classify"),
+            (self.mode == "window" and self.window is None, "--mode window needs --window W"),
+            (self.window is not None and self.window < 1, "--window must be at least 1"),
+            (self.mode == "stateful" and self.window is not None, "--window needs --mode window"),
+            (
+                self.mode == "stateful" and self.bidirectional,
+                "--bidirectional needs --mode window: in stateful mode its backward direction "
+                "would need readings that have not arrived yet",
+            ),
+            (
+                self.task == "classify" and self.mode != "window",
+                "--task classify needs --mode window (stateful classification is not supported)",
+            ),
+            (
+                self.task == "classify" and not self.label_column,
+                "--task classify needs --label-column NAME",
+            ),
+            (
+                self.task == "regress" and self.label_column is not None,
+                "--label-column needs --task classify",
+            ),
+            (self.horizon not in (0, 1), "--horizon must be 0 or 1"),
+            (
+                self.window_input not in (None, "level", "diff"),
+                "--window-input must be level or diff",
+            ),
+            (
+                self.mode == "stateful" and self.window_input is not None,
+                "--window-input needs --mode window",
+            ),
+            (
+                self.task == "regress" and self.horizon != 0,
+                "--horizon is for --task classify (regression always predicts the next reading)",
+            ),
+            (
+                self.mode == "window" and self.warmup is not None,
+                "--warmup is for stateful mode (a window model is warm after W readings)",
+            ),
         ]
         for bad, message in problems:
             if bad:
@@ -91,9 +137,7 @@ def split(data: Dataset, cfg: TrainConfig) -> tuple[list[Series], list[int]]:
     cuts: list[int] = []
     for s in data.series:
         end = cut_index(s, cfg.until) if cfg.until is not None else len(s)
-        part = Series(
-            s.name, s.values[:end], s.rows[:end], None if s.times is None else s.times[:end]
-        )
+        part = s.head(end)
         if len(part) == 0:
             continue
         kept.append(part)
@@ -260,6 +304,10 @@ def train(
 ) -> dict[str, Any]:
     """Fit a model, keep the epoch with the best validation RMSE, write the run directory."""
     cfg.check()
+    if cfg.mode == "window":
+        from forecaster.train_window import train_window
+
+        return train_window(data, cfg, out_dir, progress, log)
     series, cuts = split(data, cfg)
     tape = build_tape(series, cuts)
     min_len = 2 * cfg.bptt
@@ -432,6 +480,12 @@ class _Progress:
                 description=f"epoch {epoch}/{self.epochs}",
                 info=f"train loss {loss:.4f}",
             )
+
+    def line(self, text: str) -> None:
+        """Print a line above the bar and start the bar over for the next epoch."""
+        if self.enabled:
+            self._p.console.print(text)
+            self._p.reset(self._task, total=self.batches)
 
     def epoch(self, epoch: int, row: dict[str, float]) -> None:
         if self.enabled:

@@ -67,6 +67,7 @@ def _touch_everything(m: Metrics) -> None:
     m.callback_errors.labels("on_message").inc()
     m.publish_inflight.set(3)
     m.observe_errors("r1", np.array([0.5, 2.0]), np.array([1.0, 1.5]))
+    m.count_events("r1", {"tp": 1, "fp": 1, "tn": 1, "fn": 1})
 
 
 def test_exposition_passes_promtool_lint() -> None:
@@ -121,6 +122,7 @@ def test_expected_names_and_process_metrics_exported() -> None:
         "forecaster_naive_abs_error_bucket",
         "forecaster_prediction_squared_error_total",
         "forecaster_naive_squared_error_total",
+        "forecaster_events_total",
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "python_info",

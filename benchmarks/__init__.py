@@ -1,0 +1,1 @@
+"""Benchmarks for forecaster: see benchmarks/README.md."""

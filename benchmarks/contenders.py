@@ -1,0 +1,228 @@
+"""The baselines the daemon is measured against, each run as its own process.
+
+``python -m benchmarks.contenders KIND --config daemon.toml --ready FILE``
+
+- ``ceiling``: the daemon's own MQTT layer (:class:`forecaster.mqtt.Transport`, built from the
+  same config file as ``forecaster serve``: two connections, MQTT 5, persistent session,
+  ``manual_ack``, QoS 1, ack after the reply is acknowledged). Each message is republished
+  unread to ``forecast/{topic}``: no decoding, no model. The reply echoes the incoming bytes (a
+  fixed-size reply per message, so the subscriber can read the publish time back).
+- ``naive``: what a user would write: one paho client with defaults, and per message
+  ``json.loads``, one ONNX Runtime call with batch 1 and that stream's state, ``json.dumps``,
+  publish (QoS 1).
+- ``gmqtt``: the ceiling with gmqtt instead of paho, with the daemon's semantics: MQTT 5,
+  persistent session, QoS 1, the incoming PUBACK sent only after the broker acknowledged the
+  reply (``optimistic_acknowledgement=False`` + an async ``on_message`` that awaits it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from forecaster.config import Config, load_config
+
+REPLY_PREFIX = "forecast/"
+
+
+def _filters(cfg: Config) -> list[str]:
+    return [f for r in cfg.routes for f in r.subscribe]
+
+
+def _wait_for_term() -> threading.Event:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+# ---------------------------------------------------------------------------------- ceiling
+
+
+def run_ceiling(cfg: Config, ready: Path) -> None:
+    from forecaster.mqtt import Transport
+
+    qos_out = cfg.routes[0].qos
+    holder: list[Transport] = []
+
+    def on_message(topic: str, payload: bytes, mid: int, qos: int) -> None:
+        t = holder[0]
+        t.publish(REPLY_PREFIX + topic, payload, qos_out, False, [(mid, qos)] if qos else [])
+
+    def on_error(name: str) -> None:
+        print(f"callback error in {name}", flush=True)
+
+    transport = Transport(cfg.mqtt, None, _filters(cfg), on_message, on_error)
+    holder.append(transport)
+    stop = _wait_for_term()
+    transport.start()
+    while not stop.wait(0.05):
+        if transport.subscribed and not ready.exists():
+            ready.write_text("ready")
+    transport.stop()
+
+
+# ---------------------------------------------------------------------------------- naive
+
+
+def run_naive(cfg: Config, ready: Path) -> None:
+    import onnxruntime as ort
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    route = cfg.routes[0]
+    bundle_dir = Path(route.bundle)
+    manifest = json.loads((bundle_dir / "model.json").read_text())
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(bundle_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
+    names = ["h", "c"] if manifest["cell"] == "lstm" else ["h"]
+    layers, hidden = int(manifest["layers"]), int(manifest["hidden"])
+    outputs = ["y", *(f"{n}_out" for n in names)]
+    states: dict[str, list[np.ndarray]] = {}
+    model, version = manifest["name"], manifest["version"]
+
+    def step(stream: str, value: float, ts: Any) -> dict[str, Any]:
+        state = states.get(stream)
+        if state is None:
+            state = [np.zeros((layers, 1, hidden), dtype=np.float32) for _ in names]
+        feeds = {"x": np.array([[value]], dtype=np.float32)}
+        feeds.update(zip(names, state, strict=True))
+        y, *new = session.run(outputs, feeds)
+        states[stream] = new
+        return {
+            "stream": stream,
+            "ts": ts,
+            "value": float(y[0, 0]),
+            "model": model,
+            "version": version,
+            "warm": True,
+        }
+
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"{cfg.mqtt.client_id}-naive",
+        protocol=paho.MQTTv5,
+    )
+
+    def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+            out: Any
+            if isinstance(doc, list):
+                out = [step(d["stream"], float(d["value"]), d.get("ts")) for d in doc]
+            else:
+                out = step(msg.topic, float(doc["value"]), doc.get("ts"))
+            c.publish(REPLY_PREFIX + msg.topic, json.dumps(out), qos=route.qos)
+        except Exception as exc:  # a naive loop still must not die on one bad message
+            print(f"naive: {exc!r}", flush=True)
+
+    def on_connect(c: paho.Client, *_a: Any) -> None:
+        for f in _filters(cfg):
+            c.subscribe(f, qos=1)
+
+    client.on_message = on_message
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *_a: ready.write_text("ready")
+    stop = _wait_for_term()
+    client.connect(cfg.mqtt.host, cfg.mqtt.port)
+    client.loop_start()
+    stop.wait()
+    client.disconnect()
+    client.loop_stop()
+
+
+# ---------------------------------------------------------------------------------- gmqtt
+
+
+async def _gmqtt_main(cfg: Config, ready: Path) -> None:
+    from gmqtt import Client, Message
+
+    class PubClient(Client):  # type: ignore[misc]
+        """Resolves a future per QoS 1 publish when its PUBACK arrives."""
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.waiters: dict[int, asyncio.Future[None]] = {}
+
+        def publish_acked(self, topic: str, payload: bytes, qos: int) -> asyncio.Future[None]:
+            message = Message(topic, payload, qos=qos)
+            mid, package = self._connection.publish(message)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if qos > 0:
+                self._persistent_storage.push_message(mid, package)
+                self.waiters[mid] = fut
+            else:
+                fut.set_result(None)
+            return fut
+
+        def _remove_message_from_queue(self, mid: int) -> None:
+            super()._remove_message_from_queue(mid)
+            fut = self.waiters.pop(mid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    m = cfg.mqtt
+    qos_out = cfg.routes[0].qos
+    window = asyncio.Semaphore(m.max_inflight)
+    pub = PubClient(f"{m.client_id}-gmqtt-pub")
+    sub = Client(
+        f"{m.client_id}-gmqtt",
+        clean_session=False,
+        optimistic_acknowledgement=False,
+        session_expiry_interval=m.session_expiry,
+        receive_maximum=m.receive_maximum,
+    )
+    subscribed = asyncio.Event()
+
+    async def on_message(_c: Any, topic: str, payload: bytes, qos: int, _p: Any) -> int:
+        async with window:
+            await pub.publish_acked(REPLY_PREFIX + topic, payload, qos_out)
+        return 0  # PUBACK for the reading goes out now, after the reply's PUBACK
+
+    def on_connect(c: Any, *_a: Any) -> None:
+        for f in _filters(cfg):
+            c.subscribe(f, qos=1)
+
+    sub.on_message = on_message
+    sub.on_connect = on_connect
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await pub.connect(m.host, m.port, keepalive=m.keepalive)
+    await sub.connect(m.host, m.port, keepalive=m.keepalive)
+    await subscribed.wait()
+    ready.write_text("ready")
+    await stop.wait()
+    await sub.disconnect()
+    await pub.disconnect()
+
+
+def run_gmqtt(cfg: Config, ready: Path) -> None:
+    asyncio.run(_gmqtt_main(cfg, ready))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.contenders")
+    p.add_argument("kind", choices=["ceiling", "naive", "gmqtt"])
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--ready", type=Path, required=True)
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, env={})
+    {"ceiling": run_ceiling, "naive": run_naive, "gmqtt": run_gmqtt}[a.kind](cfg, a.ready)
+
+
+if __name__ == "__main__":
+    main()

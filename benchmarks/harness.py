@@ -1,0 +1,477 @@
+"""Broker, contender processes, trials and the sustained-rate search.
+
+A *trial* is one load-generator run against a running contender: a subscriber process, then a
+publisher process at a fixed offered rate (open loop) or with a bounded number of readings in
+flight (closed loop, to find the saturation rate), then the subscriber's record of every
+prediction it saw. A contender is *sustained* at a rate when, at the end of publishing, fewer
+than 0.25 s worth of readings are still on their way and nothing was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.procstat import cpu_seconds, memory_kb
+from benchmarks.rawmqtt import HOST, purge_session
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+LAG_LIMIT_S = 0.25  # backlog allowed at the end of an open-loop trial, in seconds of load
+LAT_SKIP_S = 0.5  # latency statistics leave out the first half second of each trial
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {HOST}:{port}")
+
+
+def wait_file(path: Path, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode} before {path.name}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------- broker
+
+
+class Broker:
+    """A private mosquitto on 127.0.0.1, tuned so the broker never drops silently."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.path.exists(binary):
+            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(
+            f"listener {self.port} {HOST}\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 2000000\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
+            f"set_tcp_nodelay true\n{user}"
+        )
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+        wait_port(self.port)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------- contenders
+
+
+def write_config(
+    path: Path, port: int, client_id: str, bundle: Path, qos: int, state_dir: Path
+) -> int:
+    """The daemon config all contenders read; returns the metrics port."""
+    metrics_port = free_port()
+    path.write_text(f"""[mqtt]
+host = "{HOST}"
+port = {port}
+client_id = "{client_id}"
+
+[daemon]
+state_dir = "{state_dir}"
+snapshot_interval = 0
+log_level = "WARNING"
+
+[metrics]
+port = {metrics_port}
+
+[[routes]]
+name = "bench"
+subscribe = ["sensors/+/flow", "gateway/batch"]
+bundle = "{bundle}"
+qos = {qos}
+max_streams = 2000000
+""")
+    return metrics_port
+
+
+@dataclass
+class Contender:
+    """One contender process for one scenario."""
+
+    kind: str  # ceiling | naive | forecaster | gmqtt
+    workdir: Path
+    port: int
+    bundle: Path
+    qos: int
+    proc: subprocess.Popen[bytes] | None = None
+    client_id: str = ""
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.client_id = f"bench-{self.kind}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
+        cfg = self.workdir / "forecaster.toml"
+        metrics_port = write_config(
+            cfg, self.port, self.client_id, self.bundle, self.qos, self.workdir / "state"
+        )
+        log = (self.workdir / "contender.log").open("ab")
+        ready = self.workdir / "ready"
+        if self.kind == "forecaster":
+            cmd = [PY, "-m", "forecaster", "serve", "--config", str(cfg)]
+        else:
+            cmd = [PY, "-m", "benchmarks.contenders", self.kind, "--config", str(cfg)]
+            cmd += ["--ready", str(ready)]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
+        if self.kind == "forecaster":
+            self._wait_http(metrics_port)
+        else:
+            wait_file(ready, 60, self.proc)
+
+    def _wait_http(self, metrics_port: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{HOST}:{metrics_port}/readyz"
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"forecaster exited {self.proc.returncode}: see {self.workdir}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("forecaster not ready in time")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # Persistent sessions would otherwise keep queueing readings for a contender that left.
+        for cid in (self.client_id, f"{self.client_id}-gmqtt"):
+            try:
+                purge_session(self.port, cid)
+            except OSError:
+                pass
+
+
+# ---------------------------------------------------------------------------------- trials
+
+
+@dataclass
+class Load:
+    """What the publisher sends."""
+
+    mode: str  # single | batch
+    qos: int
+    streams: int
+    batch: int = 100
+
+    @property
+    def per_msg(self) -> int:
+        return self.batch if self.mode == "batch" else 1
+
+
+@dataclass
+class Trial:
+    kind: str  # probe | rate | preload
+    offered: float  # readings/s asked for (0 = closed loop)
+    sent: int = 0
+    received: int = 0
+    lost: int = 0
+    duration_s: float = 0.0
+    offered_actual: float = 0.0  # sent / publishing time
+    delivered: float = 0.0  # readings/s received during the steady part of the window
+    lag_end_s: float = 0.0  # backlog at the end of publishing, in seconds of offered load
+    passed: bool = False
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    cpu_s: float = 0.0  # contender CPU during the trial
+    broker_cpu_s: float = 0.0
+    cpu_s_per_million: float = 0.0
+    rss_kb: int = 0
+    curve: list[list[float]] = field(default_factory=list)  # (offered, p99 ms) for the plot
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("curve")
+        return d
+
+
+def run_trial(
+    contender: Contender,
+    broker: Broker,
+    load: Load,
+    *,
+    rate: float = 0.0,
+    duration: float = 4.0,
+    window: int = 2000,
+    count: int = 0,
+    kind: str = "rate",
+    profile_to: Path | None = None,
+) -> Trial:
+    with tempfile.TemporaryDirectory(prefix="bench-trial-") as tmp:
+        t = Path(tmp)
+        done, ready, out = t / "done.json", t / "ready", t / "sub.npz"
+        counter = t / "counter"
+        counter.write_bytes(b"\0" * 8)
+        closed = rate <= 0
+        timeout = duration + 120 if count else duration + 60
+        sub = subprocess.Popen(
+            [
+                *(PY, "-m", "benchmarks.loadgen", "sub", "--port", str(broker.port)),
+                *("--out", str(out), "--done", str(done), "--ready", str(ready)),
+                *("--counter", str(counter), "--grace", str(max(5.0, duration * 2))),
+                *("--timeout", str(timeout)),
+            ],
+            cwd=ROOT,
+        )
+        wait_file(ready, 15, sub)
+        cpu0, bcpu0 = cpu_seconds(contender.pid), cpu_seconds(broker.pid)
+        pub_cmd = [PY, "-m", "benchmarks.loadgen", "pub", "--port", str(broker.port)]
+        pub_cmd += ["--mode", load.mode, "--batch", str(load.batch), "--qos", str(load.qos)]
+        pub_cmd += ["--streams", str(load.streams), "--rate", str(rate)]
+        pub_cmd += ["--duration", str(duration), "--count", str(count), "--done", str(done)]
+        if closed:
+            pub_cmd += ["--window", str(window), "--counter", str(counter)]
+        pub = subprocess.Popen(pub_cmd, cwd=ROOT)
+        spy: subprocess.Popen[bytes] | None = None
+        if profile_to is not None:
+            spy = start_profile(contender.pid, profile_to, duration)
+        pub.wait(timeout=timeout)
+        sub.wait(timeout=timeout + 30)
+        cpu1, bcpu1 = cpu_seconds(contender.pid), cpu_seconds(broker.pid)
+        if spy is not None:
+            spy.wait(timeout=60)
+        info = json.loads(done.read_text())
+        rec = np.load(out)
+        trial = _analyse(kind, rate, info, rec)
+    trial.cpu_s = cpu1 - cpu0
+    trial.broker_cpu_s = bcpu1 - bcpu0
+    trial.cpu_s_per_million = trial.cpu_s / trial.received * 1e6 if trial.received else 0.0
+    trial.rss_kb = memory_kb(contender.pid).get("VmRSS", 0)
+    return trial
+
+
+def _analyse(kind: str, rate: float, info: dict[str, Any], rec: Any) -> Trial:
+    t0, t1 = float(info["t_start"]), float(info["t_end"])
+    span = max(t1 - t0, 1e-6)
+    sent = int(info["sent"])
+    received = int(rec["received"])
+    chunk_t, chunk_n = rec["chunk_t"], rec["chunk_n"]
+    by_end = int(chunk_n[chunk_t <= t1].sum())
+    steady = (chunk_t >= t0 + 0.25 * span) & (chunk_t <= t1)
+    delivered = float(chunk_n[steady].sum()) / (0.75 * span)
+    offered_actual = sent / span
+    lag = max(0, sent - by_end)
+    lat_t, lat = rec["lat_t"], rec["lat"]
+    sel = lat[lat_t >= t0 + LAT_SKIP_S] if span > 2 * LAT_SKIP_S else lat
+    latency: dict[str, float] = {}
+    if sel.size:
+        latency = {
+            "p50": float(np.percentile(sel, 50) * 1e3),
+            "p99": float(np.percentile(sel, 99) * 1e3),
+            "max": float(sel.max() * 1e3),
+            "n": int(sel.size),
+        }
+    lost = max(0, sent - received)
+    lag_s = lag / offered_actual if offered_actual else 0.0
+    passed = lost <= 0.001 * sent and lag_s <= LAG_LIMIT_S and offered_actual >= 0.9 * rate
+    return Trial(
+        kind=kind,
+        offered=rate,
+        sent=sent,
+        received=received,
+        lost=lost,
+        duration_s=span,
+        offered_actual=offered_actual,
+        delivered=delivered,
+        lag_end_s=lag_s,
+        passed=passed,
+        latency_ms=latency,
+    )
+
+
+def start_profile(pid: int, out: Path, duration: float) -> subprocess.Popen[bytes]:
+    """py-spy, sampling without pausing the target, collapsed stacks with thread names."""
+    spy = shutil.which("py-spy", path=str(Path(PY).parent)) or "py-spy"
+    cmd = [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(duration)))]
+    cmd += ["--rate", "200", "--format", "raw", "--threads", "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarise_profile(path: Path, top: int = 12) -> dict[str, Any]:
+    """Per thread: sample share; overall: the leaf functions and the inclusive hot frames."""
+    if not path.exists():
+        return {"error": "py-spy produced no profile (ptrace not permitted?)"}
+    leaf: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        count = int(n)
+        frames = stack.split(";")
+        total += count
+        threads[frames[0]] += count
+        leaf[_short(frames[-1])] += count
+        for f in set(map(_short, frames[1:])):
+            inclusive[f] += count
+    if not total:
+        return {"error": "empty profile"}
+
+    def share(c: Counter[str]) -> list[list[Any]]:
+        return [[k, round(100.0 * v / total, 1)] for k, v in c.most_common(top)]
+
+    return {
+        "samples": total,
+        "threads_pct": share(threads),
+        "self_pct": share(leaf),
+        "inclusive_pct": share(inclusive),
+    }
+
+
+def _short(frame: str) -> str:
+    # py-spy raw frames look like "function (path/to/file.py:123)"; keep function and file.
+    name, _, where = frame.partition(" (")
+    file = where.rsplit("/", 1)[-1].split(":", 1)[0] if where else ""
+    return f"{name} ({file})" if file else name
+
+
+# ---------------------------------------------------------------------------------- search
+
+
+@dataclass
+class Settings:
+    duration: float = 4.0
+    probe_duration: float = 4.0
+    fractions: tuple[float, ...] = (1.0, 0.9, 0.8, 0.65, 0.5, 0.35, 0.2)
+    latency_points: tuple[float, ...] = (0.5, 0.9)
+    max_trials: int = 5  # open-loop trials in the search, at most
+
+
+def window_for(load: Load) -> int:
+    return 3000 if load.mode == "batch" else 1000
+
+
+def search(
+    contender: Contender,
+    broker: Broker,
+    load: Load,
+    s: Settings,
+    log: Any = print,
+    profile_to: Path | None = None,
+) -> dict[str, Any]:
+    """Saturation probe, a short descending search for the sustained rate, latency points."""
+    probe = run_trial(
+        contender,
+        broker,
+        load,
+        duration=s.probe_duration,
+        window=window_for(load),
+        kind="probe",
+        profile_to=profile_to,
+    )
+    log(
+        f"    probe: {probe.delivered:,.0f} readings/s closed-loop "
+        f"(p99 {probe.latency_ms.get('p99', float('nan')):.1f} ms)"
+    )
+    ceiling = probe.delivered
+    trials = [probe]
+    best: Trial | None = None
+    for f in s.fractions[: s.max_trials]:
+        rate = f * ceiling
+        if rate < 10:
+            break
+        t = run_trial(contender, broker, load, rate=rate, duration=s.duration)
+        trials.append(t)
+        log(
+            f"    {rate:>10,.0f}/s: {'ok ' if t.passed else 'NO '} lag {t.lag_end_s:.2f} s, "
+            f"lost {t.lost}, p99 {t.latency_ms.get('p99', float('nan')):.1f} ms"
+        )
+        if t.passed:
+            best = t
+            break
+    sustained = best.offered_actual if best else 0.0
+    points: dict[str, Any] = {}
+    if best is not None:
+        for frac in s.latency_points:
+            t = run_trial(contender, broker, load, rate=frac * sustained, duration=s.duration)
+            trials.append(t)
+            points[f"{round(frac * 100)}%"] = {
+                "rate": t.offered_actual,
+                "passed": t.passed,
+                **t.latency_ms,
+            }
+            log(
+                f"    latency at {frac:.0%} ({t.offered_actual:,.0f}/s): "
+                f"p50 {t.latency_ms.get('p50', float('nan')):.1f} / "
+                f"p99 {t.latency_ms.get('p99', float('nan')):.1f} / "
+                f"max {t.latency_ms.get('max', float('nan')):.1f} ms"
+            )
+    return {
+        "probe_readings_per_s": ceiling,
+        "sustained_readings_per_s": sustained,
+        "latency_ms": points,
+        "cpu_s_per_million": best.cpu_s_per_million if best else probe.cpu_s_per_million,
+        "broker_cpu_s_per_million": (
+            (best.broker_cpu_s / best.received * 1e6) if best and best.received else None
+        ),
+        "curve": [
+            [t.offered_actual, t.delivered, t.latency_ms.get("p99", float("nan"))]
+            for t in trials
+            if t.kind == "rate"
+        ],
+        "trials": [t.summary() for t in trials],
+    }
