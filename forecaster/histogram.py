@@ -44,8 +44,14 @@ class BulkHistogramChild:
 class BulkHistogram(Collector):
     """A histogram with ``observe_many(values)``; labels like prometheus_client's."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (),
-                 buckets: Iterable[float] = (), registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        buckets: Iterable[float] = (),
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         bounds = sorted(float(b) for b in buckets)
         if not bounds or bounds[-1] != math.inf:
             bounds.append(math.inf)

@@ -20,6 +20,10 @@ def test_metrics_reference_is_current() -> None:
     assert (DOCS / "metrics.md").read_text() == text, (
         "docs/metrics.md is stale: run python -m forecaster.reference"
     )
-    for name in ("forecaster_readings_total", "forecaster_prediction_abs_error",
-                 "forecaster_end_to_end_seconds", "forecaster_model_info"):
+    for name in (
+        "forecaster_readings_total",
+        "forecaster_prediction_abs_error",
+        "forecaster_end_to_end_seconds",
+        "forecaster_model_info",
+    ):
         assert f"`{name}`" in text
