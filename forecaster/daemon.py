@@ -380,9 +380,10 @@ class Daemon:
             route = works[0].route
             readings = [r for w in works for r in w.readings]
             outcome = route.engine.step(readings, now)
-            for size, seconds in outcome.calls:
-                m.inference_seconds.observe(seconds)
-                m.batch_size.observe(size)
+            if outcome.calls:
+                calls = np.asarray(outcome.calls, dtype=np.float64)
+                m.batch_size.observe_many(calls[:, 0])
+                m.inference_seconds.observe_many(calls[:, 1])
             for reason, n in outcome.drops.items():
                 if n:
                     m.reject(route_name, reason, n)
@@ -409,22 +410,26 @@ class Daemon:
             manifest = route.engine.bundle.manifest
             pos = 0
             published = 0
+            latencies: list[float] = []
             for w in works:
-                preds = [
-                    p for p in outcome.predictions[pos : pos + len(w.readings)] if p is not None
-                ]
+                pairs = zip(
+                    w.readings, outcome.predictions[pos : pos + len(w.readings)], strict=True
+                )
                 pos += len(w.readings)
-                acks = [(w.mid, w.qos)] if w.qos > 0 else []
-                if not preds:
+                answered = [(r, p) for r, p in pairs if p is not None]
+                if not answered:
                     self._mqtt.ack(w.mid, w.qos)
                     continue
+                preds = [p for _, p in answered]
+                acks = [(w.mid, w.qos)] if w.qos > 0 else []
                 payload = encode_predictions(preds, manifest.name, manifest.version, w.batch)
                 topic = prediction_topic(route.cfg.prediction_topic, w.topic)
                 self._mqtt.publish(topic, payload, route.cfg.qos, route.cfg.retain, acks)
                 published += len(preds)
                 sent = time.time()
-                for r in w.readings:
-                    m.end_to_end_seconds.observe(max(0.0, sent - r.received))
+                latencies.extend(sent - r.received for r, _ in answered)
+            if latencies:
+                m.end_to_end_seconds.observe_many(np.maximum(np.asarray(latencies), 0.0))
             m.predictions.labels(route_name).inc(published)
             m.streams.labels(route_name).set(len(route.engine.store))
             self._processed += len(readings)

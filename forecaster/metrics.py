@@ -24,11 +24,12 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
 )
+
+from forecaster.histogram import BulkHistogram
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +122,19 @@ class Metrics:
             ["route"],
             registry=r,
         )
-        self.inference_seconds = Histogram(
+        self.inference_seconds = BulkHistogram(
             "forecaster_inference_seconds",
             "Wall time of one ONNX Runtime call (one micro-batch wave).",
             buckets=INFERENCE_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = BulkHistogram(
             "forecaster_batch_size",
             "Readings stepped per ONNX Runtime call.",
             buckets=BATCH_SIZE_BUCKETS,
             registry=r,
         )
-        self.end_to_end_seconds = Histogram(
+        self.end_to_end_seconds = BulkHistogram(
             "forecaster_end_to_end_seconds",
             "Time from a reading's arrival at the daemon to its prediction being published.",
             buckets=END_TO_END_BUCKETS,
@@ -213,14 +214,14 @@ class Metrics:
             "QoS>0 prediction publishes not yet acknowledged by the broker.",
             registry=r,
         )
-        self.prediction_abs_error = Histogram(
+        self.prediction_abs_error = BulkHistogram(
             "forecaster_prediction_abs_error",
             "|actual - predicted| for each reading that had a prediction, in raw units.",
             ["route"],
             buckets=ABS_ERROR_BUCKETS,
             registry=r,
         )
-        self.naive_abs_error = Histogram(
+        self.naive_abs_error = BulkHistogram(
             "forecaster_naive_abs_error",
             "|actual - previous actual| (persistence baseline) for the same readings.",
             ["route"],
@@ -308,10 +309,8 @@ class Metrics:
             return
         model_h = self.prediction_abs_error.labels(route)
         naive_h = self.naive_abs_error.labels(route)
-        for x in a.tolist():
-            model_h.observe(x)
-        for x in b.tolist():
-            naive_h.observe(x)
+        model_h.observe_many(a)
+        naive_h.observe_many(b)
         self.prediction_squared_error.labels(route).inc(float(np.dot(a, a)))
         self.naive_squared_error.labels(route).inc(float(np.dot(b, b)))
 

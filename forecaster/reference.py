@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from forecaster.config import DaemonConfig, MetricsConfig, MQTTConfig, RouteConfig, TLSConfig
+from forecaster.histogram import BulkHistogram
 from forecaster.metrics import Metrics
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
@@ -84,6 +85,11 @@ def metrics_md() -> str:
     ]
     rows = []
     for value in vars(metrics).values():
+        if isinstance(value, BulkHistogram):
+            labels = ", ".join(f"`{k}`" for k in value.labelnames) or "—"
+            doc = value.documentation.replace("|", "\\|")
+            rows.append(f"| `{value.name}` | histogram | {labels} | {doc} |")
+            continue
         if not isinstance(value, MetricWrapperBase):
             continue
         kind = value._type  # prometheus_client keeps name, type and labels on the wrapper
