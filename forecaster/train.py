@@ -295,6 +295,27 @@ def _train_chunk(
     return loss, int(valid.sum()), state
 
 
+def report_header(cfg: Any, spec: ModelSpec, data: Dataset, train_readings: int) -> dict[str, Any]:
+    """What every ``report.json`` starts with: versions, the options, the model, the data."""
+    return {
+        "package_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": asdict(cfg),
+        "model": spec.as_dict(),
+        "data": {
+            "sha256": data.sha256,
+            "source": data.source,
+            "rows": data.rows,
+            "series": len(data.series),
+            "column": data.columns,
+            "time_column": data.time_column,
+            "stream_column": data.stream_column,
+            "until": cfg.until,
+            "train_readings": train_readings,
+        },
+    }
+
+
 def train(
     data: Dataset,
     cfg: TrainConfig,
@@ -395,21 +416,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, out_dir / WEIGHTS_FILE)
     report: dict[str, Any] = {
-        "package_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": asdict(cfg),
-        "model": spec.as_dict(),
-        "data": {
-            "sha256": data.sha256,
-            "source": data.source,
-            "rows": data.rows,
-            "series": len(data.series),
-            "column": data.columns,
-            "time_column": data.time_column,
-            "stream_column": data.stream_column,
-            "until": cfg.until,
-            "train_readings": len(tape.x),
-        },
+        **report_header(cfg, spec, data, len(tape.x)),
         "epochs": history,
         "best_epoch": best[1],
         "warmup": warmup,

@@ -17,15 +17,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from forecaster import __version__
 from forecaster.classify import choose_threshold, positive_weight, score_events
 from forecaster.data import Dataset, Series
 from forecaster.errors import DataError
@@ -39,6 +37,7 @@ from forecaster.train import (
     _Progress,
     build_tape,
     fit_scaling,
+    report_header,
     save_weights,
     split,
 )
@@ -251,25 +250,11 @@ def _train_window(
     model.load_state_dict(best[2])
     model.eval()
 
-    report: dict[str, Any] = {
-        "package_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": asdict(cfg),
-        "model": spec.as_dict(),
-        "data": {
-            "sha256": data.sha256,
-            "source": data.source,
-            "rows": data.rows,
-            "series": len(data.series),
-            "column": data.columns,
-            "time_column": data.time_column,
-            "stream_column": data.stream_column,
-            "label_column": data.label_column,
-            "until": cfg.until,
-            "train_readings": len(tape.x),
-            "train_windows": len(train_x),
-            "validation_windows": len(val_x),
-        },
+    report: dict[str, Any] = report_header(cfg, spec, data, len(tape.x))
+    report["data"].update(
+        label_column=data.label_column, train_windows=len(train_x), validation_windows=len(val_x)
+    )
+    report |= {
         "epochs": history,
         "best_epoch": best[1],
         "warmup": w,
