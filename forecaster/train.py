@@ -428,14 +428,22 @@ def train(
     return report
 
 
-def _plot_losses(history: list[dict[str, float]], path: Path, log: Callable[[str], None]) -> None:
+def pyplot(log: Callable[[str], None]) -> Any:
+    """matplotlib's pyplot on a file-only backend, or None (logged) when it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib is not installed: no loss.png")
+        log("matplotlib is not installed (pip install 'forecaster[train]'): no loss.png")
+        return None
+    return plt
+
+
+def _plot_losses(history: list[dict[str, float]], path: Path, log: Callable[[str], None]) -> None:
+    plt = pyplot(log)
+    if plt is None:
         return
     epochs = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))

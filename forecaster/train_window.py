@@ -37,6 +37,7 @@ from forecaster.train import (
     _Progress,
     build_tape,
     fit_scaling,
+    pyplot,
     report_header,
     save_weights,
     split,
@@ -304,13 +305,8 @@ def _epoch_line(bar: _Progress, epoch: int, row: dict[str, Any], classify: bool)
 
 
 def _plot_classify(history: list[dict[str, Any]], path: Path, log: Callable[[str], None]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no loss.png")
+    plt = pyplot(log)
+    if plt is None:
         return
     epochs = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
