@@ -29,6 +29,10 @@ from forecaster.codec import Prediction, Reading
 from forecaster.state import StateStore, Verdict, finite_rows
 from forecaster.window import as_batch, push
 
+_STEP, _RESET, _DUPLICATE, _OUT_OF_ORDER = (
+    int(v) for v in (Verdict.STEP, Verdict.RESET, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER)
+)
+
 
 def waves(streams: Sequence[str]) -> list[list[int]]:
     """Indices of ``streams`` grouped so no stream appears twice in a group, order kept."""
@@ -83,29 +87,47 @@ class Engine:
         return out
 
     def _step_wave(self, rs: list[Reading], where: list[int], now: float, out: Outcome) -> None:
+        # Per-wave Python overhead is what a single busy stream pays per reading (one wave each),
+        # so this path avoids enum lookups and work that only matters when something is wrong.
         store = self.store
-        slots = np.empty(len(rs), dtype=np.intp)
-        for j, r in enumerate(rs):
-            slot, evicted = store.acquire(r.stream, now)
-            slots[j] = slot
+        acquire = store.acquire
+        slot_list: list[int] = []
+        evicted_here = False
+        for r in rs:
+            slot, evicted = acquire(r.stream, now)
+            slot_list.append(slot)
             if evicted is not None:
                 out.evicted.append(evicted)
-        # A wave wider than max_streams evicts its own members: those readings have no state.
-        live = np.array([store.slot_of(r.stream) == slots[j] for j, r in enumerate(rs)], dtype=bool)
+                evicted_here = True
+        slots = np.array(slot_list, dtype=np.intp)
         ts = np.array([r.ts for r in rs], dtype=np.float64)
         values = np.array([r.value for r in rs], dtype=np.float64)
         verdict = store.check_many(slots, ts)
-        keep = live & ((verdict == Verdict.STEP) | (verdict == Verdict.RESET))
-        out.drops["evicted"] += int((~live).sum())
-        out.drops["duplicate"] += int((live & (verdict == Verdict.DUPLICATE)).sum())
-        out.drops["out_of_order"] += int((live & (verdict == Verdict.OUT_OF_ORDER)).sum())
-        for k in np.flatnonzero(keep & (verdict == Verdict.RESET)):
-            store.reset(int(slots[k]))
-            out.resets["gap"] += 1
-        if not keep.any():
-            return
+        keep = verdict <= _RESET  # STEP or RESET
+        if evicted_here:
+            # A wave wider than max_streams evicts its own members: they have no state left.
+            pairs = zip(rs, slot_list, strict=True)
+            live = np.array([store.slot_of(r.stream) == s for r, s in pairs], dtype=bool)
+            if not live.all():
+                out.drops["evicted"] += int((~live).sum())
+                verdict = np.where(live, verdict, _STEP)
+                keep &= live
+        if not keep.all():
+            dup = int((verdict == _DUPLICATE).sum())
+            ooo = int((verdict == _OUT_OF_ORDER).sum())
+            if dup:
+                out.drops["duplicate"] += dup
+            if ooo:
+                out.drops["out_of_order"] += ooo
+            if not keep.any():
+                return
+        if (verdict == _RESET).any():
+            for k in np.flatnonzero(keep & (verdict == _RESET)):
+                store.reset(int(slots[k]))
+                out.resets["gap"] += 1
         idx = np.flatnonzero(keep)
-        slots, ts, values = slots[idx], ts[idx], values[idx]
+        if len(idx) != len(rs):
+            slots, ts, values = slots[idx], ts[idx], values[idx]
         manifest = self.bundle.manifest
         classify = manifest.task == "classify"
         labels = np.array(
