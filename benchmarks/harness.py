@@ -341,9 +341,14 @@ def _analyse(kind: str, rate: float, info: dict[str, Any], rec: Any) -> Trial:
     )
 
 
+def py_spy() -> str | None:
+    """The py-spy executable (the venv's first), or None when it is not installed."""
+    return shutil.which("py-spy", path=str(Path(PY).parent)) or shutil.which("py-spy")
+
+
 def start_profile(pid: int, out: Path, duration: float) -> subprocess.Popen[bytes]:
     """py-spy, sampling without pausing the target, collapsed stacks with thread names."""
-    spy = shutil.which("py-spy", path=str(Path(PY).parent)) or "py-spy"
+    spy = py_spy() or "py-spy"
     cmd = [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(duration)))]
     cmd += ["--rate", "200", "--format", "raw", "--threads", "--nonblocking", "-o", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -399,6 +404,7 @@ class Settings:
     fractions: tuple[float, ...] = (1.0, 0.9, 0.8, 0.65, 0.5, 0.35, 0.2)
     latency_points: tuple[float, ...] = (0.5, 0.9)
     max_trials: int = 5  # open-loop trials in the search, at most
+    profile: bool = True  # py-spy the daemon at saturation (where a scenario asks for it)
 
 
 def window_for(load: Load) -> int:

@@ -28,6 +28,7 @@ from benchmarks.harness import (
     Contender,
     Load,
     Settings,
+    py_spy,
     run_trial,
     search,
     summarise_profile,
@@ -221,7 +222,9 @@ class Runner:
                     added = sc.streams - warm.streams
                     out["memory"] = _memory_point(bundle, rss_warm, rss_loaded, added)
             out.update(search(c, broker, load, self.settings, self.log))
-            if sc.profile and kind == "forecaster":
+            if sc.profile and kind == "forecaster" and not self.settings.profile:
+                out["profile"] = {"error": "not profiled (--no-report, or py-spy not installed)"}
+            elif sc.profile and kind == "forecaster":
                 prof = self.workdir / sc.name / "forecaster-profile.txt"
                 run_trial(
                     c,
@@ -342,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-trials", type=int, default=0, help="open-loop trials per search")
     p.add_argument("--no-latency", action="store_true", help="skip the 50%%/90%% points")
     p.add_argument("--out", type=Path, default=None, help="result JSON path")
-    p.add_argument("--no-report", action="store_true", help="do not write the plot and README")
+    p.add_argument("--no-report", action="store_true", help="no plot, README or profiles")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
     a = p.parse_args(argv)
     if a.list:
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.max_trials = a.max_trials
     if a.no_latency:
         settings.latency_points = ()
+    # Profiles are saved into benchmarks/results/; a run that writes no report leaves them too.
+    settings.profile = not a.no_report and py_spy() is not None
     wanted = tuple(c for c in a.contenders.split(",") if c)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
