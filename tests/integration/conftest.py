@@ -52,13 +52,15 @@ class Broker:
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: mosquitto drops a client's backlog beyond this silently (0 = no limit)
+    max_queued: int = 100000
 
     def start(self) -> None:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {self.workdir}/\nautosave_interval 1\n"
-            "max_queued_messages 100000\nmax_inflight_messages 0\nuser root\n"
+            f"max_queued_messages {self.max_queued}\nmax_inflight_messages 0\nuser root\n"
         )
         log = (self.workdir / "mosquitto.log").open("ab")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
