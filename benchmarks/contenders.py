@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.contenders KIND --config daemon.toml --ready FILE``
 
-- ``ceiling``: the daemon's own MQTT layer (:class:`forecaster.mqtt.Transport`, built from the
+- ``ceiling``: the daemon's own MQTT layer (:class:`forecaster.serve.mqtt.Transport`, built from the
   same config file as ``forecaster serve``: two connections, MQTT 5, persistent session,
   ``manual_ack``, QoS 1, ack after the reply is acknowledged). Each message is republished
   unread to ``forecast/{topic}``: no decoding, no model. The reply echoes the incoming bytes (a
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from forecaster.config import Config, load_config
+from forecaster.serve.config import Config, load_config
 
 REPLY_PREFIX = "forecast/"
 
@@ -47,7 +47,7 @@ def _wait_for_term() -> threading.Event:
 
 
 def run_ceiling(cfg: Config, ready: Path) -> None:
-    from forecaster.mqtt import Transport
+    from forecaster.serve.mqtt import Transport
 
     qos_out = cfg.routes[0].qos
     holder: list[Transport] = []

@@ -247,8 +247,8 @@ class Runner:
 
 
 def _memory_point(bundle: Path, rss_before: int, rss_after: int, added: int) -> dict[str, Any]:
-    from forecaster.bundle import read_manifest, state_specs
-    from forecaster.state import StateStore
+    from forecaster.model.bundle import read_manifest, state_specs
+    from forecaster.serve.state import StateStore
 
     specs = state_specs(read_manifest(bundle))
     store = StateStore([(s.layers, s.hidden) for s in specs], max_streams=10)

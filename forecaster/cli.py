@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from forecaster.bundle import TrainingData
 from forecaster.errors import ForecasterError
+from forecaster.model.bundle import TrainingData
 
 if TYPE_CHECKING:
-    from forecaster.bundle import Bundle
     from forecaster.data import Dataset
+    from forecaster.model.bundle import Bundle
 
 app = typer.Typer(
     add_completion=False,
@@ -127,8 +127,8 @@ def train(
     """Fit an LSTM or GRU on CSV data: truncated BPTT as the daemon runs it, or on windows."""
     _need_torch("train")
     from forecaster.data import load_csv
-    from forecaster.train import TrainConfig
-    from forecaster.train import train as run_training
+    from forecaster.training.stateful import TrainConfig
+    from forecaster.training.stateful import train as run_training
 
     if cell not in ("lstm", "gru"):
         _fail(f"--cell must be lstm or gru, not {cell!r}")
@@ -195,8 +195,8 @@ def export(
 ) -> None:
     """Write an ONNX bundle and prove ONNX Runtime steps it exactly like PyTorch unrolls it."""
     _need_torch("export")
-    from forecaster.export import PARITY_STEPS, PARITY_STREAMS
-    from forecaster.export import export as run_export
+    from forecaster.training.export import PARITY_STEPS, PARITY_STREAMS
+    from forecaster.training.export import export as run_export
 
     manifest, parity = run_export(run, out, name=name, version=version, tolerance=tolerance)
     unit = "windows" if manifest.mode == "window" else "steps"
@@ -233,9 +233,11 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score a bundle step by step from a zero state, exactly as the daemon runs it."""
-    from forecaster.bundle import Bundle
     from forecaster.data import load_csv
-    from forecaster.evaluate import evaluate_bundle, plot_predictions, write_predictions
+    from forecaster.evaluation.output import write_predictions
+    from forecaster.evaluation.plots import plot_predictions
+    from forecaster.evaluation.unroll import evaluate_bundle
+    from forecaster.model.bundle import Bundle
 
     b = Bundle.load(bundle)
     td = b.manifest.training_data
@@ -275,7 +277,8 @@ def _evaluate_events(
     as_json: bool,
     predictions: Path | None,
 ) -> None:
-    from forecaster.evaluate import evaluate_events, write_event_predictions
+    from forecaster.evaluation.output import write_event_predictions
+    from forecaster.evaluation.unroll import evaluate_events
 
     result = evaluate_events(b, dataset, start)
     sc = result.score().as_dict()
@@ -320,7 +323,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="the manifest as JSON")] = False,
 ) -> None:
     """Show a bundle's manifest and verify its ONNX file's sha256."""
-    from forecaster.bundle import Bundle
+    from forecaster.model.bundle import Bundle
 
     b = Bundle.load(bundle)  # verifies the sha256 and the graph's signature
     m = b.manifest
@@ -396,7 +399,7 @@ ConfigOpt = Annotated[
 
 
 def _load_config(config: Path | None, overrides: dict[str, Any]) -> Any:
-    from forecaster.config import load_config
+    from forecaster.serve.config import load_config
 
     return load_config(config, overrides=overrides)
 
@@ -407,8 +410,8 @@ def check_config(
     bundles: Annotated[bool, typer.Option(help="also load and verify every route's bundle")] = True,
 ) -> None:
     """Validate a daemon configuration without connecting to anything."""
-    from forecaster.bundle import Bundle
-    from forecaster.config import config_summary
+    from forecaster.model.bundle import Bundle
+    from forecaster.serve.config import config_summary
 
     cfg = _load_config(config, {})
     if bundles:
@@ -435,7 +438,7 @@ def serve(
     """Run the daemon: MQTT readings in, one-step predictions out, metrics on HTTP."""
     import logging
 
-    from forecaster.daemon import Daemon
+    from forecaster.serve.daemon import Daemon
 
     overrides = {
         "mqtt.host": host,

@@ -14,9 +14,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from forecaster.config import DaemonConfig, MetricsConfig, MQTTConfig, RouteConfig, TLSConfig
-from forecaster.histogram import BulkHistogram
-from forecaster.metrics import Metrics
+from forecaster.serve.config import DaemonConfig, MetricsConfig, MQTTConfig, RouteConfig, TLSConfig
+from forecaster.serve.histogram import BulkHistogram
+from forecaster.serve.metrics import Metrics
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("mqtt", MQTTConfig, "FORECASTER_MQTT__"),

@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client import CollectorRegistry
 
-from forecaster.metrics import Metrics
+from forecaster.serve.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "forecaster.service"
@@ -257,7 +257,7 @@ import onnxruntime as ort
 import paho.mqtt.client
 import prometheus_client
 import pydantic
-import forecaster.metrics, forecaster.notify
+import forecaster.serve.metrics, forecaster.serve.notify
 
 ssl.create_default_context()
 class Cfg(pydantic.BaseModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from forecaster.demo import Scoreboard
+from forecaster.demo.app import Scoreboard
 from forecaster.replay import ReplayItem
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forecaster.bundle import Bundle
+from forecaster.model.bundle import Bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 WATER = ROOT / "data" / "water-flow.csv"

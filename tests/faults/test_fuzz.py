@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forecaster.codec import PayloadSpec, decode, prediction_topic, topic_matches
-from forecaster.config import Config, MQTTConfig
-from forecaster.daemon import Daemon
-from forecaster.mqtt import Transport
-from forecaster.state import SnapshotError, StateStore
+from forecaster.serve.codec import PayloadSpec, decode, prediction_topic, topic_matches
+from forecaster.serve.config import Config, MQTTConfig
+from forecaster.serve.daemon import Daemon
+from forecaster.serve.mqtt import Transport
+from forecaster.serve.state import SnapshotError, StateStore
 
 from .conftest import MODEL
 from .test_snapshots import SHA, SHAPES, write_snapshot

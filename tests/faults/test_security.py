@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from forecaster.bundle import Bundle
-from forecaster.config import MetricsConfig, MQTTConfig, TLSConfig
 from forecaster.errors import BundleError
-from forecaster.mqtt import Transport
+from forecaster.model.bundle import Bundle
+from forecaster.serve.config import MetricsConfig, MQTTConfig, TLSConfig
+from forecaster.serve.mqtt import Transport
 from tests.integration.conftest import mosquitto_binary, wait_port
 
 from .conftest import (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forecaster.state import StateStore, previous_path
+from forecaster.serve.state import StateStore, previous_path
 
 from .conftest import MODEL, Sink, _client, log_text, predictions, wait_until
 

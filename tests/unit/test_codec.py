@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forecaster.codec import (
+from forecaster.serve.codec import (
     Decoded,
     PayloadSpec,
     Prediction,

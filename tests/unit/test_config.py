@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from forecaster import codec
-from forecaster.config import (
+from forecaster.errors import ConfigError
+from forecaster.serve import codec
+from forecaster.serve.config import (
     Config,
     DaemonConfig,
     MetricsConfig,
@@ -22,7 +23,6 @@ from forecaster.config import (
     load_config,
     read_password,
 )
-from forecaster.errors import ConfigError
 
 REPO = Path(__file__).parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from forecaster.histogram import BulkHistogram
+from forecaster.serve.histogram import BulkHistogram
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0)
 

@@ -19,16 +19,15 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from forecaster.metrics import (
+from forecaster.serve.http import Liveness, MetricsServer
+from forecaster.serve.metrics import (
     EVICTION_REASONS,
     REJECT_REASONS,
     RESTORE_RESULTS,
     RESULTS,
     STATE_RESET_REASONS,
     BootClockProcessCollector,
-    Liveness,
     Metrics,
-    MetricsServer,
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from forecaster.nn import ModelSpec, RNNForecaster
+from forecaster.training.nn import ModelSpec, RNNForecaster
 
 
 def make(head: str) -> RNNForecaster:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from forecaster.notify import Notifier
+from forecaster.serve.notify import Notifier
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from forecaster.errors import ForecasterError
-from forecaster.state import (
+from forecaster.serve.state import (
     SnapshotError,
     StateStore,
     Verdict,

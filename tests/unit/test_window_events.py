@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from forecaster.batcher import Engine
-from forecaster.bundle import Bundle
-from forecaster.classify import choose_threshold, positive_weight, roc_auc, score_events
-from forecaster.codec import PayloadSpec, Prediction, Reading, decode, encode_predictions
 from forecaster.errors import DataError
-from forecaster.metrics import Metrics
-from forecaster.state import StateStore
-from forecaster.window import as_batch, push, window_store, windows
+from forecaster.model.bundle import Bundle
+from forecaster.model.classify import choose_threshold, positive_weight, roc_auc, score_events
+from forecaster.model.windows import windows
+from forecaster.serve.codec import PayloadSpec, Prediction, Reading, decode, encode_predictions
+from forecaster.serve.engine import Engine
+from forecaster.serve.metrics import Metrics
+from forecaster.serve.state import StateStore
+from forecaster.serve.window import as_batch, push, window_store
 
 ROOT = Path(__file__).resolve().parents[2]
 YAHOO_MODEL = ROOT / "models" / "yahoo-anomaly"

@@ -2,7 +2,7 @@
 
 A window model has no recurrent state to carry between calls: each call runs the last W readings
 from a zero state. What a stream must remember is therefore those W readings, and that fits the
-:class:`~forecaster.state.StateStore` exactly as one "state tensor" of shape ``[L=W, H=F]``:
+:class:`~forecaster.serve.state.StateStore` exactly as one "state tensor" of shape ``[L=W, H=F]``:
 ``store.gather(slots)`` returns ``[W, B, F]``, the buffers of a wave in chronological order.
 Reusing the store (rather than a second store class) gives window streams the same slot map, LRU
 cap, idle TTL, gap resets, duplicate/out-of-order checks, snapshots and metrics as recurrent ones,
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from forecaster.state import StateStore
+from forecaster.serve.state import StateStore
 
 
 def window_store(
@@ -44,17 +44,3 @@ def push(buffers: np.ndarray, x: np.ndarray) -> np.ndarray:
 def as_batch(buffers: np.ndarray) -> np.ndarray:
     """``[W, B, F]`` store layout to the graph's contiguous ``[B, W, F]`` float32 input."""
     return np.ascontiguousarray(buffers.transpose(1, 0, 2), dtype=np.float32)
-
-
-def windows(values: np.ndarray, window: int) -> np.ndarray:
-    """Every window of ``window`` consecutive readings: ``[T]`` or ``[T, F]`` → ``[T-W+1, W, F]``.
-
-    Window ``k`` ends at reading ``k + window - 1``; empty when there are fewer readings.
-    """
-    v = np.asarray(values)
-    if v.ndim == 1:
-        v = v[:, None]
-    if len(v) < window:
-        return np.empty((0, window, v.shape[1]), dtype=v.dtype)
-    view = np.lib.stride_tricks.sliding_window_view(v, window, axis=0)  # [N, F, W]
-    return np.ascontiguousarray(view.transpose(0, 2, 1))

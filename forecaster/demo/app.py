@@ -42,9 +42,9 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from forecaster.bundle import Manifest, read_manifest
 from forecaster.data import Dataset, load_csv
 from forecaster.errors import ForecasterError
+from forecaster.model.bundle import Manifest, read_manifest
 from forecaster.replay import ReplayItem, connect, plan, replay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -866,8 +866,8 @@ def offline_skill(until: str) -> float | None:
     """What ``forecaster evaluate --from <until>`` says on the same rows: the live skill of a full
     run should match it (same model, same readings, same zero start)."""
     try:
-        from forecaster.bundle import Bundle
-        from forecaster.evaluate import evaluate_bundle
+        from forecaster.evaluation.unroll import evaluate_bundle
+        from forecaster.model.bundle import Bundle
 
         b = Bundle.load(MODEL_DIR)
         td = b.manifest.training_data

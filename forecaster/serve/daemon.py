@@ -20,9 +20,10 @@ from types import FrameType
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from forecaster.batcher import Engine
-from forecaster.bundle import Bundle
-from forecaster.codec import (
+from forecaster.errors import ForecasterError
+from forecaster.logs import RateLimitedLog
+from forecaster.model.bundle import Bundle
+from forecaster.serve.codec import (
     PayloadSpec,
     Reading,
     decode,
@@ -30,15 +31,15 @@ from forecaster.codec import (
     prediction_topic,
     topic_matches,
 )
-from forecaster.config import Config, RouteConfig, load_config, read_password
-from forecaster.errors import ForecasterError
-from forecaster.logs import RateLimitedLog
-from forecaster.metrics import NO_ROUTE, Liveness, Metrics, MetricsServer
-from forecaster.mqtt import Transport
-from forecaster.notify import Notifier
-from forecaster.state import SnapshotError, StateStore
+from forecaster.serve.config import Config, RouteConfig, load_config, read_password
+from forecaster.serve.engine import Engine
+from forecaster.serve.http import Liveness, MetricsServer
+from forecaster.serve.metrics import NO_ROUTE, Metrics
+from forecaster.serve.mqtt import Transport
+from forecaster.serve.notify import Notifier
+from forecaster.serve.state import SnapshotError, StateStore
 
-log = logging.getLogger("forecaster.daemon")
+log = logging.getLogger("forecaster.serve.daemon")
 
 STOP_TIMEOUT = 8.0  # seconds for drain + flush + snapshot; systemd's TimeoutStopSec is longer
 HEALTH_TIMEOUT = 30.0  # the worker beats at least every second; a snapshot may take a few

@@ -25,11 +25,11 @@ import onnxruntime as ort
 import torch
 
 from forecaster import __version__
-from forecaster.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, Manifest
 from forecaster.errors import ForecasterError
-from forecaster.nn import RNNForecaster, StepModule, WindowModule
-from forecaster.train import load_run
-from forecaster.window import windows
+from forecaster.model.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, Manifest
+from forecaster.model.windows import windows
+from forecaster.training.nn import RNNForecaster, StepModule, WindowModule
+from forecaster.training.stateful import load_run
 
 OPSET = 17
 PARITY_STEPS = 1000

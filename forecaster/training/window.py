@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from forecaster.classify import choose_threshold, positive_weight, score_events
 from forecaster.data import Dataset, Series
 from forecaster.errors import DataError
-from forecaster.evaluate import unroll, window_predictor
-from forecaster.nn import ModelSpec, RNNForecaster
-from forecaster.train import (
+from forecaster.evaluation.unroll import unroll, window_predictor
+from forecaster.model.classify import choose_threshold, positive_weight, score_events
+from forecaster.model.windows import windows
+from forecaster.training.nn import ModelSpec, RNNForecaster
+from forecaster.training.stateful import (
     REPORT_FILE,
     WEIGHTS_FILE,
     TrainConfig,
@@ -42,7 +43,6 @@ from forecaster.train import (
     save_weights,
     split,
 )
-from forecaster.window import windows
 
 #: Windows per forward pass when predicting (validation); training uses --batch-size.
 PREDICT_CHUNK = 4096

@@ -37,9 +37,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from forecaster.config import MQTTConfig
+from forecaster.serve.config import MQTTConfig
 
-log = logging.getLogger("forecaster.mqtt")
+log = logging.getLogger("forecaster.serve.mqtt")
 
 #: (topic, payload, mid, qos) of a received message. It may block (back-pressure).
 MessageHandler = Callable[[str, bytes, int, int], None]

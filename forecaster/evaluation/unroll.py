@@ -9,18 +9,16 @@ the label of the reading they are about (:func:`unroll_events`).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from forecaster.bundle import Bundle
-from forecaster.classify import ClassScore, score_events
 from forecaster.data import Dataset, Score, Series, cut_index, score
 from forecaster.errors import DataError
-from forecaster.window import windows
+from forecaster.model.bundle import Bundle
+from forecaster.model.classify import ClassScore, score_events
+from forecaster.model.windows import windows
 
 #: Maps the readings of one segment (``[T]`` raw values, zero state at its start) to the
 #: one-step predictions made after each reading (``[T]``: ``out[k]`` predicts ``values[k+1]``).
@@ -214,79 +212,6 @@ def window_predictor(
         return out
 
     return predict
-
-
-def write_event_predictions(result: EventUnroll, path: Path) -> None:
-    """Every probability, one CSV row each, with the event at the threshold and the label."""
-    with Path(path).open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(
-            ["row", "timestamp", "stream", "made_row", "label", "probability", "event", "scored"]
-        )
-        for i in range(len(result.stream)):
-            t = result.made_time[i]
-            lab = result.label[i]
-            w.writerow(
-                [
-                    int(result.row[i]),
-                    "" if np.isnan(t) else repr(float(t)),
-                    result.stream[i],
-                    int(result.made_row[i]),
-                    "" if np.isnan(lab) else int(lab),
-                    repr(float(result.probability[i])),
-                    int(result.probability[i] >= result.threshold),
-                    int(result.scored[i]),
-                ]
-            )
-
-
-def write_predictions(result: Unroll, path: Path) -> None:
-    """Every prediction, one CSV row each: what a dashboard or a notebook would join on."""
-    with Path(path).open("w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["row", "timestamp", "stream", "actual", "predicted", "naive", "warm", "scored"])
-        for i in range(len(result.stream)):
-            t = result.time[i]
-            w.writerow(
-                [
-                    int(result.row[i]),
-                    "" if np.isnan(t) else repr(float(t)),
-                    result.stream[i],
-                    repr(float(result.actual[i])),
-                    repr(float(result.predicted[i])),
-                    repr(float(result.naive[i])),
-                    int(result.warm[i]),
-                    int(result.scored[i]),
-                ]
-            )
-
-
-def plot_predictions(result: Unroll, path: Path, title: str) -> None:
-    """Actual vs predicted for the first stream; needs matplotlib (the ``train`` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise DataError("--plot needs matplotlib: pip install 'forecaster[train]'") from None
-    first = result.stream[0]
-    m = np.array([s == first for s in result.stream])
-    x = result.row[m]
-    fig, ax = plt.subplots(figsize=(11, 4))
-    ax.plot(x, result.actual[m], label="actual", lw=1.0, color="black")
-    ax.plot(x, result.predicted[m], label="predicted (one step ahead)", lw=1.0, color="tab:blue")
-    scored_rows = x[result.scored[m]]
-    if len(scored_rows):
-        ax.axvspan(
-            scored_rows.min(), scored_rows.max(), color="tab:green", alpha=0.08, label="scored"
-        )
-    ax.set_xlabel("row")
-    ax.set_title(title)
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def evaluate_bundle(bundle: Bundle, data: Dataset, warmup: int | None, start: str | None) -> Unroll:

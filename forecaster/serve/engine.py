@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from forecaster.bundle import Bundle
-from forecaster.classify import counts
-from forecaster.codec import Prediction, Reading
-from forecaster.state import StateStore, Verdict, finite_rows
-from forecaster.window import as_batch, push
+from forecaster.model.bundle import Bundle
+from forecaster.model.classify import counts
+from forecaster.serve.codec import Prediction, Reading
+from forecaster.serve.state import StateStore, Verdict, finite_rows
+from forecaster.serve.window import as_batch, push
 
 _STEP, _RESET, _DUPLICATE, _OUT_OF_ORDER = (
     int(v) for v in (Verdict.STEP, Verdict.RESET, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER)

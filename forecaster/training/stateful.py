@@ -26,8 +26,8 @@ import torch
 from forecaster import __version__
 from forecaster.data import Dataset, Series, cut_index
 from forecaster.errors import DataError
-from forecaster.evaluate import unroll
-from forecaster.nn import ModelSpec, RNNForecaster
+from forecaster.evaluation.unroll import unroll
+from forecaster.training.nn import ModelSpec, RNNForecaster
 
 WEIGHTS_FILE = "weights.npz"
 REPORT_FILE = "report.json"
@@ -326,7 +326,7 @@ def train(
     """Fit a model, keep the epoch with the best validation RMSE, write the run directory."""
     cfg.check()
     if cfg.mode == "window":
-        from forecaster.train_window import train_window
+        from forecaster.training.window import train_window
 
         return train_window(data, cfg, out_dir, progress, log)
     series, cuts = split(data, cfg)

@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
-from forecaster import codec
 from forecaster.errors import ConfigError
+from forecaster.serve import codec
 
 ENV_PREFIX = "FORECASTER_"
 RESERVED_ENV = frozenset({"FORECASTER_CONFIG"})

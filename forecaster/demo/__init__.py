@@ -1,0 +1,1 @@
+"""``python -m forecaster.demo`` (``make demo``): the whole product on one screen."""

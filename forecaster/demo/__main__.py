@@ -1,0 +1,7 @@
+"""``python -m forecaster.demo``."""
+
+import sys
+
+from forecaster.demo.app import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Scoring a bundle exactly as the daemon runs it (ONNX Runtime, no torch)."""

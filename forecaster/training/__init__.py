@@ -1,0 +1,1 @@
+"""The offline half: ``forecaster train`` and ``export`` (PyTorch; the ``train`` extra)."""
