@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint typecheck clean bundle broker-deps
+.PHONY: install install-server demo test test-all lint typecheck clean bundle broker-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[train,dev]"
 	@touch $(STAMP)
 
-# System packages the tests use: a real mosquitto broker, promtool, systemd-analyze.
+# The venv alone (make demo and make test do this too): .venv/bin/forecaster, or
+# `. .venv/bin/activate` to have `forecaster` on PATH.
+install: $(STAMP)
+
+# The server install (as root, from a clone): scripts/install-server.sh, the one recipe.
+install-server:
+	bash scripts/install-server.sh
+
+# System packages the tests use: a real mosquitto broker and its clients (mosquitto_sub),
+# promtool, systemd-analyze.
 broker-deps:
 	@bash scripts/system-deps.sh
 

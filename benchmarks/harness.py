@@ -13,12 +13,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,112 +26,63 @@ import numpy as np
 
 from benchmarks.procstat import cpu_seconds, memory_kb
 from benchmarks.rawmqtt import HOST, purge_session
+from forecaster import harness
+from forecaster.harness import DaemonProcess, wait_file, write_config
+from forecaster.serve.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 LAG_LIMIT_S = 0.25  # backlog allowed at the end of an open-loop trial, in seconds of load
 LAT_SKIP_S = 0.5  # latency statistics leave out the first half second of each trial
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((HOST, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {HOST}:{port}")
-
-
-def wait_file(path: Path, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited {proc.returncode} before {path.name}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
+__all__ = ["Broker", "Contender", "Load", "Settings", "Trial", "run_trial", "search", "wait_file"]
 
 
 # ---------------------------------------------------------------------------------- broker
 
 
-class Broker:
-    """A private mosquitto on 127.0.0.1, tuned so the broker never drops silently."""
+class Broker(harness.Broker):
+    """A private mosquitto on 127.0.0.1, tuned so the broker never drops silently: no
+    persistence, per-client queues far beyond any trial's backlog, no in-flight limit."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Broker:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.path.exists(binary):
-            raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        user = "user root\n" if os.geteuid() == 0 else ""
-        conf.write_text(
-            f"listener {self.port} {HOST}\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 2000000\nmax_queued_bytes 0\nmax_inflight_messages 0\n"
-            f"set_tcp_nodelay true\n{user}"
+        super().__init__(
+            workdir,
+            host=HOST,
+            persistence=False,
+            max_queued_messages=2_000_000,
+            max_queued_bytes=0,
+            max_inflight_messages=0,
+            tcp_nodelay=True,
         )
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
-        wait_port(self.port)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------- contenders
 
 
-def write_config(
-    path: Path, port: int, client_id: str, bundle: Path, qos: int, state_dir: Path
-) -> int:
-    """The daemon config all contenders read; returns the metrics port."""
-    metrics_port = free_port()
-    path.write_text(f"""[mqtt]
-host = "{HOST}"
-port = {port}
-client_id = "{client_id}"
-
-[daemon]
-state_dir = "{state_dir}"
-snapshot_interval = 0
-log_level = "WARNING"
-
-[metrics]
-port = {metrics_port}
-
-[[routes]]
-name = "bench"
-subscribe = ["sensors/+/flow", "gateway/batch"]
-bundle = "{bundle}"
-qos = {qos}
-max_streams = 2000000
-""")
-    return metrics_port
+def bench_config(port: int, client_id: str, bundle: Path, qos: int, state_dir: Path) -> Config:
+    """The daemon config all contenders read: production defaults except what a benchmark must
+    not measure (snapshots, INFO logging) and a stream limit no scenario reaches."""
+    return Config.model_validate(
+        {
+            "mqtt": {"host": HOST, "port": port, "client_id": client_id},
+            "daemon": {
+                "state_dir": str(state_dir),
+                "snapshot_interval": 0,
+                "log_level": "WARNING",
+            },
+            "metrics": {"port": harness.free_port(HOST)},
+            "routes": [
+                {
+                    "name": "bench",
+                    "subscribe": ["sensors/+/flow", "gateway/batch"],
+                    "bundle": str(bundle),
+                    "qos": qos,
+                    "max_streams": 2_000_000,
+                }
+            ],
+        }
+    )
 
 
 @dataclass
@@ -151,38 +100,20 @@ class Contender:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_id = f"bench-{self.kind}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-        cfg = self.workdir / "forecaster.toml"
-        metrics_port = write_config(
-            cfg, self.port, self.client_id, self.bundle, self.qos, self.workdir / "state"
-        )
-        log = (self.workdir / "contender.log").open("ab")
+        cfg = bench_config(self.port, self.client_id, self.bundle, self.qos, self.workdir / "state")
+        if self.kind == "forecaster":
+            # the real daemon: started and waited for (/readyz) by the shared harness
+            daemon = DaemonProcess(cfg, self.workdir, "contender", cwd=ROOT, python=PY)
+            daemon.start()
+            self.proc = daemon.proc
+            return
+        path = write_config(cfg, self.workdir / "contender.toml")
         ready = self.workdir / "ready"
-        if self.kind == "forecaster":
-            cmd = [PY, "-m", "forecaster", "serve", "--config", str(cfg)]
-        else:
-            cmd = [PY, "-m", "benchmarks.contenders", self.kind, "--config", str(cfg)]
-            cmd += ["--ready", str(ready)]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
-        if self.kind == "forecaster":
-            self._wait_http(metrics_port)
-        else:
-            wait_file(ready, 60, self.proc)
-
-    def _wait_http(self, metrics_port: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://{HOST}:{metrics_port}/readyz"
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"forecaster exited {self.proc.returncode}: see {self.workdir}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("forecaster not ready in time")
+        cmd = [PY, "-m", "benchmarks.contenders", self.kind, "--config", str(path)]
+        cmd += ["--ready", str(ready)]
+        with (self.workdir / "contender.log").open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
+        wait_file(ready, 60, self.proc)
 
     @property
     def pid(self) -> int:

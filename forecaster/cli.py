@@ -8,6 +8,7 @@ run ``serve``, ``evaluate``, ``inspect`` and ``replay``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +39,17 @@ ColumnOpt = Annotated[
 ]
 TimeOpt = Annotated[
     str | None,
-    typer.Option("--time-column", help="time column: ISO 8601 (offsets ok) or epoch seconds"),
+    typer.Option(
+        "--time-column", help="time column (ISO 8601, epoch seconds, or see --time-format)"
+    ),
+]
+TimeFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--time-format",
+        help="how to read --time-column: a strptime pattern (%Y%m%d, %m/%d/%Y, …; naive = UTC), "
+        "epoch or iso; default ISO 8601 or epoch seconds from 2001 on, ambiguous numbers refused",
+    ),
 ]
 StreamOpt = Annotated[
     str | None, typer.Option("--stream-column", help="long format: column holding the stream id")
@@ -46,6 +57,27 @@ StreamOpt = Annotated[
 NoHeaderOpt = Annotated[
     bool, typer.Option("--no-header", help="the CSV has no header row; columns are named 0, 1, …")
 ]
+
+
+def _version(value: bool) -> None:
+    """``--version``: the installed package's version, so a bug report can name it."""
+    if value:
+        from forecaster import __version__
+
+        typer.echo(f"forecaster {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Streaming one-step-ahead forecasts for MQTT sensor streams."""
 
 
 def _fail(message: str) -> NoReturn:
@@ -68,16 +100,28 @@ def train(
     ),
     column: ColumnOpt = None,
     time_column: TimeOpt = None,
+    time_format: TimeFormatOpt = None,
     stream_column: StreamOpt = None,
     no_header: NoHeaderOpt = False,
-    cell: Annotated[str, typer.Option(help="lstm or gru")] = "lstm",
-    layers: Annotated[int, typer.Option(help="stacked recurrent layers")] = 1,
-    hidden: Annotated[int, typer.Option(help="hidden units per layer")] = 128,
+    cell: Annotated[
+        str | None, typer.Option(help="lstm or gru (default: searched; window mode lstm)")
+    ] = None,
+    layers: Annotated[
+        int | None, typer.Option(help="stacked recurrent layers (default: searched, or 1)")
+    ] = None,
+    hidden: Annotated[
+        int | None,
+        typer.Option(help="hidden units per layer (default: searched; window mode 128)"),
+    ] = None,
     dropout: Annotated[float, typer.Option(help="dropout between stacked layers")] = 0.0,
     head: Annotated[str, typer.Option(help="delta (change from last reading) or level")] = "delta",
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate (default: searched, or 1e-3)")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="parallel lanes per gradient step")] = 32,
-    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 10,
+    epochs: Annotated[
+        int | None, typer.Option(help="maximum epochs (default 30; window mode 10)")
+    ] = None,
     bptt: Annotated[int, typer.Option(help="truncated-BPTT chunk length (steps)")] = 64,
     clip_norm: Annotated[float, typer.Option(help="gradient clipping: max global norm")] = 1.0,
     val_fraction: Annotated[
@@ -122,15 +166,34 @@ def train(
             "classify)"
         ),
     ] = None,
+    linear: Annotated[
+        bool,
+        typer.Option(
+            "--linear/--no-linear",
+            help="stateful: a linear path over recent and seasonal lags, fitted in closed form, "
+            "under the network",
+        ),
+    ] = True,
+    trials: Annotated[
+        int,
+        typer.Option(help="stateful: search trials (Optuna) over the options not given; 1 = none"),
+    ] = 4,
+    budget: Annotated[
+        float, typer.Option(help="stateful: time cap of the search, seconds (recorded when hit)")
+    ] = 240.0,
+    coverage: Annotated[
+        float, typer.Option(help="prediction interval coverage, from validation residuals")
+    ] = 0.9,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Fit an LSTM or GRU on CSV data: truncated BPTT as the daemon runs it, or on windows."""
+    """Fit a forecaster on CSV data: a linear path plus an LSTM/GRU on its residual, chosen by
+    validation (stateful, as the daemon runs it), or a window model."""
     _need_torch("train")
     from forecaster.data import load_csv
-    from forecaster.training.stateful import TrainConfig
-    from forecaster.training.stateful import train as run_training
+    from forecaster.training.config import TrainConfig
+    from forecaster.training.run import train as run_training
 
-    if cell not in ("lstm", "gru"):
+    if cell is not None and cell not in ("lstm", "gru"):
         _fail(f"--cell must be lstm or gru, not {cell!r}")
     if head not in ("delta", "level"):
         _fail(f"--head must be delta or level, not {head!r}")
@@ -159,10 +222,20 @@ def train(
         label_column=label_column,
         horizon=horizon,
         window_input=window_input,  # type: ignore[arg-type]
+        linear=linear,
+        trials=trials,
+        budget=budget,
+        coverage=coverage,
     )
     cfg.check()
     dataset = load_csv(
-        data, column, time_column, stream_column, header=not no_header, label_column=label_column
+        data,
+        column,
+        time_column,
+        stream_column,
+        header=not no_header,
+        label_column=label_column,
+        time_format=time_format,
     )
     report = run_training(
         dataset, cfg, out, progress=not quiet and sys.stderr.isatty(), log=_log_line(quiet)
@@ -179,9 +252,19 @@ def train(
         )
         return
     v = report["validation"]
+    m = report["model"]
+    lags = m.get("ar_lags") or []
+    searched = report.get("search") or {}
+    chosen = f"{m['cell']} {m['layers']}x{m['hidden']}" + (
+        f" on a linear path over {len(lags)} lags (max {max(lags)})" if lags else ""
+    )
     typer.echo(
-        f"run {out}: best epoch {report['best_epoch']}, validation RMSE {v['rmse']:.4f} "
-        f"(persistence {v['naive_rmse']:.4f}, n={v['n']}), warm-up {report['warmup']} readings"
+        f"run {out}: {chosen}"
+        + (f", best of {len(searched['trials'])} trials" if searched else "")
+        + f", best epoch {report['best_epoch']}, validation RMSE {v['rmse']:.4f} "
+        f"(persistence {v['naive_rmse']:.4f}, skill {report['validation_skill']:+.3f}, "
+        f"n={v['n']}), warm-up {report['warmup']} readings"
+        + (" -- shipped as PERSISTENCE (validation skill < 0)" if report.get("fallback") else "")
     )
 
 
@@ -214,6 +297,7 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="CSV file")],
     column: ColumnOpt = None,
     time_column: TimeOpt = None,
+    time_format: TimeFormatOpt = None,
     stream_column: StreamOpt = None,
     no_header: NoHeaderOpt = False,
     warmup: Annotated[
@@ -246,13 +330,19 @@ def evaluate(
         # Same layout as the training data: read it the way training did.
         column, time_column, stream_column = td.column, td.time_column, td.stream_column
     dataset = load_csv(
-        data, column, time_column, stream_column, header=not no_header, label_column=label
+        data,
+        column,
+        time_column,
+        stream_column,
+        header=not no_header,
+        label_column=label,
+        time_format=time_format,
     )
     if b.manifest.task == "classify":
         _evaluate_events(b, dataset, data, start, as_json, predictions)
         return
     result = evaluate_bundle(b, dataset, warmup, start)
-    sc = result.score().as_dict()
+    sc: dict[str, Any] = {**result.score().as_dict(), **(result.interval_score() or {})}
     if predictions is not None:
         write_predictions(result, predictions)
     if plot is not None:
@@ -267,6 +357,11 @@ def evaluate(
     typer.echo(f"  {'MAE':12}{sc['mae']:12.4f}{sc['naive_mae']:14.4f}")
     typer.echo(f"  {'MASE':12}{sc['mase']:12.4f}")
     typer.echo(f"  skill vs persistence (1 - RMSE ratio): {sc['skill']:+.3f}")
+    if "interval_coverage" in sc:
+        typer.echo(
+            f"  {sc['interval_target']:.0%} interval: coverage {sc['interval_coverage']:.3f}, "
+            f"mean width {sc['interval_width']:.4g}"
+        )
 
 
 def _evaluate_events(
@@ -369,6 +464,7 @@ def inspect(
             f"sha256 {m.training_data.sha256[:12]}…, until {m.training_data.until})",
         ),
         held_out,
+        *_forecast_rows(m),
         ("parity", f"{m.parity_max_abs_diff:.2e} (scaled units)"),
         ("opset", m.opset),
         ("onnx sha256", f"{m.onnx_sha256} (verified)"),
@@ -378,6 +474,49 @@ def inspect(
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
+
+
+def _forecast_rows(m: Any) -> list[tuple[str, Any]]:
+    """``inspect`` lines for the format-2 fields: seasonality, linear path, interval, search."""
+    if m.task != "regress":
+        return []
+    rows: list[tuple[str, Any]] = [
+        ("format", m.format_version),
+        ("seasonality", ", ".join(str(p) for p in m.seasonality) or "none found"),
+    ]
+    if m.linear is not None:
+        lags = m.linear.lags
+        rows.append(
+            (
+                "linear path",
+                f"{len(lags)} lags ({', '.join(map(str, lags[:8]))}{', …' if len(lags) > 8 else ''}"
+                f"), {m.linear.loss} loss; lag state {m.lag_buffer} readings "
+                f"({4 * (m.lag_buffer + 1)} bytes) per stream",
+            )
+        )
+    else:
+        rows.append(("linear path", "none"))
+    if m.interval is not None:
+        i = m.interval
+        rows.append(
+            (
+                "interval",
+                f"{i.coverage:.0%}: [y {i.lower:+.4g}, y {i.upper:+.4g}] (split conformal, "
+                f"n={i.n})",
+            )
+        )
+    if m.selection is not None:
+        s = m.selection
+        rows.append(
+            (
+                "selection",
+                f"{s.get('library')}: best of {s.get('trials_run')} trials"
+                + (" (time budget hit)" if s.get("budget_hit") else ""),
+            )
+        )
+    if m.fallback:
+        rows.append(("fallback", f"PERSISTENCE: {m.fallback}"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -448,6 +587,11 @@ def serve(
         "daemon.state_dir": state_dir,
         "daemon.log_level": log_level,
     }
+    if config is None and not any(k.upper().startswith("FORECASTER_ROUTES") for k in os.environ):
+        _fail(
+            "no routes configured: pass --config FILE (example: deploy/forecaster.toml) "
+            "or set FORECASTER_ROUTES"
+        )
     cfg = _load_config(config, overrides)
     logging.basicConfig(
         level=cfg.daemon.log_level,
@@ -460,6 +604,49 @@ def serve(
 
 
 @app.command()
+def demo(
+    seconds: Annotated[
+        float,
+        typer.Option(
+            help="stop after this many seconds (0 = until Ctrl-C); it also ends when the "
+            "held-out rows run out, unless 0"
+        ),
+    ] = 60.0,
+    rate: Annotated[
+        float,
+        typer.Option(
+            help="held-out readings per second per stream, on average (streams with more "
+            "held-out rows go faster, so all end together); 0 = as fast as possible"
+        ),
+    ] = 12.0,
+    plain: Annotated[
+        bool,
+        typer.Option(
+            "--plain",
+            help="one status line a second instead of the full-screen view (automatic "
+            "when stdout is not a terminal)",
+        ),
+    ] = False,
+    root: Annotated[
+        Path | None,
+        typer.Option(help="folder holding models/ and data/ (default: found, see docs/demo.md)"),
+    ] = None,
+) -> None:
+    """A private broker, the daemon with two models, three real streams replayed: watch it."""
+    import math
+
+    from forecaster.demo.run import Options
+    from forecaster.demo.run import run as run_demo
+
+    if seconds < 0 or not math.isfinite(seconds):
+        _fail("--seconds must be 0 or more")
+    if rate < 0 or not math.isfinite(rate):
+        _fail("--rate must be 0 or more")
+    opts = Options(seconds, rate, plain or not sys.stdout.isatty(), root)
+    raise typer.Exit(run_demo(opts))
+
+
+@app.command()
 def replay(
     data: Annotated[Path, typer.Argument(help="CSV file")],
     host: Annotated[str, typer.Option(help="broker host")] = "localhost",
@@ -468,13 +655,31 @@ def replay(
         str, typer.Option(help="topic template; {stream} is the stream name")
     ] = "sensors/{stream}/flow",
     streams: Annotated[int, typer.Option(help="copies of each series, as separate streams")] = 1,
-    rate: Annotated[float, typer.Option(help="readings per second; 0 = as fast as possible")] = 0.0,
+    rate: Annotated[
+        float,
+        typer.Option(help="readings per second PER STREAM; 0 = as fast as the broker takes them"),
+    ] = 0.0,
+    timestamps: Annotated[
+        str,
+        typer.Option(
+            help="ts of each reading: file (the CSV's times; a daemon that already saw them "
+            "rejects them as out_of_order) or now (the publish time; always accepted)"
+        ),
+    ] = "file",
     fmt: Annotated[str, typer.Option("--format", help="number, json or batch")] = "json",
     batch_topic: Annotated[str, typer.Option(help="topic of batch payloads")] = "gateway/batch",
     batch_size: Annotated[int, typer.Option(help="readings per batch payload")] = 100,
     qos: Annotated[int, typer.Option(help="MQTT QoS 0, 1 or 2")] = 1,
+    watch: Annotated[
+        str,
+        typer.Option(
+            help="count the predictions that come back on this topic filter and warn when few "
+            "do ('' = do not watch)"
+        ),
+    ] = "forecast/#",
     column: ColumnOpt = None,
     time_column: TimeOpt = None,
+    time_format: TimeFormatOpt = None,
     stream_column: StreamOpt = None,
     no_header: NoHeaderOpt = False,
     start: Annotated[
@@ -484,23 +689,91 @@ def replay(
         str | None, typer.Option("--until", help="stop before this row index or time")
     ] = None,
 ) -> None:
-    """Publish a CSV to a broker as live readings."""
+    """Publish a CSV to a broker as live readings, with progress on stderr."""
     from forecaster.data import load_csv
-    from forecaster.replay import connect, plan
+    from forecaster.replay import EchoCounter, connect, plan, stream_count
     from forecaster.replay import replay as run_replay
 
     if fmt not in ("number", "json", "batch"):
         _fail(f"--format must be number, json or batch, not {fmt!r}")
+    if timestamps not in ("file", "now"):
+        _fail(f"--timestamps must be file or now, not {timestamps!r}")
     if qos not in (0, 1, 2):
         _fail("--qos must be 0, 1 or 2")
-    dataset = load_csv(data, column, time_column, stream_column, header=not no_header)
+    if rate < 0:
+        _fail("--rate must be 0 or more")
+    dataset = load_csv(
+        data, column, time_column, stream_column, header=not no_header, time_format=time_format
+    )
     items = plan(dataset, topic, streams, start, stop)
+    n_streams = stream_count(items)
+    total_rate = rate * n_streams
+    pace = (
+        f"{rate:g}/s per stream = {total_rate:g}/s in total, about {len(items) / total_rate:.0f} s"
+        if rate > 0
+        else "as fast as the broker takes them"
+    )
+    typer.echo(f"replay: {len(items)} readings of {n_streams} stream(s), {pace}", err=True)
     client = connect(host, port)
     try:
+        echo = EchoCounter(client, watch) if watch else None
+        if echo is not None and not echo.ready():
+            echo = None
+        progress = _ReplayProgress(len(items), echo)
         started = time.monotonic()
-        sent = run_replay(client, items, fmt, qos, rate, batch_topic, batch_size)  # type: ignore[arg-type]
+        sent = run_replay(
+            client,
+            items,
+            fmt,  # type: ignore[arg-type]
+            qos,
+            total_rate,
+            batch_topic,
+            batch_size,
+            on_sent=progress.update,
+            timestamps=timestamps,  # type: ignore[arg-type]
+        )
         took = time.monotonic() - started
+        back = None if echo is None else echo.settle(sent)
     finally:
         client.loop_stop()
         client.disconnect()
-    typer.echo(f"published {sent} readings in {took:.1f} s ({sent / max(took, 1e-9):.0f}/s)")
+    line = f"published {sent} readings in {took:.1f} s ({sent / max(took, 1e-9):.0f}/s)"
+    if back is not None:
+        line += f"; {back} predictions came back on {watch}"
+    typer.echo(line)
+    if back is not None and sent and back < sent // 2:
+        why = (
+            " or it had already seen these timestamps and dropped the readings as out_of_order/"
+            "duplicate (forecaster_readings_rejected_total): replay again with --timestamps now"
+            if fmt != "number" and timestamps == "file"
+            else ""
+        )
+        typer.echo(
+            f"warning: only {back} of {sent} readings were answered: no daemon serves {topic} "
+            f"with predictions on {watch}{why}",
+            err=True,
+        )
+
+
+class _ReplayProgress:
+    """One stderr line every few seconds (a pipe gets it too), so a long replay is not silent."""
+
+    def __init__(self, total: int, echo: Any, every: float = 2.0) -> None:
+        self.total = total
+        self.echo = echo
+        self.every = every
+        self.started = self.last = time.monotonic()
+
+    def update(self, sent: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        took = now - self.started
+        left = (self.total - sent) * took / max(sent, 1)
+        back = "" if self.echo is None else f", {self.echo.count} predictions back"
+        typer.echo(
+            f"replay: {sent}/{self.total} readings ({100 * sent / max(self.total, 1):.0f} %), "
+            f"{sent / took:.0f}/s{back}, about {left:.0f} s left",
+            err=True,
+        )

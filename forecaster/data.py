@@ -80,18 +80,62 @@ class Dataset:
     label_column: str | None = None
 
 
-def parse_time(text: str) -> float:
-    """Epoch seconds from ISO 8601 (offsets and ``Z`` honoured, naive = UTC) or a number."""
+# Plain numbers are read as epoch seconds only where no other reading is plausible: from
+# 2001-09-09 (1e9) up to 1e11 (beyond that it is milliseconds or nanoseconds). Below, 19580329
+# is a YYYYMMDD date and 1700 a year as much as they are seconds after 1970, so guessing would
+# silently put the data in January 1970; --time-format says what they are.
+EPOCH_MIN = 1e9
+EPOCH_MAX = 1e11
+TIME_FORMAT_HELP = (
+    "time format: a strptime pattern (e.g. %Y%m%d, %m/%d/%Y, '%Y-%m-%d %H:%M'; naive = UTC), "
+    "'epoch' (seconds since 1970) or 'iso' (ISO 8601); default: ISO 8601 or epoch seconds "
+    "from 2001 on, anything else is refused"
+)
+
+
+class TimeFormatError(ValueError):
+    """A time cell that cannot be read, or could be read in more than one way."""
+
+
+def parse_time(text: str, fmt: str | None = None) -> float:
+    """Epoch seconds from one time cell.
+
+    ``fmt`` None detects: ISO 8601 (offsets and ``Z`` honoured, naive = UTC) or a number of
+    epoch seconds in [1e9, 1e11); any other number is refused as ambiguous rather than guessed.
+    ``"epoch"`` reads any finite number as seconds, ``"iso"`` only ISO 8601, and anything else
+    is a :func:`datetime.strptime` pattern (naive results are UTC; ``%z`` is honoured).
+    """
     text = text.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        pass
+    if fmt is None or fmt == "epoch":
+        try:
+            value = float(text)
+        except ValueError:
+            if fmt == "epoch":
+                raise TimeFormatError(f"{text!r} is not a number of epoch seconds") from None
+        else:
+            if not math.isfinite(value):
+                raise TimeFormatError(f"{text!r} is not a finite time")
+            if fmt is None and not EPOCH_MIN <= abs(value) < EPOCH_MAX:
+                raise TimeFormatError(
+                    f"{text!r} is ambiguous (a date like YYYYMMDD? a year? epoch seconds?): "
+                    "say which with --time-format (e.g. %Y%m%d, %Y or epoch)"
+                )
+            return value
+    if fmt is None or fmt == "iso":
+        try:
+            stamp = datetime.fromisoformat(
+                text.replace("Z", "+00:00") if text.endswith("Z") else text
+            )
+        except ValueError:
+            raise TimeFormatError(
+                f"{text!r} is not ISO 8601 or epoch seconds: say how to read it with "
+                "--time-format (e.g. %m/%d/%Y)"
+            ) from None
     else:
-        if not math.isfinite(value):
-            raise ValueError(f"{text!r} is not a finite time")
-        return value
-    stamp = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+        try:
+            stamp = datetime.strptime(text, fmt)
+        except ValueError:
+            raise TimeFormatError(f"{text!r} does not match --time-format {fmt!r}") from None
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=UTC)
     return stamp.timestamp()
@@ -120,6 +164,7 @@ def load_csv(
     stream_column: str | None = None,
     header: bool = True,
     label_column: str | None = None,
+    time_format: str | None = None,
 ) -> Dataset:
     """Read a CSV into series.
 
@@ -127,6 +172,7 @@ def load_csv(
     (``stream_column``): one value column, one series per distinct stream id, in file order.
     Without a header, columns are named by their 0-based position (``"0"``, ``"1"``, …).
     ``label_column`` holds a 0/1 event label per row (blank = unknown), kept beside the values.
+    ``time_format`` says how to read the time column (see :func:`parse_time`).
     """
     path = Path(path)
     try:
@@ -173,10 +219,13 @@ def load_csv(
 
     times: np.ndarray | None = None
     if t_idx is not None:
-        try:
-            times = np.array([parse_time(r[t_idx]) for r in body], dtype=np.float64)
-        except ValueError as exc:
-            raise DataError(f"{path}: time column {time_column!r}: {exc}") from None
+        stamps = []
+        for i, r in enumerate(body):
+            try:
+                stamps.append(parse_time(r[t_idx], time_format))
+            except ValueError as exc:
+                raise DataError(f"{path}: row {i} time column {time_column!r}: {exc}") from None
+        times = np.array(stamps, dtype=np.float64)
     row_ids = np.arange(len(body))
     labels: np.ndarray | None = None
     if l_idx is not None and label_column is not None:
@@ -249,7 +298,9 @@ def cut_index(s: Series, point: str | None) -> int:
     try:
         when = parse_time(text)
     except ValueError:
-        raise DataError(f"{point!r} is neither a row index nor a time") from None
+        raise DataError(
+            f"{point!r} is neither a row index nor a time (ISO 8601 or epoch seconds)"
+        ) from None
     return int(np.searchsorted(s.times, when, side="left"))
 
 

@@ -1,9 +1,17 @@
 """``forecaster replay``: publish a CSV as live readings, for the demo, tests and benchmarks.
 
 Each series of the CSV becomes ``streams`` MQTT streams (copies). Readings go out in row order,
-interleaved across streams, at ``rate`` readings per second (0 = as fast as the broker takes
-them). JSON readings carry the row's time (or the publish time when the data has none) as ``ts``
-and a ``seq`` number, so a subscriber can check that nothing is lost.
+interleaved across streams, at a total rate the caller gives (the CLI's ``--rate`` is *per
+stream* and multiplied here by the number of streams, so ``--rate 10`` replays every stream at
+10 readings a second whatever their number; 0 = as fast as the broker takes them). JSON readings
+carry a ``ts`` and a ``seq`` number, so a subscriber can check that nothing is lost.
+
+``ts`` is the row's time (``timestamps="file"``: what ``evaluate`` and the demo need for parity)
+or the publish time (``"now"``). The daemon never steps a stream back in time: a reading whose
+``ts`` is not later than its stream's last one is answered from its recent-predictions cache
+(taken for a redelivery) or dropped (``out_of_order``/``duplicate``). So replaying the same file
+twice into a running daemon with file times steps nothing: :class:`EchoCounter` watches the
+prediction topic and the CLI warns when too few predictions came back.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from forecaster.data import Dataset, cut_index
 from forecaster.errors import ForecasterError
 
 Format = Literal["number", "json", "batch"]
+Timestamps = Literal["file", "now"]
 
 
 @dataclass(frozen=True)
@@ -72,26 +81,93 @@ def plan(
     return items
 
 
-def encode(item: ReplayItem, fmt: Format, now: float) -> bytes:
+def encode(item: ReplayItem, fmt: Format, now: float, ts: float | None = None) -> bytes:
+    """One reading's payload; ``ts`` overrides the item's time (``--timestamps now``)."""
     if fmt == "number":
         return repr(item.value).encode()
-    return json.dumps(
-        {"value": item.value, "ts": item.ts if item.ts is not None else now, "seq": item.seq}
-    ).encode()
+    stamp = ts if ts is not None else item.ts if item.ts is not None else now
+    return json.dumps({"value": item.value, "ts": stamp, "seq": item.seq}).encode()
 
 
-def encode_batch(items: list[ReplayItem], now: float) -> bytes:
+def encode_batch(items: list[ReplayItem], now: float, ts: list[float] | None = None) -> bytes:
     return json.dumps(
         [
             {
                 "stream": it.stream,
                 "value": it.value,
-                "ts": it.ts if it.ts is not None else now,
+                "ts": ts[i] if ts is not None else it.ts if it.ts is not None else now,
                 "seq": it.seq,
             }
-            for it in items
+            for i, it in enumerate(items)
         ]
     ).encode()
+
+
+class _Clock:
+    """Publish times as ``ts``, strictly increasing per stream even within one clock tick."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def stamp(self, stream: str, now: float) -> float:
+        last = self._last.get(stream)
+        ts = now if last is None or now > last else last + 1e-6
+        self._last[stream] = ts
+        return ts
+
+
+def stream_count(items: list[ReplayItem]) -> int:
+    """Distinct streams in a plan: the factor between a per-stream and a total rate."""
+    return len({it.stream for it in items})
+
+
+class EchoCounter:
+    """Counts the predictions that come back on ``topic`` while a replay runs.
+
+    Replay cannot see the daemon's state, but it can see its answers: a daemon that already
+    stepped these timestamps answers nothing (every reading is ``out_of_order``), and so does a
+    daemon that is not running or serves other topics. The count makes that visible.
+    """
+
+    def __init__(self, client: paho.Client, topic: str) -> None:
+        self.topic = topic
+        self._lock = threading.Lock()
+        self._count = 0
+        self._last = time.monotonic()
+        self._subscribed = threading.Event()
+        client.message_callback_add(topic, self._on_message)
+        client.on_subscribe = lambda *_a: self._subscribed.set()
+        client.subscribe(topic, qos=0)
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            doc = None
+        with self._lock:
+            self._count += len(doc) if isinstance(doc, list) else 1
+            self._last = time.monotonic()
+
+    def ready(self, timeout: float = 5.0) -> bool:
+        """Whether the broker acknowledged the subscription (so nothing sent after is missed)."""
+        return self._subscribed.wait(timeout)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def settle(self, expected: int, quiet: float = 1.0, limit: float = 10.0) -> int:
+        """Wait until ``expected`` predictions came back, or none for ``quiet`` s (at most
+        ``limit`` s); the count."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self._lock:
+                count, last = self._count, self._last
+            if count >= expected or time.monotonic() - last >= quiet:
+                return count
+            time.sleep(0.05)
+        return self.count
 
 
 def _messages(
@@ -136,9 +212,12 @@ def replay(
     batch_size: int = 100,
     should_stop: Callable[[], bool] = lambda: False,
     on_sent: Callable[[int], None] | None = None,
+    timestamps: Timestamps = "file",
 ) -> int:
-    """Publish ``items``; returns how many readings went out. Waits for QoS ≥ 1 acks in windows
-    (paho stalls beyond 65,535 unacknowledged messages)."""
+    """Publish ``items`` at ``rate`` readings per second *in total*; returns how many readings
+    went out. Waits for QoS ≥ 1 acks in windows (paho stalls beyond 65,535 unacknowledged
+    messages). ``timestamps="now"`` stamps each reading with its publish time."""
+    clock = _Clock() if timestamps == "now" else None
     sent = 0
     started = time.monotonic()
     window: list[paho.MQTTMessageInfo] = []
@@ -152,7 +231,11 @@ def replay(
             if delay > 0:
                 time.sleep(delay)
         now = time.time()
-        payload = encode_batch(group, now) if fmt == "batch" else encode(group[0], fmt, now)
+        stamps = None if clock is None else [clock.stamp(it.stream, now) for it in group]
+        if fmt == "batch":
+            payload = encode_batch(group, now, stamps)
+        else:
+            payload = encode(group[0], fmt, now, None if stamps is None else stamps[0])
         with lock:
             info = client.publish(topic, payload, qos=qos)
         if qos > 0:

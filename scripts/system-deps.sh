@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Install the system programs the demo and tests use, when they are missing and we can.
+# Install the system programs the demo, the README's walk and the tests use, when they are
+# missing and we can: mosquitto (the broker), mosquitto-clients (mosquitto_sub/_pub),
+# prometheus (promtool) and systemd (systemd-analyze).
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -7,20 +7,20 @@ for benchmarks/, on a quiet machine, not for the test suite).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from forecaster.harness import mosquitto_binary
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.broker
 def test_quick_scenario_writes_a_result(tmp_path: Path) -> None:
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.fail("mosquitto is not installed: apt-get install mosquitto (make test does it)")
+    mosquitto_binary()  # a one-line error saying how to install it when it is missing
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "benchmarks.run", "--scenarios", "single-q1-1k"]
     cmd += ["--contenders", "forecaster", "--duration", "1.5", "--max-trials", "1"]

@@ -10,12 +10,10 @@ import getpass
 import json
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client import CollectorRegistry
 
+from forecaster.harness import HarnessError, free_port, wait_port
 from forecaster.serve.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -515,12 +514,6 @@ def test_metric_name_parser() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _substitute(text: str, pattern: str, replacement: str) -> str:
     new, n = re.subn(pattern, replacement, text, flags=re.M)
     assert n == 1, f"deploy/mosquitto.conf: expected one line matching {pattern!r}"
@@ -541,7 +534,7 @@ def broker(tmp_path: Path) -> Iterator[int]:
     shutil.copy(DEPLOY / "mosquitto.acl", acl)
     (tmp_path / "data").mkdir()
 
-    port = _free_port()
+    port = free_port()
     conf = (DEPLOY / "mosquitto.conf").read_text()
     conf = _substitute(conf, r"^listener 1883$", f"listener {port} 127.0.0.1")
     conf = _substitute(conf, r"^persistence_location .*$", f"persistence_location {tmp_path}/data/")
@@ -557,17 +550,11 @@ def broker(tmp_path: Path) -> Iterator[int]:
     proc = subprocess.Popen([mosquitto, "-c", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 5
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mosquitto exited {proc.returncode}: {proc.stdout.read()}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("mosquitto did not start listening within 5 s")
-                time.sleep(0.05)
+        try:
+            wait_port(port, timeout=30, proc=proc)
+        except HarnessError as exc:
+            proc.kill()
+            pytest.fail(f"{exc}: {proc.communicate()[0]}")
         yield port
     finally:
         proc.terminate()

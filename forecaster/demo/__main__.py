@@ -1,7 +1,7 @@
-"""``python -m forecaster.demo``."""
+"""``python -m forecaster.demo`` (what ``make demo`` runs) = ``forecaster demo``: one CLI."""
 
 import sys
 
-from forecaster.demo.app import main
+from forecaster.cli import main
 
-sys.exit(main())
+main(["demo", *sys.argv[1:]])

@@ -35,10 +35,18 @@ def write_event_predictions(result: EventUnroll, path: Path) -> None:
 
 
 def write_predictions(result: Unroll, path: Path) -> None:
-    """Every prediction, one CSV row each: what a dashboard or a notebook would join on."""
+    """Every prediction, one CSV row each: what a dashboard or a notebook would join on.
+
+    ``lower``/``upper`` are the prediction interval's bounds, empty when the bundle has none."""
+    lower, upper = result.lower, result.upper
     with Path(path).open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["row", "timestamp", "stream", "actual", "predicted", "naive", "warm", "scored"])
+        w.writerow(
+            [
+                *("row", "timestamp", "stream", "actual", "predicted", "naive", "warm", "scored"),
+                *("lower", "upper"),
+            ]
+        )
         for i in range(len(result.stream)):
             t = result.time[i]
             w.writerow(
@@ -51,5 +59,7 @@ def write_predictions(result: Unroll, path: Path) -> None:
                     repr(float(result.naive[i])),
                     int(result.warm[i]),
                     int(result.scored[i]),
+                    "" if lower is None else repr(float(lower[i])),
+                    "" if upper is None else repr(float(upper[i])),
                 ]
             )

@@ -16,7 +16,7 @@ import numpy as np
 
 from forecaster.data import Dataset, Score, Series, cut_index, score
 from forecaster.errors import DataError
-from forecaster.model.bundle import Bundle
+from forecaster.model.bundle import Bundle, Interval
 from forecaster.model.classify import ClassScore, score_events
 from forecaster.model.windows import windows
 
@@ -38,10 +38,38 @@ class Unroll:
     warm: np.ndarray
     scored: np.ndarray
     scale_diffs: np.ndarray
+    #: The prediction interval's bounds (raw units), when the bundle has one.
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    coverage: float | None = None
 
     def score(self) -> Score:
         m = self.scored
         return score(self.actual[m], self.predicted[m], self.naive[m], self.scale_diffs)
+
+    def with_interval(self, interval: Interval | None) -> Unroll:
+        """The same predictions with ``[predicted + lower, predicted + upper]`` attached."""
+        if interval is None:
+            return self
+        self.lower = self.predicted + interval.lower
+        self.upper = self.predicted + interval.upper
+        self.coverage = interval.coverage
+        return self
+
+    def interval_score(self) -> dict[str, float] | None:
+        """Empirical coverage and mean width of the interval over the scored predictions, next
+        to the coverage it was calibrated for; None without an interval."""
+        if self.lower is None or self.upper is None or self.coverage is None:
+            return None
+        m = self.scored
+        a, lo, hi = self.actual[m], self.lower[m], self.upper[m]
+        if not a.size:
+            return None
+        return {
+            "interval_target": self.coverage,
+            "interval_coverage": float(np.mean((lo <= a) & (a <= hi))),
+            "interval_width": float(np.mean(hi - lo)),
+        }
 
 
 def unroll(
@@ -221,8 +249,10 @@ def evaluate_bundle(bundle: Bundle, data: Dataset, warmup: int | None, start: st
     cuts = [cut_index(s, start) for s in data.series] if start is not None else None
     if bundle.mode == "window":
         predictor = window_predictor(bundle, bundle.window)
-        return unroll(data.series, predictor, w, cuts, first=bundle.window - 1)
-    return unroll(data.series, bundle_predictor(bundle), w, cuts)
+        result = unroll(data.series, predictor, w, cuts, first=bundle.window - 1)
+    else:
+        result = unroll(data.series, bundle_predictor(bundle), w, cuts)
+    return result.with_interval(bundle.interval)
 
 
 def evaluate_events(bundle: Bundle, data: Dataset, start: str | None) -> EventUnroll:

@@ -4,11 +4,17 @@ A bundle is self-contained: the graph takes raw readings and returns raw predict
 inside), so anything that can run ONNX can use it. This module needs only numpy, pydantic and
 ONNX Runtime, never PyTorch.
 
-Contract (format version 1, mode ``stateful``):
+Contract (format version 2, mode ``stateful``):
 
-- inputs ``x`` ``[B, F]`` float32 in raw units, ``h`` ``[L, B, H]`` (and ``c`` for LSTM);
-- outputs ``y`` ``[B, 1]`` (the next reading, raw units), ``h_out`` (and ``c_out``);
-- ``B`` is dynamic; a zero state is the start of every stream.
+- inputs ``x`` ``[B, F]`` float32 in raw units, ``h`` ``[L, B, H]`` (and ``c`` for LSTM), and,
+  when the manifest's ``lag_buffer`` P > 0, ``lags`` ``[1, B, P + 1]``: the stream's last P
+  readings, newest first, and a "filled" flag (0 = empty; the graph then fills the buffer with the
+  reading it receives and shifts each new reading in itself);
+- outputs ``y`` ``[B, 1]`` (the next reading, raw units), ``h_out`` (and ``c_out``, ``lags_out``);
+- ``B`` is dynamic; a zero state (every tensor) is the start of every stream, so the daemon
+  carries the lag buffer like any recurrent state: snapshots, eviction and gap resets included.
+
+Version 1 bundles (no lag buffer, no interval) still load; any other version is refused.
 
 Mode ``window`` (same format version; the fields it adds are optional with defaults):
 
@@ -35,7 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from forecaster.errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this build reads: 1 is 2 without the optional lag buffer, interval and seasonality.
+READABLE_VERSIONS = (1, 2)
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "model.json"
 
@@ -72,6 +80,23 @@ class ClassScores(_Strict):
     n: int
     positives: int = Field(description="held-out readings labelled 1")
     pos_weight: float = Field(description="BCE weight of the positive class used in training")
+
+
+class Interval(_Strict):
+    """A prediction interval ``[y + lower, y + upper]`` at ``coverage``, split-conformal on the
+    validation residuals (``actual - predicted``) of ``n`` one-step predictions."""
+
+    coverage: float = Field(gt=0, lt=1)
+    lower: float = Field(le=0, description="offset from the point forecast, raw units")
+    upper: float = Field(ge=0, description="offset from the point forecast, raw units")
+    n: int = Field(ge=2, description="validation residuals it was calibrated on")
+
+
+class LinearPath(_Strict):
+    """The closed-form linear path under the network (its coefficients are in the graph)."""
+
+    lags: list[int] = Field(description="lag l = the reading l steps before the target")
+    loss: str = Field(description="squared or huber: what the ridge fit minimised")
 
 
 class TrainingData(_Strict):
@@ -137,6 +162,20 @@ class Manifest(_Strict):
     validation_classification: ClassScores | None = Field(
         default=None, description="classify: held-out scores at the threshold"
     )
+    lag_buffer: int = Field(
+        default=0, ge=0, description="readings of the per-stream lag state (0: no lag state)"
+    )
+    linear: LinearPath | None = Field(default=None, description="the linear path, if any")
+    seasonality: list[int] = Field(
+        default_factory=list, description="seasonal periods found in the training data (steps)"
+    )
+    interval: Interval | None = Field(default=None, description="prediction interval offsets")
+    fallback: str | None = Field(
+        default=None, description="why the shipped model is persistence, when it is"
+    )
+    selection: dict[str, object] | None = Field(
+        default=None, description="the model search: trials, the best one, whether the budget hit"
+    )
     parity_max_abs_diff: float = Field(description="export-time PyTorch vs ORT, scaled units")
     package_version: str
     created: str
@@ -158,6 +197,8 @@ class Manifest(_Strict):
                 raise ValueError("classify needs `validation_classification`")
         elif self.validation is None:
             raise ValueError("regress needs `validation`")
+        if self.lag_buffer and self.mode != "stateful":
+            raise ValueError("`lag_buffer` is for stateful mode")
         return self
 
 
@@ -193,10 +234,10 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: manifest must be a JSON object")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
-            f"{path}: format_version {version!r} is not supported "
-            f"(this build reads {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported (this build reads "
+            f"{' and '.join(str(v) for v in READABLE_VERSIONS)}): upgrade forecaster or re-export"
         )
     try:
         return Manifest.model_validate(raw)
@@ -210,7 +251,10 @@ def state_specs(manifest: Manifest) -> tuple[StateSpec, ...]:
     if manifest.mode == "window":
         return ()
     names = ("h", "c") if manifest.cell == "lstm" else ("h",)
-    return tuple(StateSpec(n, f"{n}_out", manifest.layers, manifest.hidden) for n in names)
+    specs = tuple(StateSpec(n, f"{n}_out", manifest.layers, manifest.hidden) for n in names)
+    if manifest.lag_buffer:
+        specs += (StateSpec("lags", "lags_out", 1, manifest.lag_buffer + 1),)
+    return specs
 
 
 class Bundle:
@@ -262,6 +306,11 @@ class Bundle:
     @property
     def sha256(self) -> str:
         return self.manifest.onnx_sha256
+
+    @property
+    def interval(self) -> Interval | None:
+        """Offsets of the prediction interval (``y + lower`` … ``y + upper``), or None."""
+        return self.manifest.interval
 
     @property
     def n_features(self) -> int:

@@ -7,23 +7,41 @@ misbehaving sensor must not be able to stop the stream for everyone else.
 Timestamps given as numbers are epoch *seconds*. Epoch milliseconds are deliberately not guessed
 at: a heuristic would silently misread old or far-future seconds, so a producer sending
 milliseconds must convert (or send an ISO 8601 string).
+
+Input limits, each because one bad reading must not poison its stream or cost anyone else:
+
+- a stream id (the topic, or a batch item's ``stream``) is at most ``max_stream_bytes`` of UTF-8:
+  every stream costs a state and a snapshot row, and a topic near MQTT's 65,535-byte limit
+  would make its prediction topic unpublishable;
+- a timestamp may be at most ``max_future_s`` ahead of the receive time and not before 1970: a
+  reading stamped in the year 2999 would make every later reading of its stream out of order;
+- a value must fit float32 (the model's input type): 1e308 would become inf inside the model;
+- batch items are judged one by one: a NaN, a too-deep value, a huge integer or a duplicated
+  key costs only its own item, and a rejected batch counts every item it held.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 MAX_DEPTH = 32
 """Deepest JSON nesting accepted; real readings are two levels deep (array of objects)."""
 
 MAX_STREAM_LEN = 256
+"""Default ``max_stream_bytes``: the longest stream id, in UTF-8 bytes (topic or batch field)."""
 MAX_TOPIC_BYTES = 65535
+MAX_FUTURE_S = 3600.0
+"""Default ``max_future_s``: how far ahead of its receive time a reading may be stamped."""
+FLOAT32_MAX = 3.4028234663852886e38
+_MAX_INT_DIGITS = 320  # longer JSON integers exceed float64 anyway; int() of them is slow
+_LONG_DIGITS = re.compile(f"[0-9]{{{_MAX_INT_DIGITS + 1}}}")
 _ASCII_WS = " \t\n\r\x0b\x0c"
 _SHARE_PREFIX = "$share/"
 
@@ -42,6 +60,9 @@ class Reason(StrEnum):
     EMPTY = "empty"
     BAD_STREAM = "bad_stream"
     TOO_MANY = "too_many"
+    OUT_OF_RANGE = "out_of_range"
+    FUTURE_TIMESTAMP = "future_timestamp"
+    DUPLICATE_KEY = "duplicate_key"
 
 
 @dataclass(slots=True, frozen=True)
@@ -70,6 +91,16 @@ class PayloadSpec:
     label_key: str = "label"
     max_bytes: int = 65536
     max_items: int = 10000
+    max_stream_bytes: int = MAX_STREAM_LEN
+    max_future_s: float = MAX_FUTURE_S  # 0 = no limit
+
+
+class Reject(NamedTuple):
+    """One rejection: ``readings`` lost to it (a whole batch refused counts its items)."""
+
+    reason: Reason
+    detail: str
+    readings: int = 1
 
 
 @dataclass(slots=True)
@@ -77,8 +108,13 @@ class Decoded:
     """What one message yielded; a batch can carry good readings and rejects at once."""
 
     readings: list[Reading]
-    rejects: list[tuple[Reason, str]]
+    rejects: list[Reject]
     batch: bool
+
+    @property
+    def rejected(self) -> int:
+        """Readings rejected, counting every item of a batch refused whole."""
+        return sum(r.readings for r in self.rejects)
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,7 +122,9 @@ class Prediction:
     """One forecast for the next reading of ``stream``; ``warm`` is False while state is young.
 
     An event classifier's prediction also carries ``probability`` (= ``value``) and ``event``
-    (probability ≥ the model's threshold); both stay None, and out of the JSON, otherwise."""
+    (probability ≥ the model's threshold); both stay None, and out of the JSON, otherwise.
+    A regression bundle with a prediction interval adds ``lower`` and ``upper``: the bounds the
+    next reading should fall between at the bundle's coverage (None, and absent, otherwise)."""
 
     stream: str
     ts: float
@@ -94,6 +132,8 @@ class Prediction:
     warm: bool
     probability: float | None = None
     event: bool | None = None
+    lower: float | None = None
+    upper: float | None = None
 
 
 class _Reject(Exception):
@@ -105,15 +145,55 @@ class _Reject(Exception):
         self.detail = detail
 
 
-def _reject_constant(name: str) -> Any:
-    raise _Reject(Reason.NOT_FINITE, f"JSON literal {name} is not a finite number")
+class _Marker:
+    """A value the JSON parser puts where a number cannot be used, so the item holding it is
+    rejected on its own instead of the whole document failing to parse."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_NON_FINITE = _Marker("non-finite literal")  # NaN, Infinity, -Infinity
+_HUGE_INT = _Marker("integer too long")
 
 
-def _reject(reason: Reason, detail: str, batch: bool = False) -> Decoded:
-    return Decoded([], [(reason, detail)], batch)
+class _DuplicateKeys(dict[str, Any]):
+    """An object in which some key appeared twice: which one counts is ambiguous."""
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    return obj if len(obj) == len(pairs) else _DuplicateKeys(obj)
+
+
+def _parse_int(text: str) -> Any:
+    # int() refuses more than 4,300 digits with a ValueError that would fail the whole document.
+    return int(text) if len(text) <= _MAX_INT_DIGITS else _HUGE_INT
+
+
+# The fast decoder builds plain dicts with C ints; the careful one (Python hooks, ~2× slower on
+# batches) runs only when the text could hold a duplicated key or an over-long integer.
+_FAST = json.JSONDecoder(parse_constant=lambda _name: _NON_FINITE)
+_CAREFUL = json.JSONDecoder(
+    parse_constant=lambda _name: _NON_FINITE, parse_int=_parse_int, object_pairs_hook=_pairs
+)
+
+
+def _reject(reason: Reason, detail: str, batch: bool = False, count: int = 1) -> Decoded:
+    return Decoded([], [Reject(reason, detail, count)], batch)
+
+
+def _topic_too_long(topic: str, limit: int) -> int:
+    """The topic's UTF-8 length when over ``limit``, else 0 (cheap for short topics)."""
+    if 4 * len(topic) <= limit:
+        return 0
+    size = len(topic.encode("utf-8", "surrogatepass"))
+    return size if size > limit else 0
 
 
 def decode(payload: bytes, topic: str, spec: PayloadSpec, received: float) -> Decoded:
@@ -123,7 +203,13 @@ def decode(payload: bytes, topic: str, spec: PayloadSpec, received: float) -> De
     its own reject while the good items are kept in order.
     """
     if len(payload) > spec.max_bytes:
-        return _reject(Reason.TOO_LARGE, f"{len(payload)} bytes > {spec.max_bytes}")
+        # Not parsed (that is the point of the limit), but a batch's readings are still counted:
+        # each item carries the stream key once, which a byte count finds at C speed.
+        lost = 1
+        if spec.format in ("auto", "batch") and payload.lstrip()[:1] == b"[":
+            lost = max(1, payload.count(b'"' + spec.stream_key.encode() + b'"'))
+        detail = f"{len(payload)} bytes > {spec.max_bytes}"
+        return _reject(Reason.TOO_LARGE, detail, batch=lost > 1, count=lost)
     try:
         text = payload.decode("utf-8").strip(_ASCII_WS)
     except UnicodeDecodeError as exc:
@@ -135,26 +221,49 @@ def decode(payload: bytes, topic: str, spec: PayloadSpec, received: float) -> De
     if fmt == "auto":
         first = text[0]
         fmt = "json" if first == "{" else "batch" if first == "[" else "number"
+    # The topic is the stream id (number, json) and, in every format, part of the prediction
+    # topic; a batch's own count of items is only known after parsing.
+    too_long = _topic_too_long(topic, spec.max_stream_bytes)
     if fmt == "number":
+        if too_long:
+            return _reject(Reason.BAD_STREAM, _topic_detail(too_long, spec))
         return _decode_number(text, topic, received)
 
     try:
-        doc = _parse_json(text)
+        doc = _parse_json(text, spec)
     except _Reject as rej:
         return _reject(rej.reason, rej.detail)
+    # Markers from the parser mean NaN/Infinity or a huge integer somewhere; only then is the
+    # (per-item) search for them needed.
+    poisoned = "NaN" in text or "Infinity" in text or _long_integer(text)
     if isinstance(doc, dict):
         if fmt != "json":
             return _reject(Reason.WRONG_TYPE, "expected a JSON array, got an object")
+        if too_long:
+            return _reject(Reason.BAD_STREAM, _topic_detail(too_long, spec))
+        deep = text.count("[") + text.count("{") > MAX_DEPTH
         try:
-            reading = _reading(doc, topic, topic, spec, received)
+            reading = _item(doc, topic, topic, spec, received, 1, deep, poisoned)
         except _Reject as rej:
             return _reject(rej.reason, rej.detail)
         return Decoded([reading], [], False)
     if isinstance(doc, list):
         if fmt != "batch":
             return _reject(Reason.WRONG_TYPE, "expected a JSON object, got an array")
-        return _decode_batch(doc, topic, spec, received)
+        if too_long:
+            n = max(1, len(doc))
+            return _reject(Reason.BAD_STREAM, _topic_detail(too_long, spec), True, n)
+        return _decode_batch(doc, text, topic, spec, received, poisoned)
     return _reject(Reason.WRONG_TYPE, f"top-level JSON {_kind(doc)} is not an object or array")
+
+
+def _long_integer(text: str) -> bool:
+    """Whether the text could hold an integer longer than ``_MAX_INT_DIGITS`` digits."""
+    return len(text) > _MAX_INT_DIGITS and _LONG_DIGITS.search(text) is not None
+
+
+def _topic_detail(size: int, spec: PayloadSpec) -> str:
+    return f"topic (the stream id) is {size} bytes > max_stream_bytes {spec.max_stream_bytes}"
 
 
 def _decode_number(text: str, topic: str, received: float) -> Decoded:
@@ -167,21 +276,97 @@ def _decode_number(text: str, topic: str, received: float) -> Decoded:
         return _reject(Reason.WRONG_TYPE, "payload is not a plain ASCII number")
     if not math.isfinite(value):
         return _reject(Reason.NOT_FINITE, "value is not finite")
+    if abs(value) > FLOAT32_MAX:
+        return _reject(Reason.OUT_OF_RANGE, "value is outside the float32 range")
     return Decoded([Reading(topic, value, received, received, topic)], [], False)
 
 
-def _parse_json(text: str) -> Any:
+def _parse_json(text: str, spec: PayloadSpec) -> Any:
+    """Parse, failing the whole message only for what cannot be attributed to one item: broken
+    syntax, or nesting deep enough to exhaust the parser's recursion."""
     try:
-        doc = _DECODER.decode(text)
+        doc = _FAST.decode(text)
     except RecursionError:
         raise _Reject(Reason.TOO_DEEP, f"JSON nested deeper than {MAX_DEPTH}") from None
-    except ValueError as exc:  # JSONDecodeError, and int() refusing > 4300 digits
+    except json.JSONDecodeError as exc:
         raise _Reject(Reason.BAD_JSON, _json_error(exc)) from None
-    # Counting brackets over-estimates depth (strings may hold brackets), so it only decides
-    # whether the exact walk over the parsed document is needed.
-    if text.count("[") + text.count("{") > MAX_DEPTH and _depth_exceeds(doc, MAX_DEPTH):
-        raise _Reject(Reason.TOO_DEEP, f"JSON nested deeper than {MAX_DEPTH}")
+    except ValueError:  # int() refusing > 4,300 digits: the careful decoder marks them instead
+        return _careful(text)
+    if _may_repeat_keys(text, doc, spec):
+        return _careful(text)
     return doc
+
+
+def _careful(text: str) -> Any:
+    try:
+        return _CAREFUL.decode(text)
+    except RecursionError:
+        raise _Reject(Reason.TOO_DEEP, f"JSON nested deeper than {MAX_DEPTH}") from None
+    except ValueError as exc:
+        raise _Reject(Reason.BAD_JSON, _json_error(exc)) from None
+
+
+def _may_repeat_keys(text: str, doc: Any, spec: PayloadSpec) -> bool:
+    """Whether a key the daemon reads could appear twice in one reading object.
+
+    A parsed dict keeps one copy of a repeated key, so a key quoted in the text more often than
+    there are reading objects holding it may be repeated (or be a value, or sit in a nested
+    object: that only costs a careful re-parse). A key spelt with a ``\\u`` escape is caught
+    by looking for escapes at all.
+    """
+    if isinstance(doc, dict):
+        objs: list[dict[str, Any]] = [doc]
+    elif isinstance(doc, list):
+        objs = [item for item in doc if type(item) is dict]
+    else:
+        return False
+    if not objs:
+        return False
+    if "\\u" in text:
+        return True
+    for key in (spec.value_key, spec.ts_key, spec.stream_key, spec.label_key):
+        quoted = text.count(f'"{key}"')
+        if quoted and quoted > sum(1 for obj in objs if key in obj):
+            return True
+    return False
+
+
+def _contains_marker(node: Any) -> _Marker | None:
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, _Marker):
+            return cur
+        if isinstance(cur, dict):
+            stack.extend(cur.values())
+        elif isinstance(cur, list):
+            stack.extend(cur)
+    return None
+
+
+def _item(
+    obj: dict[str, Any],
+    stream: str,
+    topic: str,
+    spec: PayloadSpec,
+    received: float,
+    level: int,
+    deep: bool,
+    poisoned: bool,
+) -> Reading:
+    """Judge one reading object (at nesting ``level``: 1 alone, 2 in a batch)."""
+    if isinstance(obj, _DuplicateKeys):
+        raise _Reject(Reason.DUPLICATE_KEY, "an object key appears twice")
+    if deep and _depth_exceeds(obj, MAX_DEPTH - level + 1):
+        raise _Reject(Reason.TOO_DEEP, f"JSON nested deeper than {MAX_DEPTH}")
+    reading = _reading(obj, stream, topic, spec, received)  # its fields' own reasons first
+    if poisoned:
+        marker = _contains_marker(obj)
+        if marker is _NON_FINITE:
+            raise _Reject(Reason.NOT_FINITE, "JSON literal NaN or Infinity is not a finite number")
+        if marker is _HUGE_INT:
+            raise _Reject(Reason.OUT_OF_RANGE, f"an integer longer than {_MAX_INT_DIGITS} digits")
+    return reading
 
 
 def _json_error(exc: ValueError) -> str:
@@ -202,40 +387,53 @@ def _depth_exceeds(doc: Any, limit: int) -> bool:
     return False
 
 
-def _decode_batch(items: list[Any], topic: str, spec: PayloadSpec, received: float) -> Decoded:
+def _decode_batch(
+    items: list[Any], text: str, topic: str, spec: PayloadSpec, received: float, poisoned: bool
+) -> Decoded:
     if not items:
         return _reject(Reason.EMPTY, "empty batch", batch=True)
     if len(items) > spec.max_items:
-        return _reject(Reason.TOO_MANY, f"{len(items)} items > {spec.max_items}", batch=True)
+        detail = f"{len(items)} items > {spec.max_items}"
+        return _reject(Reason.TOO_MANY, detail, batch=True, count=len(items))
     readings: list[Reading] = []
-    rejects: list[tuple[Reason, str]] = []
+    rejects: list[Reject] = []
     stream_key = spec.stream_key
+    deep = text.count("[") + text.count("{") > MAX_DEPTH
     for index, item in enumerate(items):
         try:
+            if isinstance(item, _Marker):
+                raise _Reject(
+                    Reason.NOT_FINITE if item is _NON_FINITE else Reason.OUT_OF_RANGE,
+                    f"{item} is not an object",
+                )
             if not isinstance(item, dict):
                 raise _Reject(Reason.WRONG_TYPE, f"{_kind(item)} is not an object")
             if stream_key not in item:
                 raise _Reject(Reason.MISSING_KEY, f"missing key {stream_key!r}")
-            stream = _stream_id(item[stream_key])
-            readings.append(_reading(item, stream, topic, spec, received))
+            stream = _stream_id(item[stream_key], spec.max_stream_bytes)
+            readings.append(_item(item, stream, topic, spec, received, 2, deep, poisoned))
         except _Reject as rej:
-            rejects.append((rej.reason, f"item {index}: {rej.detail}"))
+            rejects.append(Reject(rej.reason, f"item {index}: {rej.detail}"))
     return Decoded(readings, rejects, True)
 
 
-def _stream_id(raw: Any) -> str:
+def _stream_id(raw: Any, limit: int = MAX_STREAM_LEN) -> str:
     if not isinstance(raw, str):
         raise _Reject(Reason.BAD_STREAM, f"stream id is a {_kind(raw)}, not a string")
-    if not raw or len(raw) > MAX_STREAM_LEN:
-        raise _Reject(Reason.BAD_STREAM, f"stream id length {len(raw)} not in 1..{MAX_STREAM_LEN}")
+    if not raw:
+        raise _Reject(Reason.BAD_STREAM, "stream id is empty")
     if "+" in raw or "#" in raw or "\0" in raw:
         raise _Reject(Reason.BAD_STREAM, "stream id contains '+', '#' or NUL")
-    if not raw.isascii():
+    if raw.isascii():
+        size = len(raw)
+    else:
         # JSON escapes can smuggle in lone surrogates, which cannot be written out as UTF-8.
         try:
-            raw.encode("utf-8")
+            size = len(raw.encode("utf-8"))
         except UnicodeEncodeError:
             raise _Reject(Reason.BAD_STREAM, "stream id is not valid Unicode") from None
+    if size > limit:
+        raise _Reject(Reason.BAD_STREAM, f"stream id is {size} bytes > max_stream_bytes {limit}")
     return raw
 
 
@@ -248,15 +446,32 @@ def _reading(
     raw = obj[key]
     # bool is an int subclass; True as a reading is a producer bug, not 1.0.
     if isinstance(raw, bool) or not isinstance(raw, int | float):
+        if raw is _NON_FINITE:
+            raise _Reject(Reason.NOT_FINITE, f"{key!r} is not finite")
+        if raw is _HUGE_INT:
+            raise _Reject(Reason.OUT_OF_RANGE, f"{key!r} is outside the float32 range")
         raise _Reject(Reason.WRONG_TYPE, f"{key!r} is a {_kind(raw)}, not a number")
     try:
         value = float(raw)
     except OverflowError:
-        raise _Reject(Reason.NOT_FINITE, f"{key!r} is out of float range") from None
+        raise _Reject(Reason.OUT_OF_RANGE, f"{key!r} is outside the float32 range") from None
     if not math.isfinite(value):
         raise _Reject(Reason.NOT_FINITE, f"{key!r} is not finite")
+    if abs(value) > FLOAT32_MAX:
+        raise _Reject(Reason.OUT_OF_RANGE, f"{key!r} is outside the float32 range")
     ts_raw = obj.get(spec.ts_key)  # null counts as absent: producers write it for "unknown"
-    ts = received if ts_raw is None else _timestamp(ts_raw)
+    if ts_raw is None:
+        ts = received
+    else:
+        ts = _timestamp(ts_raw)
+        if ts < 0:
+            raise _Reject(Reason.BAD_TIMESTAMP, "timestamp is before 1970")
+        if spec.max_future_s > 0 and ts - received > spec.max_future_s:
+            raise _Reject(
+                Reason.FUTURE_TIMESTAMP,
+                f"timestamp is {ts - received:.0f} s ahead of the receive time "
+                f"(max_future_s {spec.max_future_s:g})",
+            )
     label_raw = obj.get(spec.label_key)
     label = None if label_raw is None else _label(label_raw, spec.label_key)
     return Reading(stream, value, ts, received, topic, label)
@@ -272,6 +487,8 @@ def _label(raw: Any, key: str) -> float:
 def _timestamp(raw: Any) -> float:
     if isinstance(raw, str):
         return _iso_timestamp(raw)
+    if isinstance(raw, _Marker):
+        raise _Reject(Reason.BAD_TIMESTAMP, f"timestamp is a {raw}")
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise _Reject(Reason.BAD_TIMESTAMP, f"timestamp is a {_kind(raw)}")
     try:
@@ -295,6 +512,8 @@ def _iso_timestamp(raw: str) -> float:
 
 def _kind(value: Any) -> str:
     """A JSON type name for messages: details must describe, never echo, untrusted input."""
+    if isinstance(value, _Marker):
+        return value.name
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -342,6 +561,10 @@ def _prediction_obj(p: Prediction, model: str, version: str) -> dict[str, Any]:
         obj["probability"] = _finite_or_none(p.probability)
     if p.event is not None:
         obj["event"] = p.event
+    if p.lower is not None:
+        obj["lower"] = _finite_or_none(p.lower)
+    if p.upper is not None:
+        obj["upper"] = _finite_or_none(p.upper)
     return obj
 
 

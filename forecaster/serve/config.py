@@ -182,6 +182,23 @@ class DaemonConfig(_Section):
     snapshot_interval: float = Field(
         default=60.0, ge=0, description="Seconds between state snapshots; 0 = only at stop."
     )
+    journal: bool = Field(
+        default=True,
+        description="Write-ahead journal of stepped readings in state_dir, replayed over the "
+        "newest snapshot at start, so states after a crash are exact (docs/reliability.md).",
+    )
+    journal_fsync: Literal["never", "always"] = Field(
+        default="never",
+        description="'never': a journal record reaches the OS before its predictions are "
+        "published (survives kill -9, not a power loss); 'always': also fdatasync'ed first "
+        "(survives a power loss; one disk flush per micro-batch).",
+    )
+    journal_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=4096,
+        description="A route's journal segment size that forces a snapshot (and a new "
+        "segment); on disk a route's journal never exceeds twice this plus one record.",
+    )
     intra_op_threads: int = Field(
         default=1, ge=1, le=64, description="ONNX Runtime intra-op threads."
     )
@@ -243,11 +260,46 @@ class RouteConfig(_Section):
     max_streams: int = Field(
         default=100000, ge=1, description="Most streams this route keeps state for."
     )
+    max_stream_bytes: int = Field(
+        default=codec.MAX_STREAM_LEN,
+        ge=1,
+        le=codec.MAX_TOPIC_BYTES,
+        description="Longest stream id in UTF-8 bytes, for topics (refused whole) and batch "
+        "'stream' fields (that item refused): counted as bad_stream.",
+    )
+    max_future_s: float = Field(
+        default=codec.MAX_FUTURE_S,
+        ge=0,
+        description="How far (s) a reading's timestamp may be ahead of its receive time; later "
+        "ones are refused as future_timestamp, so one bad clock cannot poison a stream. 0 = "
+        "no limit.",
+    )
+    recent_predictions: int = Field(
+        default=65536,
+        ge=0,
+        description="Recent predictions kept (and snapshotted) per route, so a reading the "
+        "broker redelivers after a crash gets its original prediction again instead of being "
+        "dropped as a duplicate; cover the readings that can await acknowledgement at once. "
+        "About 250 bytes each.",
+    )
 
     @model_validator(mode="after")
     def _distinct_keys(self) -> RouteConfig:
         if len({self.value_key, self.ts_key, self.stream_key}) != 3:
             raise ValueError("value_key, ts_key and stream_key must differ")
+        return self
+
+    @model_validator(mode="after")
+    def _prediction_topic_fits(self) -> RouteConfig:
+        # Every reading's topic is at most max_stream_bytes, so this bounds every prediction
+        # topic: one that MQTT cannot carry would fail at publish time, for one reading only.
+        fixed = len(self.prediction_topic.replace("{topic}", "").encode("utf-8", "surrogatepass"))
+        uses = self.prediction_topic.count("{topic}")
+        if fixed + uses * self.max_stream_bytes > codec.MAX_TOPIC_BYTES:
+            raise ValueError(
+                f"prediction_topic with a topic of max_stream_bytes ({self.max_stream_bytes}) "
+                f"can exceed MQTT's {codec.MAX_TOPIC_BYTES} bytes; lower max_stream_bytes"
+            )
         return self
 
     def payload_spec(self) -> codec.PayloadSpec:
@@ -258,6 +310,8 @@ class RouteConfig(_Section):
             ts_key=self.ts_key,
             stream_key=self.stream_key,
             max_bytes=self.max_payload_bytes,
+            max_stream_bytes=self.max_stream_bytes,
+            max_future_s=self.max_future_s,
         )
 
 

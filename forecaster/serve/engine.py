@@ -12,22 +12,48 @@ call. A stream's first W−1 readings (after its start or a reset) only fill the
 no prediction and count as nothing (neither a drop nor an error). An event classifier's
 predictions carry a probability and an event, and labels that arrive with readings are counted as
 true/false positives/negatives instead of regression errors.
+
+Durability (see ``journal.py`` and docs/reliability.md): when a journal is attached, every
+:meth:`Engine.step` appends the readings it was given and the predictions it made to the journal
+*before it returns*, so before the caller can publish a prediction or acknowledge a reading.
+:meth:`Engine.recover` rebuilds the exact states after a crash (newest snapshot, then the
+journal records after its position, stepped again through the same model). A bounded cache of
+recent predictions answers a reading the broker redelivers, whose effect the state already holds,
+with the prediction it had the first time, instead of dropping it as a duplicate.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from forecaster.model.bundle import Bundle
 from forecaster.model.classify import counts
 from forecaster.serve.codec import Prediction, Reading
+from forecaster.serve.journal import (
+    KIND_FORGET,
+    KIND_WAVE,
+    Journal,
+    JournalDecodeError,
+    JournalScan,
+    RefusalReason,
+    decode_forget,
+    decode_wave,
+    encode_forget,
+    encode_wave,
+    scan_journal,
+)
+from forecaster.serve.snapshot import SnapshotData, SnapshotError, load_snapshot, previous_path
 from forecaster.serve.state import StateStore, Verdict, finite_rows
 from forecaster.serve.window import as_batch, push
+
+log = logging.getLogger(__name__)
 
 _STEP, _RESET, _DUPLICATE, _OUT_OF_ORDER = (
     int(v) for v in (Verdict.STEP, Verdict.RESET, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER)
@@ -64,31 +90,228 @@ class Outcome:
     abs_err: list[np.ndarray] = field(default_factory=list)
     naive_abs_err: list[np.ndarray] = field(default_factory=list)
     events: Counter[str] = field(default_factory=Counter)  # tp/fp/tn/fn of labelled readings
+    # Readings that resolved a warm prediction with an interval: inside / outside its bounds.
+    interval_inside: int = 0
+    interval_outside: int = 0
+    interval_coverage: float | None = None  # the target, when any reading was checked
+    repeated: int = 0  # readings answered from the recent-predictions cache (redeliveries)
+    journal_error: str | None = None  # why the journal append failed, if it did
+    snapshot: str | None = None  # "ok"/"failed" when this step forced a snapshot (bound, rescue)
+
+
+_WARM_FLAG = 1
+_RETRY_S = 5.0  # least seconds between snapshots forced by failing journal appends
+
+
+class RecentPredictions:
+    """The last ``capacity`` predictions, by ``(stream, ts)``, oldest evicted first.
+
+    Why: after a crash the broker redelivers every reading not yet acknowledged, and readings
+    whose effect a restored state already holds would otherwise be dropped as duplicates without
+    a prediction. Looking them up here answers them with the original prediction. The bound is
+    the number of readings that can be stepped but unacknowledged at once (see
+    ``recent_predictions`` in the configuration); ~250 bytes per entry.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self.capacity = int(capacity)
+        self._map: OrderedDict[tuple[str, float], Prediction] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def get(self, stream: str, ts: float) -> Prediction | None:
+        return self._map.get((stream, ts))
+
+    def put(self, p: Prediction) -> None:
+        if self.capacity == 0:
+            return
+        key = (p.stream, p.ts)
+        m = self._map
+        if key in m:
+            m.move_to_end(key)
+        m[key] = p
+        if len(m) > self.capacity:
+            m.popitem(last=False)
+
+    def clear(self) -> None:
+        self._map.clear()
+
+    def to_arrays(self) -> tuple[list[str], dict[str, np.ndarray]]:
+        """Column arrays for the snapshot file, oldest first."""
+        items = list(self._map.values())
+        n = len(items)
+        arrays: dict[str, np.ndarray] = {
+            "recent_ts": np.fromiter((p.ts for p in items), dtype=np.float64, count=n),
+            "recent_value": np.fromiter((p.value for p in items), dtype=np.float64, count=n),
+            "recent_flags": np.fromiter(
+                (_WARM_FLAG if p.warm else 0 for p in items), dtype=np.uint8, count=n
+            ),
+        }
+        return [p.stream for p in items], arrays
+
+
+@dataclass
+class Recovery:
+    """What :meth:`Engine.recover` found and did, for the daemon's log and metrics."""
+
+    snapshot: str  # restore result: ok, missing, corrupt, foreign
+    snapshot_error: str | None = None  # the newest file's problem, when not ok
+    source: str | None = None  # the file the states came from
+    streams: int = 0
+    replayed: int = 0  # journal records stepped again
+    readings: int = 0  # readings in them
+    refused: list[tuple[RefusalReason, str]] = field(default_factory=list)
+    mismatches: int = 0  # replayed predictions that differ from the journal's (should be 0)
+    snapshot_written: bool = False
 
 
 class Engine:
     """One route's model and states; stepping happens on one thread only (the worker's)."""
 
     def __init__(
-        self, bundle: Bundle, store: StateStore, clock: Callable[[], float] = time.perf_counter
+        self,
+        bundle: Bundle,
+        store: StateStore,
+        clock: Callable[[], float] = time.perf_counter,
+        *,
+        recent: int = 0,
     ) -> None:
-        self.bundle = bundle
+        self._bundle = bundle
         self.store = store
         self._clock = clock
+        self.recent = RecentPredictions(recent)
+        self.journal: Journal | None = None
+        self.snapshot_path: Path | None = None
+        self.journal_path: Path | None = None
+        self.journal_fsync = False
+        self.journal_max_bytes = 0  # 0 = no size bound (snapshots alone rotate it)
+        self._seq = 0  # journal position the in-memory states include, when no journal is open
+        self._last_rescue = -_RETRY_S  # when a failed append last triggered a snapshot
+        self._suspended = False  # an append failed: no records until a snapshot covers it
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+    @bundle.setter
+    def bundle(self, bundle: Bundle) -> None:
+        """Swap the model; with persistence on, snapshot at once under the new sha256.
+
+        Journal records are replayed only through the model that wrote them, so a model change
+        must start a new journal from a snapshot of the states the new model continues from.
+        """
+        changed = bundle.sha256 != self._bundle.sha256
+        self._bundle = bundle
+        if changed and self.snapshot_path is not None:
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None  # the next snapshot starts a fresh chain for the new model
+            try:
+                self.snapshot()
+            except OSError as exc:
+                log.error(
+                    "snapshot after a model change failed: %s; journal off until one works", exc
+                )
 
     @property
     def warmup(self) -> int:
         return self.bundle.manifest.warmup
 
+    @property
+    def seq(self) -> int:
+        """The last journal record whose effect the in-memory states include."""
+        return self.journal.last_seq if self.journal is not None else self._seq
+
     def step(self, readings: Sequence[Reading], now: float) -> Outcome:
+        """Step a micro-batch; with a journal attached, it is on disk before this returns.
+
+        A failed append (disk full) is reported in ``Outcome.journal_error`` and the batch is
+        still answered. The states then hold a step no record describes, and records appended
+        after it would replay onto the wrong states, so journaling is suspended until a
+        snapshot (attempted at once, then at most every ``_RETRY_S`` seconds) covers it. A
+        journal past ``journal_max_bytes`` also triggers a snapshot, which rotates it.
+        """
+        out = self._step(readings, now)
+        if self.journal is None or not readings:
+            return out
+        if self._suspended:
+            out.journal_error = "journal suspended until a snapshot succeeds"
+        else:
+            try:
+                self.journal.append(KIND_WAVE, encode_wave(readings, out.predictions))
+            except OSError as exc:
+                out.journal_error = f"{type(exc).__name__}: {exc}"
+                self._suspended = True
+                self._last_rescue = -_RETRY_S
+            else:
+                if 0 < self.journal_max_bytes <= self.journal.size:
+                    self._snapshot_into(out, "at the journal bound")
+                return out
+        if self._clock() - self._last_rescue >= _RETRY_S:
+            self._last_rescue = self._clock()
+            self._snapshot_into(out, "to cover steps the journal could not record")
+        return out
+
+    def _snapshot_into(self, out: Outcome, why: str) -> None:
+        try:
+            self.snapshot()
+        except OSError as exc:
+            log.error("snapshot %s failed: %s", why, exc)
+            out.snapshot = "failed"
+        else:
+            out.snapshot = "ok"
+
+    def expire(self, now: float) -> list[str]:
+        """Forget streams idle past the TTL, journaled so a replay forgets them too."""
+        gone = self.store.expire(now)
+        if gone and self.journal is not None and not self._suspended:
+            try:
+                self.journal.append(KIND_FORGET, encode_forget(gone))
+            except OSError as exc:
+                log.error("journal append failed: %s; suspended until a snapshot", exc)
+                self._suspended = True
+        return gone
+
+    def _step(self, readings: Sequence[Reading], now: float) -> Outcome:
         out = Outcome(predictions=[None] * len(readings))
         for wave in waves([r.stream for r in readings]):
             self._step_wave([readings[i] for i in wave], wave, now, out)
         return out
 
+    def _prediction(self, stream: str, ts: float, value: float, warm: bool) -> Prediction:
+        manifest = self.bundle.manifest
+        if manifest.task == "classify" and manifest.threshold is not None:
+            return Prediction(stream, ts, value, warm, value, value >= manifest.threshold)
+        iv = manifest.interval
+        if iv is not None:
+            return Prediction(
+                stream, ts, value, warm, lower=value + iv.lower, upper=value + iv.upper
+            )
+        return Prediction(stream, ts, value, warm)
+
     def _step_wave(self, rs: list[Reading], where: list[int], now: float, out: Outcome) -> None:
         # Per-wave Python overhead is what a single busy stream pays per reading (one wave each),
         # so this path avoids enum lookups and work that only matters when something is wrong.
+        if self.recent:
+            # A reading already stepped (a redelivery, a producer's resend) is answered with the
+            # prediction it had, and not stepped again.
+            get = self.recent.get
+            fresh: list[int] = []
+            for pos, r in enumerate(rs):
+                hit = get(r.stream, r.ts)
+                if hit is None:
+                    fresh.append(pos)
+                else:
+                    out.predictions[where[pos]] = hit
+                    out.repeated += 1
+            if len(fresh) != len(rs):
+                if not fresh:
+                    return
+                rs = [rs[pos] for pos in fresh]
+                where = [where[pos] for pos in fresh]
         store = self.store
         acquire = store.acquire
         slot_list: list[int] = []
@@ -144,6 +367,17 @@ class Engine:
         elif judged.any():
             out.abs_err.append(np.abs(values[judged] - last_pred[judged]))
             out.naive_abs_err.append(np.abs(values[judged] - store.last_value[slots][judged]))
+            if manifest.interval is not None:
+                # The bounds as published (prediction + offset), so live coverage counts exactly
+                # what a consumer saw.
+                judged_pred, actual = last_pred[judged], values[judged]
+                lo, hi = manifest.interval.lower, manifest.interval.upper
+                inside = int(
+                    np.count_nonzero((actual >= judged_pred + lo) & (actual <= judged_pred + hi))
+                )
+                out.interval_inside += inside
+                out.interval_outside += int(actual.size) - inside
+                out.interval_coverage = manifest.interval.coverage
 
         x = values.astype(np.float32).reshape(-1, 1)
         state = store.gather(slots)
@@ -172,18 +406,30 @@ class Engine:
             made = np.zeros(len(slots), dtype=bool)
             made[good] = ready[good]
             self._judge(y.astype(np.float64), labels, made, out)
+        remember = self.recent.put if self.recent.capacity else None
+        iv = manifest.interval if threshold is None else None
         for j, n_seen in zip(good.tolist(), seen_after.tolist(), strict=True):
             if not ready[j]:
                 continue  # a window still filling: no prediction yet
             i = where[int(idx[j])]
             r = rs[int(idx[j])]
             value = float(y[j])
-            if threshold is None:
-                out.predictions[i] = Prediction(r.stream, r.ts, value, n_seen >= warmup)
-            else:
-                out.predictions[i] = Prediction(
-                    r.stream, r.ts, value, n_seen >= warmup, value, value >= threshold
+            if iv is not None:
+                p = Prediction(
+                    r.stream,
+                    r.ts,
+                    value,
+                    n_seen >= warmup,
+                    lower=value + iv.lower,
+                    upper=value + iv.upper,
                 )
+            elif threshold is None:
+                p = Prediction(r.stream, r.ts, value, n_seen >= warmup)
+            else:
+                p = Prediction(r.stream, r.ts, value, n_seen >= warmup, value, value >= threshold)
+            out.predictions[i] = p
+            if remember is not None:
+                remember(p)
 
     def _run_windows(
         self, state: tuple[np.ndarray, ...], x: np.ndarray, seen: np.ndarray, out: Outcome
@@ -210,3 +456,149 @@ class Engine:
             return
         tp, fp, tn, fn = counts(labels[use], probs[use] >= threshold)
         out.events.update({"tp": tp, "fp": fp, "tn": tn, "fn": fn})
+
+    # ------------------------------------------------------------------ durability
+
+    def snapshot(self) -> int:
+        """Snapshot the states (with the journal position and recent predictions), then start
+        a new journal segment: the records before it are no longer needed, except in ``.prev``
+        for a start that must fall back to the previous snapshot. Returns the bytes written;
+        OSError propagates with the journal untouched. Call it between micro-batches only, so
+        the states include exactly the records up to :attr:`seq`."""
+        if self.snapshot_path is None:
+            raise RuntimeError("no snapshot path: call recover() first")
+        seq = self.seq
+        ids, arrays = self.recent.to_arrays()
+        size = self.store.snapshot(
+            self.snapshot_path,
+            self.bundle.sha256,
+            journal_seq=seq,
+            recent_ids=ids,
+            recent=arrays,
+        )
+        self._seq = seq
+        if self.journal_path is not None:
+            if self.journal is None:
+                self._start_journal(seq)
+            else:
+                self.journal.rotate()
+            self._suspended = False
+        return size
+
+    def _start_journal(self, seq: int) -> None:
+        """A new chain from a snapshot at ``seq``: old segments belong to other states."""
+        if self.journal_path is None:
+            return
+        for old in (
+            self.journal_path,
+            self.journal_path.with_name(self.journal_path.name + ".prev"),
+        ):
+            old.unlink(missing_ok=True)
+        self.journal = Journal(self.journal_path, self.bundle.sha256, seq, fsync=self.journal_fsync)
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+
+    def recover(
+        self,
+        snapshot_path: Path,
+        journal_path: Path | None,
+        *,
+        now: float,
+        fsync: bool = False,
+        max_journal_bytes: int = 0,
+    ) -> Recovery:
+        """Restore the newest usable snapshot, replay the journal after it, snapshot, and open
+        a new journal (when ``journal_path`` is given).
+
+        Never raises for damaged files: a refused snapshot means fresh states (as before
+        journals existed), a refused journal record ends the replay there; both are reported
+        in the returned :class:`Recovery`. Replaying steps the same readings, in the same
+        micro-batches, through the same ONNX session, so the states come back bit for bit; the
+        predictions the journal holds (what may have been published) fill the recent cache.
+        OSError from the final snapshot is reported, not raised: the daemon serves on, with
+        the journal off until a snapshot succeeds.
+        """
+        self.snapshot_path = Path(snapshot_path)
+        self.journal_path = None if journal_path is None else Path(journal_path)
+        self.journal_fsync = fsync
+        self.journal_max_bytes = max_journal_bytes
+        store = self.store
+        shapes = store.shapes
+        data: SnapshotData | None = None
+        rec = Recovery(snapshot="missing")
+        for candidate in (self.snapshot_path, previous_path(self.snapshot_path)):
+            try:
+                data = load_snapshot(candidate, self.bundle.sha256, shapes)
+            except SnapshotError as exc:
+                if candidate == self.snapshot_path:
+                    rec.snapshot, rec.snapshot_error = exc.reason, str(exc)
+                continue
+            rec.source = str(candidate)
+            break
+        after = 0
+        if data is not None:
+            if rec.source != str(self.snapshot_path):
+                log.warning(
+                    "snapshot %s unusable (%s); restored %s instead",
+                    self.snapshot_path,
+                    rec.snapshot_error,
+                    rec.source,
+                )
+            rec.snapshot = "ok"
+            self.store = StateStore.from_data(
+                data, shapes, store.max_streams, store.reset_after, store.idle_ttl, now=now
+            )
+            for stream, ts, value, flags in zip(
+                data.recent_ids,
+                data.recent.get("recent_ts", ()),
+                data.recent.get("recent_value", ()),
+                data.recent.get("recent_flags", ()),
+                strict=True,
+            ):
+                self.recent.put(
+                    self._prediction(stream, float(ts), float(value), bool(flags & _WARM_FLAG))
+                )
+            after = data.journal_seq if data.journal_seq is not None else -1
+        rec.streams = len(self.store)
+        self._seq = max(after, 0)
+        if self.journal_path is not None and after >= 0:
+            self._replay(scan_journal(self.journal_path, self.bundle.sha256, after), now, rec)
+        if self.journal_path is not None:
+            try:
+                self.snapshot()
+            except OSError as exc:
+                log.error("snapshot after recovery to %s failed: %s", self.snapshot_path, exc)
+            else:
+                rec.snapshot_written = True
+        return rec
+
+    def _replay(self, scan: JournalScan, now: float, rec: Recovery) -> None:
+        """Step the scanned records again; a record that does not decode ends the replay."""
+        rec.refused.extend(scan.refused)
+        for seq, kind, payload in scan.records:
+            try:
+                if kind == KIND_WAVE:
+                    wave = decode_wave(payload)
+                else:
+                    forget = decode_forget(payload)
+            except JournalDecodeError as exc:
+                rec.refused.append(("corrupt", f"record {seq}: {exc}"))
+                break
+            if kind == KIND_FORGET:
+                for stream in forget:
+                    self.store.discard(stream)
+            else:
+                out = self._step(wave.readings, now)
+                for got, logged in zip(out.predictions, wave.predictions, strict=True):
+                    if logged is None:
+                        continue
+                    original = self._prediction(logged.stream, logged.ts, logged.value, logged.warm)
+                    self.recent.put(original)
+                    if got is None or abs(got.value - logged.value) > 1e-6:
+                        rec.mismatches += 1
+                rec.readings += len(wave.readings)
+            rec.replayed += 1
+            self._seq = seq

@@ -29,9 +29,13 @@ class Liveness:
     def __init__(self, now: float) -> None:
         # Counting construction as a beat gives the loop ``timeout`` seconds to start.
         self._last = now
+        self._note = ""
 
-    def beat(self, now: float) -> None:
+    def beat(self, now: float, note: str = "") -> None:
+        """The loop is alive; ``note`` says what it is doing if not its ordinary work (e.g.
+        waiting for the broker), and shows in ``/healthz``'s body while it stays healthy."""
         self._last = now
+        self._note = note
 
     @property
     def last_beat(self) -> float:
@@ -44,7 +48,7 @@ class Liveness:
         """``alive`` in the shape :class:`MetricsServer` callbacks return."""
         age = now - self._last
         if age <= timeout:
-            return True, "ok"
+            return True, f"ok: {self._note}" if self._note else "ok"
         return False, f"inference loop silent for {age:.1f}s (limit {timeout:g}s)"
 
 
@@ -83,7 +87,11 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:
             log.exception("health callback failed")
             ok, reason = False, f"health check raised {type(exc).__name__}: {exc}"
-        text = "ok" if ok else (reason or "not ok")
+        if ok:
+            # "ok", or "ok: <note>" from Liveness (e.g. waiting for the broker).
+            text = reason if reason.startswith("ok: ") else "ok"
+        else:
+            text = reason or "not ok"
         self._send(200 if ok else 503, (text + "\n").encode(), "text/plain; charset=utf-8")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:

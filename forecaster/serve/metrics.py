@@ -49,6 +49,9 @@ PAYLOAD_REJECT_REASONS: Final = (
     "empty",
     "bad_stream",
     "too_many",
+    "out_of_range",
+    "future_timestamp",
+    "duplicate_key",
 )
 REJECT_REASONS: Final = (
     *PAYLOAD_REJECT_REASONS,
@@ -59,6 +62,12 @@ REJECT_REASONS: Final = (
     "evicted",
     "no_route",
     "callback_error",
+    # A prediction that could not be published costs only its own message: its readings are
+    # acknowledged deliberately and counted here (see responder.py).
+    "topic_too_long",
+    "publish_failed",
+    # An unexpected exception while handling these readings (a bug): counted, acknowledged.
+    "internal_error",
 )
 STATE_RESET_REASONS: Final = ("gap", "non_finite", "model_changed")
 EVICTION_REASONS: Final = ("lru", "idle")
@@ -199,9 +208,45 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # Exact recovery (engine.py, journal.py): what a start replayed or refused, and the
+        # redeliveries answered from the recent-predictions cache.
+        self.journal_replayed = Counter(
+            "forecaster_journal_replayed_records",
+            "Journal records (micro-batches) stepped again at start-up over the restored snapshot.",
+            ["route"],
+            registry=r,
+        )
+        self.journal_refused = Counter(
+            "forecaster_journal_refused",
+            "Journal segments cut short at start-up, by reason (torn, corrupt, gap, foreign): "
+            "the records from there on were not replayed.",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.journal_write_errors = Counter(
+            "forecaster_journal_write_errors",
+            "Journal appends that failed (the batch is still answered; a crash before the next "
+            "snapshot then restores older states).",
+            ["route"],
+            registry=r,
+        )
+        self.journal_bytes = Gauge(
+            "forecaster_journal_bytes",
+            "Size of the route's current journal segment.",
+            ["route"],
+            registry=r,
+        )
+        self.predictions_repeated = Counter(
+            "forecaster_predictions_repeated",
+            "Readings already stepped (redelivered after a crash, or resent) answered with the "
+            "prediction they had the first time; included in forecaster_predictions_total.",
+            ["route"],
+            registry=r,
+        )
         self.callback_errors = Counter(
             "forecaster_callback_errors",
-            "Exceptions caught in MQTT callbacks (an uncaught one would kill paho's thread).",
+            "Exceptions caught and survived, by where: an MQTT callback (an uncaught one would "
+            "kill paho's thread), the inference worker, the journal.",
             ["callback"],
             registry=r,
         )
@@ -242,6 +287,20 @@ class Metrics:
             "Event classifiers: predictions judged against a label that arrived in a payload, "
             "by outcome (tp, fp, tn, fn); precision = tp / (tp + fp), recall = tp / (tp + fn).",
             ["route", "outcome"],
+            registry=r,
+        )
+        self.interval_checks = Counter(
+            "forecaster_interval_checks",
+            "Readings that resolved a warm prediction carrying an interval, by whether they fell "
+            "inside [lower, upper] (outcome inside, outside); live coverage = 1 - outside / all.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.interval_target = Gauge(
+            "forecaster_interval_coverage_target",
+            "Coverage the route's prediction interval was calibrated for (e.g. 0.9); compare "
+            "with the live coverage from forecaster_interval_checks_total.",
+            ["route"],
             registry=r,
         )
 
@@ -317,6 +376,15 @@ class Metrics:
                 raise ValueError(f"unknown event outcome {outcome!r}")
             if n:
                 self.events.labels(route, outcome).inc(n)
+
+    def count_interval(self, route: str, inside: int, outside: int, target: float) -> None:
+        """Add readings checked against their prediction's interval, and its target coverage.
+
+        Both outcomes are created together, so a route whose readings all fall inside still has
+        an ``outside`` series at 0 (rates and ratios then need no ``or vector(0)``)."""
+        self.interval_checks.labels(route, "inside").inc(inside)
+        self.interval_checks.labels(route, "outside").inc(outside)
+        self.interval_target.labels(route).set(target)
 
 
 class BootClockProcessCollector(ProcessCollector):

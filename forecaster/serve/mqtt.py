@@ -30,6 +30,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -38,11 +39,175 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from forecaster.serve.config import MQTTConfig
+from forecaster.serve.probe import tls_context, why_unreachable
 
 log = logging.getLogger("forecaster.serve.mqtt")
 
 #: (topic, payload, mid, qos) of a received message. It may block (back-pressure).
 MessageHandler = Callable[[str, bytes, int, int], None]
+
+#: (incoming mid, qos) of a reading to acknowledge once its prediction is out.
+Ack = tuple[int, int]
+
+#: Seconds between checks of ``stopping`` (and ``on_wait`` calls) while waiting for the window.
+WAIT_TURN = 0.2
+
+
+class PublishResult(StrEnum):
+    """What :meth:`Transport.publish` did with one prediction message.
+
+    The failures double as reject reasons (``forecaster_readings_rejected{reason=...}``): the
+    caller acknowledges the readings of a failed message itself and counts them, because the
+    transport kept nothing for it (no window slot, no ack-map entry).
+    """
+
+    SENT = "sent"  # handed to paho; its readings are acknowledged when it is out
+    STOPPING = "stopping"  # not sent: shutting down; leave the readings for redelivery
+    TOPIC_TOO_LONG = "topic_too_long"  # the prediction topic breaks MQTT's 65,535-byte limit
+    FAILED = "publish_failed"  # paho refused it (invalid topic, its queue full, ...)
+
+
+class AckBook:
+    """Which readings each outgoing prediction acknowledges, and the QoS ≥ 1 publish window.
+
+    Pure bookkeeping (no paho), so every path is unit-tested without a broker. Thread-safe: the
+    worker calls :meth:`reserve`/:meth:`sent`/:meth:`release`, paho's publisher thread calls
+    :meth:`done`/:meth:`drop_unconfirmed`. Methods return the readings to acknowledge instead of
+    acknowledging them, so no lock is held while calling into paho (paho runs ``on_publish``
+    with its own callback mutex held: two locks taken in opposite orders deadlock).
+
+    - ``on_publish`` can run before ``publish()`` returns the message id: whichever of
+      :meth:`sent` and :meth:`done` comes second completes the entry.
+    - QoS 0 messages are not in the window but are in the map until written. paho forgets
+      unwritten QoS 0 packets when the connection drops (no ``on_publish`` ever), so
+      :meth:`drop_unconfirmed` settles them; and message ids wrap at 65,535, so an id that
+      is reused while an old QoS 0 entry still holds it settles the old entry instead of
+      overwriting it.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._cond = threading.Condition()
+        self._entries: dict[int, tuple[list[Ack], int]] = {}  # out mid -> (acks, qos)
+        self._done_early: set[int] = set()
+        self._inflight = 0
+
+    @property
+    def inflight(self) -> int:
+        """QoS ≥ 1 predictions sent (or reserved) and not yet acknowledged by the broker."""
+        return self._inflight
+
+    @property
+    def pending(self) -> int:
+        """Prediction messages whose readings are still waiting for their acknowledgement."""
+        with self._cond:
+            return len(self._entries)
+
+    @property
+    def pending_readings(self) -> int:
+        """Messages of readings that stay unacknowledged until their predictions are out."""
+        with self._cond:
+            return sum(len(acks) for acks, _qos in self._entries.values())
+
+    def reserve(
+        self,
+        qos: int,
+        stopping: Callable[[], bool],
+        on_wait: Callable[[], None] = lambda: None,
+        turn: float = WAIT_TURN,
+    ) -> bool:
+        """Take a window slot for a QoS ≥ 1 message (QoS 0 needs none); False if stopping.
+
+        Waits while the window is full, calling ``on_wait`` every ``turn`` seconds: a worker
+        waiting for the broker is alive, and says so (watchdog, ``/healthz``).
+        """
+        if qos == 0:
+            return True
+        with self._cond:
+            while self._inflight >= self.window:
+                if stopping():
+                    return False
+                self._cond.wait(turn)
+                if self._inflight >= self.window:
+                    self._cond.release()
+                    try:
+                        on_wait()
+                    finally:
+                        self._cond.acquire()
+            self._inflight += 1
+        return True
+
+    def release(self, qos: int) -> None:
+        """Give back a slot taken for a message that was not sent after all."""
+        if qos > 0:
+            with self._cond:
+                self._inflight = max(0, self._inflight - 1)
+                self._cond.notify_all()
+
+    def sent(self, mid: int, qos: int, acks: list[Ack]) -> list[Ack]:
+        """Record a message paho accepted; returns the readings to acknowledge now."""
+        out: list[Ack] = []
+        with self._cond:
+            stale = self._entries.pop(mid, None)
+            if stale is not None:
+                # An id reused while an old QoS 0 entry held it: that one was never confirmed
+                # and never will be (QoS ≥ 1 ids are not reused while in flight: paho refuses).
+                out.extend(self._settle(stale))
+            if mid in self._done_early:
+                self._done_early.discard(mid)
+                out.extend(self._settle((acks, qos)))
+            else:
+                self._entries[mid] = (acks, qos)
+        return out
+
+    def done(self, mid: int) -> list[Ack]:
+        """paho confirmed ``mid`` (written for QoS 0, PUBACK/PUBCOMP for QoS ≥ 1)."""
+        with self._cond:
+            entry = self._entries.pop(mid, None)
+            if entry is None:
+                self._done_early.add(mid)
+                return []
+            return self._settle(entry)
+
+    def drop_unconfirmed(self) -> list[Ack]:
+        """The publisher connection dropped: settle the QoS 0 entries paho has forgotten.
+
+        Their predictions may or may not have left (QoS 0 promises nothing); their readings are
+        acknowledged so they do not hold the subscriber's in-flight window forever. QoS ≥ 1
+        entries stay: paho resends those after reconnecting.
+        """
+        out: list[Ack] = []
+        with self._cond:
+            for mid in [m for m, (_a, q) in self._entries.items() if q == 0]:
+                out.extend(self._settle(self._entries.pop(mid)))
+        return out
+
+    def wait_empty(
+        self, timeout: float, on_wait: Callable[[], None] = lambda: None, turn: float = WAIT_TURN
+    ) -> bool:
+        """Wait until every message sent is confirmed (so every reading it answers is
+        acknowledged), or ``timeout``; calls ``on_wait`` as :meth:`reserve` does."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight > 0 or self._entries:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, turn))
+                self._cond.release()
+                try:
+                    on_wait()
+                finally:
+                    self._cond.acquire()
+        return True
+
+    def _settle(self, entry: tuple[list[Ack], int]) -> list[Ack]:
+        # Caller holds the lock.
+        acks, qos = entry
+        if qos > 0:
+            self._inflight = max(0, self._inflight - 1)
+        self._cond.notify_all()
+        return list(acks)
 
 
 def backoff(attempt: int, low: float, high: float, rng: random.Random) -> float:
@@ -116,7 +281,23 @@ class _Link:
         self.attempt += 1
 
     def _failed(self, _c: paho.Client, _u: Any) -> None:
-        log.warning("cannot connect to %s:%s; retrying", self.cfg.host, self.cfg.port)
+        # Both links fail together: the subscriber says why, once per attempt; the publisher's
+        # failures would only repeat it.
+        if self.persistent:
+            tls = self.cfg.tls
+            ctx = (
+                tls_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure)
+                if tls.enabled
+                else None
+            )
+            log.warning(
+                "cannot connect to %s:%s: %s; retrying",
+                self.cfg.host,
+                self.cfg.port,
+                why_unreachable(self.cfg.host, self.cfg.port, ctx),
+            )
+        else:
+            log.debug("publisher: cannot connect to %s:%s", self.cfg.host, self.cfg.port)
         self._next_delay()
 
     def lost(self) -> None:
@@ -163,22 +344,21 @@ class Transport:
         on_message: MessageHandler,
         on_error: Callable[[str], None],
         on_state: Callable[[bool], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.filters = filters
         self._on_message = on_message
         self._on_error = on_error
         self._on_state = on_state or (lambda _connected: None)
+        # Called about every WAIT_TURN s while publish()/flush() wait for the broker.
+        self._on_wait = on_wait or (lambda: None)
         rng = random.Random()  # noqa: S311 - jitter, not security
         self._sub = _Link(cfg, password, cfg.client_id, True, on_error, rng)
         self._pub = _Link(cfg, password, f"{cfg.client_id}-pub", False, on_error, rng)
         self._subscribed = False
         self._pending_subs: set[int] = set()
-        self._acks_lock = threading.Lock()
-        self._acks: dict[int, tuple[list[tuple[int, int]], int]] = {}  # out mid -> (acks, qos)
-        self._done_early: set[int] = set()
-        self._window = threading.Condition()
-        self._inflight = 0
+        self.book = AckBook(cfg.max_inflight)
         self._stopping = False
 
         sub, pub = self._sub.client, self._pub.client
@@ -211,7 +391,7 @@ class Transport:
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        return self.book.inflight
 
     def _changed(self) -> None:
         self._on_state(self.connected)
@@ -237,16 +417,20 @@ class Transport:
         self._pub.stop()
         self._changed()
 
+    @property
+    def pending_readings(self) -> int:
+        """Reading messages whose acknowledgement waits for a prediction to be confirmed."""
+        return self.book.pending_readings
+
+    def interrupt(self) -> None:
+        """Stop waiting for the publish window: later publishes that would wait return
+        :attr:`PublishResult.STOPPING` (their readings stay unacknowledged, redelivered)."""
+        self._stopping = True
+
     def flush(self, timeout: float) -> bool:
-        """Wait until every QoS ≥ 1 prediction is acknowledged by the broker (or ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        with self._window:
-            while self._inflight > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._window.wait(left)
-        return True
+        """Wait until every prediction sent is confirmed (written for QoS 0, acknowledged by
+        the broker for QoS ≥ 1), so every reading it answers is acknowledged; or ``timeout``."""
+        return self.book.wait_empty(timeout, self._on_wait)
 
     # ------------------------------------------------------------------ subscriber link
 
@@ -313,50 +497,48 @@ class Transport:
         if not self._stopping:
             log.warning("publisher connection lost: %s", reason)
         self._pub.lost()
+        lost = self.book.drop_unconfirmed()
+        if lost and not self._stopping:
+            log.warning(
+                "%d reading(s) acknowledged whose QoS 0 predictions may not have left "
+                "before the publisher connection dropped",
+                len(lost),
+            )
+        for in_mid, in_qos in lost:
+            self.ack(in_mid, in_qos)
         self._changed()
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[tuple[int, int]]
-    ) -> bool:
+        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+    ) -> PublishResult:
         """Publish one prediction message; ``acks`` (incoming mid, qos) are acknowledged once it
-        is written (QoS 0) or acknowledged by the broker (QoS ≥ 1). Blocks while the in-flight
-        window is full; returns False if stopping interrupted the wait."""
-        if qos > 0:
-            with self._window:
-                while self._inflight >= self.cfg.max_inflight:
-                    if self._stopping:
-                        return False
-                    self._window.wait(0.2)
-                self._inflight += 1
-        # Never hold our lock while calling into paho: paho runs on_publish with its own
-        # callback mutex held, and two locks taken in opposite orders deadlock. Whichever of
-        # publish() and on_publish() records second sees the other's record.
-        info = self._pub.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
-        with self._acks_lock:
-            if info.mid in self._done_early:
-                self._done_early.discard(info.mid)
-                done = True
-            else:
-                self._acks[info.mid] = (acks, qos)
-                done = False
-        if done:
-            self._complete(acks, qos)
-        return True
+        is written (QoS 0) or acknowledged by the broker (QoS ≥ 1).
+
+        Blocks while the in-flight window is full (calling ``on_wait``). Anything but
+        :attr:`PublishResult.SENT` leaves no trace here (no slot, no ack entry) and ``acks``
+        unacknowledged: the caller decides. A QoS 0 message while the link is down is a failure
+        (paho drops it without a callback); a QoS ≥ 1 one is queued by paho and sent on reconnect.
+        """
+        if not self.book.reserve(qos, lambda: self._stopping, self._on_wait):
+            return PublishResult.STOPPING
+        # Never hold a lock of ours while calling into paho (see AckBook).
+        try:
+            info = self._pub.client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError:
+            self.book.release(qos)
+            if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+                return PublishResult.TOPIC_TOO_LONG
+            return PublishResult.FAILED
+        queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+            qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+        )
+        if not queued:
+            self.book.release(qos)
+            return PublishResult.FAILED
+        for in_mid, in_qos in self.book.sent(info.mid, qos, acks):
+            self.ack(in_mid, in_qos)
+        return PublishResult.SENT
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
-        with self._acks_lock:
-            entry = self._acks.pop(mid, None)
-            if entry is None:
-                self._done_early.add(mid)
-                return
-        self._complete(*entry)
-
-    def _complete(self, acks: list[tuple[int, int]], qos: int) -> None:
-        for in_mid, in_qos in acks:
+        for in_mid, in_qos in self.book.done(mid):
             self.ack(in_mid, in_qos)
-        if qos > 0:
-            with self._window:
-                self._inflight = max(0, self._inflight - 1)
-                self._window.notify_all()

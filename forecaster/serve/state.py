@@ -14,28 +14,30 @@ The store is not thread-safe and is meant to be owned by the one inference threa
 valid until the next call that can free one (:meth:`acquire` when full, :meth:`expire`,
 :meth:`discard`): acquire every stream of a wave, then gather/step/scatter/record, then expire.
 
-Snapshots are ``.npz`` files without pickles (``np.load(allow_pickle=False)`` reads them), tied to
-the model by its sha256 and written atomically with the previous generation kept beside them.
+Snapshots (the file format and its atomic I/O live in ``snapshot.py``) are ``.npz`` files without
+pickles, tied to the model by its sha256 and written atomically with the previous generation kept
+beside them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import time
-import zipfile
-import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 
-from forecaster.errors import ForecasterError
+from forecaster.serve.snapshot import (
+    META,
+    SNAPSHOT_VERSION,
+    SnapshotData,
+    SnapshotError,
+    load_snapshot,
+    previous_path,
+    write_snapshot,
+)
 
 __all__ = [
     "SNAPSHOT_VERSION",
@@ -48,25 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 1
-_SNAPSHOT_FORMAT = "forecaster-state"
-_META = ("last_ts", "last_value", "last_pred", "seen", "last_used")
-# Exceptions np.load and zipfile raise for files that are not what they claim to be. A damaged
-# header can claim a newer zip version or an unknown compression method (NotImplementedError) or
-# an encrypted member (RuntimeError): found by tests/faults/test_fuzz.py.
-_LOAD_ERRORS = (
-    OSError,
-    ValueError,
-    KeyError,
-    EOFError,
-    MemoryError,
-    NotImplementedError,
-    RuntimeError,
-    zipfile.BadZipFile,
-    zlib.error,
-)
-
-SnapshotReason = Literal["missing", "corrupt", "foreign"]
+_META = META
 
 
 class Verdict(IntEnum):
@@ -76,20 +60,6 @@ class Verdict(IntEnum):
     RESET = 1  # event-time gap > reset_after: zero the state, then step (reset reason "gap")
     DUPLICATE = 2  # ts == last_ts: drop
     OUT_OF_ORDER = 3  # ts < last_ts: drop
-
-
-class SnapshotError(ForecasterError):
-    """A snapshot cannot be used; ``reason`` lets the daemon tell a first start from damage.
-
-    ``missing``: no file. ``corrupt``: unreadable, truncated, malformed or non-finite content.
-    ``foreign``: a sound file written for another model (bundle sha256 or state shapes differ),
-    the normal outcome after deploying a new bundle.
-    """
-
-    def __init__(self, message: str, *, reason: SnapshotReason, path: Path) -> None:
-        super().__init__(message)
-        self.reason: SnapshotReason = reason
-        self.path = path
 
 
 def finite_rows(states: Sequence[np.ndarray]) -> np.ndarray:
@@ -104,16 +74,6 @@ def finite_rows(states: Sequence[np.ndarray]) -> np.ndarray:
     for arr in states[1:]:
         ok &= np.isfinite(arr).all(axis=(0, 2))
     return ok
-
-
-def previous_path(path: Path) -> Path:
-    """Where the generation before ``path`` is kept."""
-    return path.with_name(path.name + ".prev")
-
-
-def _tmp_path(path: Path) -> Path:
-    # A fixed name, so a temp file left by a crash is overwritten by the next snapshot.
-    return path.with_name(path.name + ".tmp")
 
 
 def _check_shapes(shapes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -450,53 +410,43 @@ class StateStore:
 
     # ---------------------------------------------------------------- snapshots
 
-    def snapshot(self, path: Path, bundle_sha256: str, *, created: float | None = None) -> int:
-        """Write the live streams to ``path`` atomically; returns the bytes written.
+    def snapshot(
+        self,
+        path: Path,
+        bundle_sha256: str,
+        *,
+        created: float | None = None,
+        journal_seq: int | None = None,
+        recent_ids: list[str] | None = None,
+        recent: Mapping[str, np.ndarray] | None = None,
+    ) -> int:
+        """Write the live streams to ``path`` atomically (see ``snapshot.write_snapshot``);
+        returns the bytes written. OSError propagates, the previous file stays whole.
 
-        Order: write ``<path>.tmp`` and fsync it; hard-link the current ``path`` to
-        ``<path>.prev`` (via a temp link and a rename, so ``.prev`` is always whole); rename the
-        temp file onto ``path``; fsync the directory. At every instant ``path`` is a complete
-        snapshot (old or new). Where hard links are not supported the old file is renamed to
-        ``.prev`` instead, and between the two renames only ``.prev`` exists — which is what
-        :meth:`restore_latest` falls back to. OSError propagates; the temp file is removed.
-
-        The live rows are copied out first (as much memory again as the live state), and at 1M
-        LSTM 2×64 streams the whole call takes seconds, mostly writing and fsyncing ~1 GB.
+        ``journal_seq`` (the last journal record these states include) and ``recent`` (the
+        engine's recent predictions) travel in the same file, so they can never disagree with
+        the states. The live rows are copied out first (as much memory again as the live
+        state), and at 1M LSTM 2×64 streams the whole call takes seconds, mostly writing and
+        fsyncing ~1 GB.
         """
-        path = Path(path)
         live = list(self._lru.items())  # LRU order: restoring in file order keeps it
         slots = np.fromiter((s for _, s in live), dtype=np.intp, count=len(live))
-        header = {
-            "format": _SNAPSHOT_FORMAT,
-            "version": SNAPSHOT_VERSION,
-            "bundle_sha256": bundle_sha256,
-            "shapes": [list(s) for s in self._shapes],
-            "count": len(live),
-            "created": time.time() if created is None else created,
-        }
-        arrays: dict[str, Any] = {  # Any: the numpy stub types savez(**kwds) as its flags
-            "header": _json_bytes(header),
-            "ids": _json_bytes([stream for stream, _ in live]),
-        }
+        arrays: dict[str, np.ndarray] = {}
         for i, arr in enumerate(self._states):
             arrays[f"state{i}"] = np.take(arr, slots, axis=1)
         for name, arr in zip(_META, self._meta_arrays(), strict=True):
             arrays[name] = arr[slots]
-
-        tmp = _tmp_path(path)
-        try:
-            with tmp.open("wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-                size = fh.tell()
-            _keep_previous(path)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-        return size
+        return write_snapshot(
+            Path(path),
+            bundle_sha256,
+            self._shapes,
+            [stream for stream, _ in live],
+            arrays,
+            journal_seq=journal_seq,
+            recent_ids=recent_ids,
+            recent=recent,
+            created=created,
+        )
 
     @classmethod
     def restore(
@@ -517,18 +467,32 @@ class StateStore:
         most recent stream reads ``now`` and the others keep their idle ages: downtime does not
         count as idleness, and a monotonic clock from another boot cannot confuse the TTL.
         """
-        path = Path(path)
         want = _check_shapes(shapes)
-        data = _load_snapshot(path, bundle_sha256, want)
-        n_file = len(data["ids"])
+        data = load_snapshot(Path(path), bundle_sha256, want)
+        return cls.from_data(data, want, max_streams, reset_after, idle_ttl, now=now)
+
+    @classmethod
+    def from_data(
+        cls,
+        data: SnapshotData,
+        shapes: Sequence[tuple[int, int]],
+        max_streams: int,
+        reset_after: float = 0.0,
+        idle_ttl: float = 0.0,
+        *,
+        now: float | None = None,
+    ) -> StateStore:
+        """A store holding a validated snapshot's streams (see :meth:`restore`)."""
+        want = _check_shapes(shapes)
+        n_file = len(data.ids)
         keep = slice(max(0, n_file - int(max_streams)), n_file)  # file order is LRU order
-        ids: list[str] = data["ids"][keep]
+        ids: list[str] = data.ids[keep]
         n = len(ids)
         store = cls(want, max_streams, reset_after, idle_ttl, initial_capacity=max(n, 1024))
         for i in range(len(want)):
-            store._states[i][:, :n, :] = data[f"state{i}"][:, keep, :]
+            store._states[i][:, :n, :] = data.arrays[f"state{i}"][:, keep, :]
         for name, arr in zip(_META, store._meta_arrays(), strict=True):
-            arr[:n] = data[name][keep]
+            arr[:n] = data.arrays[name][keep]
         if now is not None and n:
             store._last_used[:n] += now - store._last_used[:n].max()
         store._lru = OrderedDict(zip(ids, range(n), strict=True))
@@ -567,122 +531,3 @@ class StateStore:
                 raise newest from None
             log.warning("snapshot %s unusable (%s); restored %s instead", path, newest, prev)
             return store, str(prev)
-
-
-# -------------------------------------------------------------------- snapshot file helpers
-
-
-def _json_bytes(obj: Any) -> np.ndarray:
-    # uint8 rather than a str/object array: object arrays would need pickle to load.
-    return np.frombuffer(json.dumps(obj, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-
-
-def _json_from(arr: np.ndarray) -> Any:
-    if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise ValueError(f"expected 1-D uint8 JSON bytes, got {arr.dtype} {arr.shape}")
-    return json.loads(arr.tobytes().decode("utf-8"))
-
-
-def _keep_previous(path: Path) -> None:
-    prev = previous_path(path)
-    link = prev.with_name(prev.name + ".tmp")
-    link.unlink(missing_ok=True)
-    try:
-        os.link(path, link)
-    except FileNotFoundError:
-        return  # first snapshot: no previous generation
-    except OSError:
-        # No hard links here (some network/FUSE filesystems): rename, accepting a short window
-        # in which only .prev exists.
-        if path.exists():
-            os.replace(path, prev)
-        return
-    os.replace(link, prev)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames durable; without it a power cut can bring the old directory entry back."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not openable as a directory here (e.g. Windows); renames are still atomic
-    try:
-        # Some filesystems refuse fsync on a directory; the renames are done, nothing to undo.
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _load_snapshot(
-    path: Path, bundle_sha256: str, shapes: tuple[tuple[int, int], ...]
-) -> dict[str, Any]:
-    """Read and validate every array; all failures become :class:`SnapshotError`."""
-
-    def fail(reason: SnapshotReason, why: str) -> SnapshotError:
-        return SnapshotError(f"snapshot {path}: {why}", reason=reason, path=path)
-
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("a bare .npy array, not an .npz archive")
-        with loaded as npz:
-            raw = {name: npz[name] for name in npz.files}
-    except FileNotFoundError:
-        raise fail("missing", "no such file") from None
-    except _LOAD_ERRORS as exc:
-        raise fail("corrupt", f"cannot be read ({type(exc).__name__}: {exc})") from None
-
-    try:
-        header = _json_from(raw["header"])
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise fail("corrupt", f"bad header ({exc})") from None
-    if header.get("format") != _SNAPSHOT_FORMAT or header.get("version") != SNAPSHOT_VERSION:
-        raise fail(
-            "corrupt",
-            f"format {header.get('format')!r} version {header.get('version')!r} is not "
-            f"{_SNAPSHOT_FORMAT!r} version {SNAPSHOT_VERSION}",
-        )
-    if header.get("bundle_sha256") != bundle_sha256:
-        got = str(header.get("bundle_sha256"))
-        raise fail("foreign", f"written for bundle {got[:12]}…, not {bundle_sha256[:12]}…")
-    if header.get("shapes") != [list(s) for s in shapes]:
-        raise fail("foreign", f"state shapes {header.get('shapes')} != {[list(s) for s in shapes]}")
-
-    try:
-        ids = _json_from(raw["ids"])
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise fail("corrupt", f"bad stream ids ({exc})") from None
-    if not isinstance(ids, list) or not all(isinstance(s, str) for s in ids):
-        raise fail("corrupt", "stream ids are not a list of strings")
-    n = len(ids)
-    if header.get("count") != n or len(set(ids)) != n:
-        raise fail("corrupt", f"{n} stream ids for a count of {header.get('count')} (or repeated)")
-
-    expected: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
-        f"state{i}": ((la, n, hi), np.float32) for i, (la, hi) in enumerate(shapes)
-    }
-    for name in _META:
-        expected[name] = ((n,), np.int64 if name == "seen" else np.float64)
-    out: dict[str, Any] = {"ids": ids}
-    for name, (shape, dtype) in expected.items():
-        arr = raw.get(name)
-        if arr is None:
-            raise fail("corrupt", f"array {name!r} is missing")
-        if arr.shape != shape or arr.dtype != dtype:
-            raise fail("corrupt", f"array {name!r} is {arr.dtype}{arr.shape}, not {shape}")
-        out[name] = arr
-    for i in range(len(shapes)):
-        if not np.isfinite(out[f"state{i}"]).all():
-            raise fail("corrupt", f"state{i} holds non-finite values")
-    # NaN is meaningful metadata ("none yet"); infinities never are.
-    for name in ("last_ts", "last_value", "last_pred"):
-        if np.isinf(out[name]).any():
-            raise fail("corrupt", f"{name} holds infinities")
-    if not np.isfinite(out["last_used"]).all():
-        raise fail("corrupt", "last_used holds non-finite values")
-    if (out["seen"] < 0).any():
-        raise fail("corrupt", "seen holds negative counts")
-    return out

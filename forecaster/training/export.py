@@ -29,7 +29,7 @@ from forecaster.errors import ForecasterError
 from forecaster.model.bundle import MANIFEST_FILE, MODEL_FILE, Bundle, Manifest
 from forecaster.model.windows import windows
 from forecaster.training.nn import RNNForecaster, StepModule, WindowModule
-from forecaster.training.stateful import load_run
+from forecaster.training.report import load_run
 
 OPSET = 17
 PARITY_STEPS = 1000
@@ -46,11 +46,11 @@ def to_onnx(model: RNNForecaster) -> bytes:
     if model.spec.mode == "window":
         return _window_onnx(model)
     step = StepModule(model).eval()
-    names = ["h", "c"] if model.spec.cell == "lstm" else ["h"]
+    names = state_names(model)
     batch = 2
     args = (torch.zeros(batch, model.spec.n_features), *model.zero_state(batch))
     dynamic: dict[str, dict[int, str]] = {"x": {0: "B"}, "y": {0: "B"}}
-    for n in names:
+    for n in names:  # every state tensor is [L, B, H]: batch in the middle
         dynamic[n] = {1: "B"}
         dynamic[f"{n}_out"] = {1: "B"}
     buf = io.BytesIO()
@@ -69,6 +69,12 @@ def to_onnx(model: RNNForecaster) -> bytes:
             dynamo=False,
         )
     return buf.getvalue()
+
+
+def state_names(model: RNNForecaster) -> list[str]:
+    """The graph's state inputs, in order (outputs are the same with ``_out``)."""
+    names = ["h", "c"] if model.spec.cell == "lstm" else ["h"]
+    return [*names, "lags"] if model.spec.lag_buffer else names
 
 
 def _window_onnx(model: RNNForecaster) -> bytes:
@@ -139,8 +145,8 @@ def check_parity(
         _, ref, _ = model.forward_seq(torch.from_numpy(x), model.zero_state(streams))
     expected = ref.numpy()
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    names = ["h", "c"] if model.spec.cell == "lstm" else ["h"]
-    state = [np.zeros((model.spec.layers, streams, model.spec.hidden), np.float32) for _ in names]
+    names = state_names(model)
+    state = [s.numpy() for s in model.zero_state(streams)]
     got = np.empty_like(expected)
     for t in range(steps):
         y, *state = sess.run(None, {"x": x[t], **dict(zip(names, state, strict=True))})
@@ -206,11 +212,27 @@ def manifest_for(
             "validation": None
             if val is None
             else {k: val[k] for k in ("rmse", "mae", "naive_rmse", "naive_mae", "n")},
+            "lag_buffer": spec.lag_buffer,
+            "linear": {"lags": list(spec.ar_lags), "loss": report["linear"]["loss"]}
+            if spec.ar_lags
+            else None,
+            "seasonality": report.get("seasonality", {}).get("periods", []),
+            "interval": report.get("interval"),
+            "fallback": (report.get("fallback") or {}).get("reason"),
+            "selection": _selection(report.get("search")),
             "parity_max_abs_diff": parity,
             "package_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
+
+
+def _selection(search: dict[str, Any] | None) -> dict[str, object] | None:
+    """The search in brief for the manifest (every trial stays in ``report.json``)."""
+    if not search:
+        return None
+    keys = ("library", "trials_asked", "budget_seconds", "budget_hit", "searched", "best_trial")
+    return {k: search[k] for k in keys} | {"trials_run": len(search["trials"])}
 
 
 def export(

@@ -37,6 +37,17 @@ class ModelSpec:
     bidirectional: bool = False
     task: Literal["regress", "classify"] = "regress"
     window_input: Literal["level", "diff"] = "level"
+    #: The linear path (stateful delta head only): coefficients per lag-buffer position and the
+    #: bias of :mod:`forecaster.training.linear`; empty = no linear path (y = last + delta).
+    ar_coef: tuple[float, ...] = ()
+    ar_bias: float = 0.0
+    ar_lags: tuple[int, ...] = ()
+    ar_loss: str = ""
+
+    @property
+    def lag_buffer(self) -> int:
+        """Readings the lag state keeps per stream (0: no lag state)."""
+        return len(self.ar_coef)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -54,6 +65,8 @@ class RNNForecaster(nn.Module):
     mean: Tensor
     std: Tensor
     delta_scale: Tensor
+    ar_coef: Tensor
+    ar_bias: Tensor
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -73,10 +86,53 @@ class RNNForecaster(nn.Module):
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32))
         self.register_buffer("delta_scale", torch.tensor(spec.delta_scale, dtype=torch.float32))
+        if spec.lag_buffer:
+            self.register_buffer("ar_coef", torch.tensor(spec.ar_coef, dtype=torch.float32))
+            self.register_buffer("ar_bias", torch.tensor(spec.ar_bias, dtype=torch.float32))
+
+    @property
+    def n_rnn_states(self) -> int:
+        return 2 if self.spec.cell == "lstm" else 1
 
     def zero_state(self, batch: int) -> State:
         h = torch.zeros(self.spec.layers, batch, self.spec.hidden)
-        return (h, torch.zeros_like(h)) if self.spec.cell == "lstm" else (h,)
+        rnn = (h, torch.zeros_like(h)) if self.spec.cell == "lstm" else (h,)
+        if self.spec.lag_buffer:
+            # The lag buffer (newest first) and a "filled" flag: [1, B, P + 1], zero = empty.
+            return (*rnn, torch.zeros(1, batch, self.spec.lag_buffer + 1))
+        return rnn
+
+    def _lags(self, x0: Tensor, lags: Tensor) -> tuple[Tensor, Tensor]:
+        """The linear path over a sequence ``x0`` ``[T, B]`` from lag state ``[1, B, P + 1]``.
+
+        Returns the line's prediction ``[T, B]`` (raw units) and the new lag state. An empty
+        buffer (flag 0: a new stream or one just reset) is filled with the first reading, the
+        rule :func:`forecaster.training.linear.ar_segment` is the reference of."""
+        p = self.spec.lag_buffer
+        buf = lags[0, :, :p]
+        filled = lags[0, :, p:]
+        buf = torch.where(filled > 0.5, buf, x0[0].unsqueeze(-1).expand_as(buf))
+        hist = torch.cat([buf.flip(-1).transpose(0, 1), x0], dim=0)  # [P + T, B], oldest first
+        newest_first = hist.unfold(0, p, 1)[1:].flip(-1)  # [T, B, P]: row t = x_t, x_t-1, …
+        ar = self._line(x0, newest_first)
+        new_buf = newest_first[-1]
+        return ar, torch.cat([new_buf, torch.ones_like(filled)], dim=-1).unsqueeze(0)
+
+    def _line(self, cur: Tensor, newest_first: Tensor) -> Tensor:
+        """``cur + bias + coef[0] cur + sum_k coef[k] (b[k] - cur)``: differences from the last
+        reading keep float32 exact on series with large levels."""
+        diffs = newest_first[..., 1:] - cur.unsqueeze(-1)
+        return cur + self.ar_bias + self.ar_coef[0] * cur + (diffs * self.ar_coef[1:]).sum(-1)
+
+    def step_lags(self, x0: Tensor, lags: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of :meth:`_lags` (``x0`` ``[B]``) without ``unfold``: the exported graph."""
+        p = self.spec.lag_buffer
+        buf = lags[0, :, :p]
+        filled = lags[0, :, p:]
+        buf = torch.where(filled > 0.5, buf, x0.unsqueeze(-1).expand_as(buf))
+        new_buf = torch.cat([x0.unsqueeze(-1), buf[:, : p - 1]], dim=-1)
+        ar = self._line(x0, new_buf)
+        return ar, torch.cat([new_buf, torch.ones_like(filled)], dim=-1).unsqueeze(0)
 
     def _rnn(self, xs: Tensor, state: State) -> tuple[Tensor, State]:
         if self.spec.cell == "lstm":
@@ -91,9 +147,13 @@ class RNNForecaster(nn.Module):
         Returns the head's output ``[T, B]`` (its scaled units), ``y`` ``[T, B]`` (the next value
         in raw units) and the final state."""
         xs = (x - self.mean) / self.std
-        out, state = self._rnn(xs, state)
+        k = self.n_rnn_states
+        out, rnn_state = self._rnn(xs, state[:k])
         o = self.head(out).squeeze(-1)
-        return o, self.output(o, x[..., 0]), state
+        if not self.spec.lag_buffer:
+            return o, self.output(o, x[..., 0]), rnn_state
+        ar, lags = self._lags(x[..., 0], state[k])
+        return o, ar + o * self.delta_scale, (*rnn_state, lags)
 
     def forward_window(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Run windows ``x`` ``[B, W, F]`` (raw units), each from a zero state.
@@ -150,8 +210,16 @@ class StepModule(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        _, y, new_state = self.model.forward_seq(x.unsqueeze(0), tuple(state))
-        return (y[0].unsqueeze(-1), *new_state)
+        m = self.model
+        if not m.spec.lag_buffer:
+            _, y, new_state = m.forward_seq(x.unsqueeze(0), tuple(state))
+            return (y[0].unsqueeze(-1), *new_state)
+        k = m.n_rnn_states
+        xs = ((x - m.mean) / m.std).unsqueeze(0)
+        out, rnn_state = m._rnn(xs, tuple(state[:k]))
+        o = m.head(out[0]).squeeze(-1)
+        ar, lags = m.step_lags(x[:, 0], state[k])
+        return ((ar + o * m.delta_scale).unsqueeze(-1), *rnn_state, lags)
 
 
 class WindowModule(nn.Module):

@@ -14,8 +14,6 @@ F1 on the validation windows and recorded in the report (and then the manifest).
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +27,13 @@ from forecaster.errors import DataError
 from forecaster.evaluation.unroll import unroll, window_predictor
 from forecaster.model.classify import choose_threshold, positive_weight, score_events
 from forecaster.model.windows import windows
+from forecaster.training.config import TrainConfig
+from forecaster.training.intervals import conformal
+from forecaster.training.loop import Progress, fit
 from forecaster.training.nn import ModelSpec, RNNForecaster
-from forecaster.training.stateful import (
-    REPORT_FILE,
-    WEIGHTS_FILE,
-    TrainConfig,
-    _plot_losses,
-    _Progress,
-    build_tape,
-    fit_scaling,
-    pyplot,
-    report_header,
-    save_weights,
-    split,
-)
+from forecaster.training.plots import plot_classify, plot_losses
+from forecaster.training.report import WEIGHTS_FILE, report_header, save_weights, write_report
+from forecaster.training.tape import build_tape, fit_scaling, split
 
 #: Windows per forward pass when predicting (validation); training uses --batch-size.
 PREDICT_CHUNK = 4096
@@ -114,24 +105,8 @@ def train_window(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Fit a window model, keep the best validation epoch, write the run directory."""
-    # Windows are small batches of short sequences: a second intra-op thread buys nothing and,
-    # on a busy machine, costs up to 30x per backward pass (measured: GRU(12), 3 vs 100 ms).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _train_window(data, cfg, out_dir, progress, log)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train_window(
-    data: Dataset,
-    cfg: TrainConfig,
-    out_dir: Path,
-    progress: bool,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
+    """Fit a window model (``cfg`` resolved), keep the best validation epoch, write the run."""
+    assert cfg.cell is not None and cfg.layers and cfg.hidden and cfg.lr and cfg.epochs  # noqa: S101
     w = int(cfg.window or 1)
     classify = cfg.task == "classify"
     series, cuts = split(data, cfg)
@@ -147,7 +122,6 @@ def _train_window(
         )
 
     torch.manual_seed(cfg.seed)
-    torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(cfg.seed)
     mean, std, delta = fit_scaling(tape)
     spec = ModelSpec(
@@ -206,50 +180,36 @@ def _train_window(
             "val_mae": sc_r.mae,
         }, -sc_r.rmse
 
-    history: list[dict[str, Any]] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    n_batches = -(-len(train_x) // cfg.batch_size)
-    bar = _Progress(cfg.epochs, n_batches, enabled=progress)
-    stale = 0
-    with bar:
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            started = time.perf_counter()
-            order = rng.permutation(len(train_x))
-            total, count = 0.0, 0
-            for lo in range(0, len(order), cfg.batch_size):
-                idx = torch.from_numpy(order[lo : lo + cfg.batch_size])
-                x, t = tx[idx], tt[idx]
-                o, _ = model.forward_window(x)
-                loss = loss_of(o, x, t)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-                count += len(idx)
-                bar.batch(epoch, total / count)
-            figures, merit = validate()
-            row = {
-                "epoch": epoch,
-                "train_loss": total / max(count, 1),
-                **figures,
-                "seconds": time.perf_counter() - started,
-            }
-            history.append(row)
-            _epoch_line(bar, epoch, row, classify)
-            if best is None or merit > best[0]:
-                best = (merit, epoch, {k: v.clone() for k, v in model.state_dict().items()})
-                stale = 0
-            else:
-                stale += 1
-                if stale >= cfg.patience:
-                    log(f"early stop after epoch {epoch}: no better validation for {cfg.patience}")
-                    break
-    if best is None:
-        raise DataError("training ran no epoch")
-    model.load_state_dict(best[2])
-    model.eval()
+    def train_epoch(epoch: int, bar: Progress) -> tuple[float, int]:
+        order = rng.permutation(len(train_x))
+        total, count = 0.0, 0
+        for lo in range(0, len(order), cfg.batch_size):
+            idx = torch.from_numpy(order[lo : lo + cfg.batch_size])
+            x, t = tx[idx], tt[idx]
+            o, _ = model.forward_window(x)
+            loss = loss_of(o, x, t)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            bar.batch(epoch, total / count)
+        return total / max(count, 1), count
+
+    result = fit(
+        model,
+        train_epoch,
+        validate,
+        epochs=cfg.epochs,
+        patience=cfg.patience,
+        batches=-(-len(train_x) // cfg.batch_size),
+        progress=progress,
+        log=log,
+        line=lambda bar, epoch, row: _epoch_line(bar, epoch, row, classify),
+        include_initial=not classify and cfg.head == "delta",
+    )
+    history = result.history
 
     report: dict[str, Any] = report_header(cfg, spec, data, len(tape.x))
     report["data"].update(
@@ -257,7 +217,7 @@ def _train_window(
     )
     report |= {
         "epochs": history,
-        "best_epoch": best[1],
+        "best_epoch": result.best_epoch,
         "warmup": w,
     }
     if classify:
@@ -275,24 +235,24 @@ def _train_window(
             "roc_auc": 0.5,
         }
     else:
-        final = unroll(series, window_predictor(torch_window_fn(model), w), w, cuts, w - 1).score()
-        report["validation"] = {
-            k: v for k, v in final.as_dict().items() if k not in ("mase", "skill")
-        }
-        report["validation_skill"] = final.as_dict()["skill"]
+        u = unroll(series, window_predictor(torch_window_fn(model), w), w, cuts, w - 1)
+        final = u.score().as_dict()
+        report["validation"] = {k: v for k, v in final.items() if k not in ("mase", "skill")}
+        report["validation_skill"] = final["skill"]
+        report["interval"] = conformal(u.actual[u.scored] - u.predicted[u.scored], cfg.coverage)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_weights(model, out_dir / WEIGHTS_FILE)
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, out_dir)
     if classify:
-        _plot_classify(history, out_dir / "loss.png", log)
+        plot_classify(history, out_dir / "loss.png", log)
     else:
-        _plot_losses(history, out_dir / "loss.png", log)
+        plot_losses(history, out_dir / "loss.png", log)
     return report
 
 
-def _epoch_line(bar: _Progress, epoch: int, row: dict[str, Any], classify: bool) -> None:
+def _epoch_line(bar: Progress, epoch: int, row: dict[str, Any], classify: bool) -> None:
     if not classify:
         bar.epoch(epoch, row)
         return
@@ -302,25 +262,3 @@ def _epoch_line(bar: _Progress, epoch: int, row: dict[str, Any], classify: bool)
         f"acc {row['val_accuracy']:.3f}  P {row['val_precision']:.3f}  R {row['val_recall']:.3f}  "
         f"F1 {row['val_f1']:.3f}  AUC {'n/a' if auc is None else f'{auc:.3f}'}"
     )
-
-
-def _plot_classify(history: list[dict[str, Any]], path: Path, log: Callable[[str], None]) -> None:
-    plt = pyplot(log)
-    if plt is None:
-        return
-    epochs = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
-    a1.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
-    a1.set_title("weighted BCE")
-    a1.set_xlabel("epoch")
-    a1.legend()
-    for key in ("roc_auc", "f1", "precision", "recall"):
-        vals = [h[f"val_{key}"] for h in history]
-        a2.plot(epochs, [np.nan if v is None else v for v in vals], marker="o", label=key)
-    a2.set_title("validation")
-    a2.set_xlabel("epoch")
-    a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -19,12 +19,28 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def reference_line(coef: np.ndarray, bias: float, values: np.ndarray) -> np.ndarray:
+    """The linear path written from its documented formula with a plain Python buffer: the
+    buffer starts full of the first reading, then each reading is pushed in front."""
+    out = np.empty(len(values))
+    buf = [float(values[0])] * len(coef)
+    for t, v in enumerate(values):
+        buf = [float(v), *buf[:-1]]
+        out[t] = v + bias + coef[0] * v + sum(coef[k] * (buf[k] - v) for k in range(1, len(coef)))
+    return out
+
+
 def reference_unroll(run: Path, values: np.ndarray) -> np.ndarray:
     """An independent float64 numpy LSTM/GRU built from the saved weights and PyTorch's published
-    gate equations: it shares no code with forecaster's model or ONNX graph."""
+    gate equations, plus the linear path: it shares no code with forecaster's model or graph."""
     report = json.loads((run / "report.json").read_text())
     spec = report["model"]
     w = dict(np.load(run / "weights.npz", allow_pickle=False))
+    line = (
+        reference_line(w["ar_coef"].astype(np.float64), float(w["ar_bias"]), values)
+        if spec["ar_coef"]
+        else values
+    )
     layers, hidden = spec["layers"], spec["hidden"]
     h = np.zeros((layers, hidden))
     c = np.zeros((layers, hidden))
@@ -47,7 +63,7 @@ def reference_unroll(run: Path, values: np.ndarray) -> np.ndarray:
             inp = h[k]
         o_ = float(w["head.weight"][0] @ h[-1] + w["head.bias"][0])
         out[t] = (
-            v + o_ * spec["delta_scale"]
+            line[t] + o_ * spec["delta_scale"]
             if spec["head"] == "delta"
             else (spec["mean"][0] + o_ * spec["std"][0])
         )
@@ -80,12 +96,16 @@ def test_train_export_evaluate(cli, tmp_path: Path, cell: str, layers: int) -> N
         check=True,
     )
     report = json.loads((run / "report.json").read_text())
-    assert len(report["epochs"]) == 2 and report["model"]["cell"] == cell
+    # epoch 0 is the untrained hybrid (the linear path alone); then the two trained epochs
+    assert [e["epoch"] for e in report["epochs"]] == [0, 1, 2] and report["model"]["cell"] == cell
+    assert report["search"] is None  # --cell given: that model, no search
     assert (run / "loss.png").stat().st_size > 1000
     exp = cli("export", run, "--out", bundle, check=True)
     assert "parity over 1000 steps x 8 streams" in exp.stdout
     m = Bundle.load(bundle).manifest
     assert m.cell == cell and m.layers == layers and m.parity_max_abs_diff <= 1e-4
+    assert m.format_version == 2 and m.lag_buffer == len(report["model"]["ar_coef"])
+    assert m.interval is not None and m.interval.lower <= 0 <= m.interval.upper
     ev = cli(
         "evaluate", bundle, WATER, "--from", "1014", "--json", "--predictions", preds, check=True
     )

@@ -1,76 +1,72 @@
-"""Fault-suite fixtures: the integration suite's real mosquitto and daemon, plus the tools to
-break them and to check what survived.
+"""Fault-suite fixtures: the integration suite's real mosquitto and daemon (both from
+:mod:`forecaster.harness`), plus the tools to break them and to check what survived.
 
-Reused from ``tests/integration/conftest.py``: the ``broker`` fixture (mosquitto with
-persistence on, restartable on the same port and directory), ``DaemonProc`` (the daemon as a
-subprocess, ``metric()`` scraping ``/metrics``), ``write_config`` and ``free_port``. Added here:
-
+- ``broker`` (from ``tests/integration/conftest.py``): mosquitto with persistence on,
+  restartable on the same port and directory;
+- ``daemon``: ``make(**options)`` → a not-yet-started :class:`DaemonProcess`, configured through
+  the Config model (``mqtt=``, ``metrics=``, ``route=`` dicts, ``routes=`` a list of dicts);
+- ``reference`` (from ``tests/conftest.py``): the uninterrupted prediction for every reading;
+- ``seed`` / ``rng`` (from ``tests/conftest.py``): reported on failure, ``TEST_SEED`` replays;
 - :class:`Feed`: sequence-numbered readings (``forecaster.replay``'s plan, so ``seq`` is in every
   JSON payload) published from a thread at a set rate, recording what the broker acknowledged;
-- :class:`Sink`: a persistent-session subscriber that resubscribes after a broker restart, so
-  predictions published while it reconnects are not lost to the test;
+- :class:`Sink`: a persistent-session :class:`~forecaster.harness.Collector`, so predictions
+  published while it reconnects after a broker restart are not lost to the test;
 - :func:`verify`: every reading ``(stream, ts)`` has a prediction; duplicates counted;
 - :func:`drift`: how far each stream's predictions are from ``forecaster evaluate``'s;
-- ``rss_mb``, ``log_text`` and small waiting helpers.
+- ``rss_mb``, ``log_text`` and ``wait_until``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from forecaster.data import load_csv
+from forecaster.harness import (
+    Broker,
+    Collector,
+    DaemonProcess,
+    mqtt_client,
+    predictions,
+    wait_until,
+)
 from forecaster.replay import ReplayItem, plan
 from tests.integration.conftest import (  # noqa: F401 - fixtures are found by name
     MODEL,
     ROOT,
-    Broker,
-    DaemonProc,
     broker,
-    free_port,
-    write_config,
+    make_daemon,
 )
+
+__all__ = [
+    "MODEL",
+    "ROOT",
+    "Broker",
+    "DaemonProcess",
+    "Feed",
+    "Sink",
+    "drift",
+    "log_text",
+    "mqtt_client",
+    "predictions",
+    "report",
+    "rss_mb",
+    "verify",
+    "wait_until",
+    "water_items",
+]
 
 WATER = ROOT / "data" / "water-flow.csv"
 PASSWORD_MARKER = "pw-Zq8!not-in-logs-7c41"  # noqa: S105 - a test secret to look for
-
-
-# ------------------------------------------------------------------ reference predictions
-
-
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[float, float]:
-    """``forecaster evaluate --predictions``: the prediction made at each reading's time, from
-    a zero state and without interruption (an independent path through the same model)."""
-    out = tmp_path_factory.mktemp("ref") / "p.csv"
-    args = ["evaluate", str(MODEL), str(WATER), "--predictions", str(out)]
-    subprocess.run(
-        [sys.executable, "-m", "forecaster", *args],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
-    times = load_csv(WATER, time_column="Time").series[0].times
-    assert times is not None
-    with out.open() as fh:
-        rows = list(csv.DictReader(fh))
-    # evaluate lists the prediction *for* row r; it was made on reading r-1
-    return {float(times[int(r["row"]) - 1]): float(r["predicted"]) for r in rows}
 
 
 def water_items(
@@ -86,55 +82,45 @@ def water_items(
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, broker: Broker) -> Iterator[Callable[..., DaemonProc]]:  # noqa: F811
-    """``make(**daemon_options)`` → a not-yet-started :class:`DaemonProc` on ``broker``.
+def daemon(tmp_path: Path, broker: Broker) -> Iterator[Callable[..., DaemonProcess]]:  # noqa: F811
+    """``make(bundle=MODEL, mqtt=, metrics=, route=, routes=, **daemon_options)`` → a
+    not-yet-started :class:`DaemonProcess` on ``broker``.
 
-    All daemons of one test share the client id and the state directory, so a second one is a
-    restart of the first. ``mqtt=``, ``routes=`` and ``metrics=`` take raw TOML lines.
+    All daemons of one test share the client id and the state directory (``tmp_path/state``),
+    so a second one is a restart of the first.
     """
-    procs: list[DaemonProc] = []
+    procs: list[DaemonProcess] = []
 
     def make(
         bundle: Path = MODEL,
-        extra_route: str = "",
-        mqtt: str = "",
-        metrics: str = "",
-        routes: str | None = None,
-        **options: object,
-    ) -> DaemonProc:
-        mport = free_port()
-        cfg = write_config(
-            tmp_path / f"forecaster-{len(procs)}.toml",
+        *,
+        mqtt: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        route: Mapping[str, Any] | None = None,
+        routes: list[Mapping[str, Any]] | None = None,
+        **options: Any,
+    ) -> DaemonProcess:
+        d = make_daemon(
+            tmp_path,
             broker.port,
-            mport,
-            tmp_path / "state",
+            len(procs),
             bundle,
-            extra_route,
+            mqtt=mqtt,
+            metrics=metrics,
+            route=route,
+            routes=routes,
             **options,
         )
-        text = cfg.read_text()
-        if "max_delay_ms" in options:  # write_config sets 2 ms; TOML refuses a second value
-            text = text.replace("max_delay_ms = 2\n", "", 1)
-        if mqtt:
-            text = text.replace("[mqtt]\n", f"[mqtt]\n{mqtt}\n", 1)
-        if metrics:
-            text = text.replace("[metrics]\n", f"[metrics]\n{metrics}\n", 1)
-        if routes is not None:
-            text = text[: text.index("[[routes]]")] + routes
-        cfg.write_text(text)
-        d = DaemonProc(cfg, mport, tmp_path / f"daemon-{len(procs)}.log")
         procs.append(d)
         return d
 
     yield make
     for d in procs:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+        d.close()
 
 
-def log_text(*procs: DaemonProc) -> str:
-    return "".join(p.log.read_text(errors="replace") for p in procs if p.log.exists())
+def log_text(*procs: DaemonProcess) -> str:
+    return "".join(p.log_text() for p in procs)
 
 
 def rss_mb(pid: int) -> float:
@@ -145,82 +131,21 @@ def rss_mb(pid: int) -> float:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
-
-
-def ready(d: DaemonProc) -> bool:
-    try:
-        return d.http("/readyz")[0] == 200
-    except OSError:
-        return False
+def ready(d: DaemonProcess) -> bool:
+    return d.ready()
 
 
 # ------------------------------------------------------------------ MQTT clients
 
 
-def _client(
-    port: int, client_id: str, persistent: bool, auth: tuple[str, str] | None = None
-) -> paho.Client:
-    c = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=paho.MQTTv5,
-    )
-    if auth:
-        c.username_pw_set(*auth)
-    c.max_inflight_messages_set(1000)
-    c.reconnect_delay_set(0.1, 0.5)
-    props = None
-    if persistent:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-    c.connect_async("127.0.0.1", port, keepalive=10, clean_start=not persistent, properties=props)
-    return c
-
-
-@dataclass
-class Sink:
+class Sink(Collector):
     """Collects predictions on a persistent session; survives broker restarts."""
 
-    port: int
-    topic: str = "forecast/#"
-    client_id: str = "fault-sink"
-    messages: list[tuple[str, bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self.subscribed = threading.Event()
-        self.client = _client(self.port, self.client_id, persistent=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.loop_start()
-        assert self.subscribed.wait(10), "sink could not subscribe"
-
-    def _on_connect(self, client: paho.Client, *_: object) -> None:
-        client.subscribe([(t, 1) for t in self.topic.split(",")])
-
-    def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
-        with self.lock:
-            self.messages.append((msg.topic, msg.payload))
+    def __init__(self, port: int, topic: str = "forecast/#", client_id: str = "fault-sink") -> None:
+        super().__init__(port, topic, client_id=client_id, persistent=True)
 
     def count(self) -> int:
-        with self.lock:
-            return sum(len(p) for p in predictions(self.messages[:]).values())
-
-    def snapshot(self) -> list[tuple[str, bytes]]:
-        with self.lock:
-            return list(self.messages)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        return self.prediction_count()
 
 
 class Feed(threading.Thread):
@@ -244,7 +169,7 @@ class Feed(threading.Thread):
         self._lock = threading.Lock()
         self.stop_flag = threading.Event()
         self.connected = threading.Event()
-        self.client = _client(port, client_id, persistent=True)
+        self.client = mqtt_client(port, client_id, persistent=True)
         self.client.on_connect = lambda *a: self.connected.set()
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_publish = self._on_publish
@@ -308,16 +233,6 @@ class Feed(threading.Thread):
 # ------------------------------------------------------------------ verification
 
 
-def predictions(messages: list[tuple[str, bytes]]) -> dict[str, list[dict]]:
-    """Every prediction by stream, in arrival order (batches flattened)."""
-    out: dict[str, list[dict]] = {}
-    for _topic, payload in messages:
-        doc = json.loads(payload)
-        for p in doc if isinstance(doc, list) else [doc]:
-            out.setdefault(p["stream"], []).append(p)
-    return out
-
-
 @dataclass
 class Verdict:
     readings: int
@@ -352,17 +267,21 @@ class Drift:
 def drift(
     messages: list[tuple[str, bytes]], reference: dict[float, float], tol: float = 1e-4
 ) -> Drift:
-    """Compare the *last* prediction made for each reading with the uninterrupted reference."""
+    """Compare the *last* prediction made for each reading with the uninterrupted reference.
+
+    Every prediction must have a reference (``reference`` covers every reading of the series):
+    one that has none is a failure, never skipped, or a parity check could pass on nothing.
+    """
     steps = longest = compared = 0
     worst = 0.0
-    for preds in predictions(messages).values():
+    for stream, preds in predictions(messages).items():
         last: dict[float, float] = {}
         for p in preds:
             last[float(p["ts"])] = float(p["value"])
+        unmatched = [ts for ts in last if ts not in reference]
+        assert unmatched == [], f"{stream}: {len(unmatched)} predictions without a reference"
         run = 0
         for ts in sorted(last):
-            if ts not in reference:
-                continue
             compared += 1
             d = abs(last[ts] - reference[ts])
             if not np.isfinite(d):

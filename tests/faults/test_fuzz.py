@@ -37,6 +37,7 @@ def fuzz(n: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
         max_examples=n,
         deadline=None,
         database=None,
+        print_blob=True,  # a failure prints @reproduce_failure(...): the replayable example
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 

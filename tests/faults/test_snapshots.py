@@ -16,7 +16,7 @@ import numpy as np
 
 from forecaster.serve.state import StateStore, previous_path
 
-from .conftest import MODEL, Sink, _client, log_text, predictions, wait_until
+from .conftest import MODEL, Sink, log_text, mqtt_client, predictions, wait_until
 
 SHA = json.loads((MODEL / "model.json").read_text())["onnx_sha256"]
 SHAPES = [(2, 64), (2, 64)]
@@ -116,10 +116,9 @@ def damage(state: Path, marker: Path) -> dict[str, str]:
 def test_damaged_snapshots_are_refused_and_counted(broker, daemon, tmp_path: Path) -> None:
     marker = tmp_path / "pickle-was-loaded"
     expected = damage(tmp_path / "state", marker)
-    routes = "".join(
-        f'[[routes]]\nname = "{r}"\nsubscribe = ["{r}/+"]\nbundle = "{MODEL}"\n\n' for r in expected
+    d = daemon(
+        routes=[{"name": r, "subscribe": [f"{r}/+"], "bundle": str(MODEL)} for r in expected]
     )
-    d = daemon(routes=routes)
     d.start()  # started and ready: nothing was fatal
     log = log_text(d)
     for result in ("ok", "corrupt", "foreign"):
@@ -136,14 +135,14 @@ def test_damaged_snapshots_are_refused_and_counted(broker, daemon, tmp_path: Pat
     assert not marker.exists(), "a pickle in a snapshot was unpickled"
     # fresh states where refused: a reading older than the snapshot's is stepped, not dropped
     sink = Sink(broker.port)
-    pub = _client(broker.port, "snap-pub", persistent=False)
+    pub = mqtt_client(broker.port, "snap-pub")
     pub.loop_start()
-    assert wait_until(pub.is_connected, 5)
+    assert wait_until(pub.is_connected, 30)
     for route in expected:
         pub.publish(f"{route}/a", json.dumps({"value": 100.0, "ts": LAST_TS - 10}), qos=1)
     want_predicted = {f"{r}/a" for r, v in expected.items() if v != "ok"}
-    assert wait_until(lambda: set(predictions(sink.snapshot())) >= want_predicted, 10), log_text(d)
-    wait_until(lambda: d.metric("forecaster_readings_rejected_total") >= 1, 5)
+    assert wait_until(lambda: set(predictions(sink.snapshot())) >= want_predicted, 60), log_text(d)
+    d.wait_metric("forecaster_readings_rejected_total", 1)
     assert d.metric("forecaster_readings_rejected_total", reason="out_of_order") == 1  # r=prev
     assert set(predictions(sink.snapshot())) == want_predicted
     pub.loop_stop()

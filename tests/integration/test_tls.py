@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import MODEL, DaemonProc, free_port, mosquitto_binary, wait_port
+from forecaster.harness import Broker, DaemonProcess, local_config, wait_until
+
+from .conftest import MODEL, ROOT
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -75,62 +76,36 @@ def pki(tmp_path: Path) -> Path:
     return d
 
 
-def tls_broker(tmp_path: Path, pki: Path) -> subprocess.Popen[bytes]:
-    port = free_port()
-    conf = tmp_path / "tls.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\ncafile {pki}/ca.pem\n"
-        f"certfile {pki}/server.pem\nkeyfile {pki}/server.key\nuser root\n"
+def tls_broker(tmp_path: Path, pki: Path) -> Broker:
+    return Broker(
+        tmp_path / "tls-broker",
+        persistence=False,
+        cafile=pki / "ca.pem",
+        certfile=pki / "server.pem",
+        keyfile=pki / "server.key",
     )
-    proc = subprocess.Popen(
-        [mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    wait_port(port)
-    proc.port = port  # type: ignore[attr-defined]
-    return proc
 
 
-def daemon_for(tmp_path: Path, port: int, ca: Path, name: str) -> DaemonProc:
-    mport = free_port()
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f"""
-[mqtt]
-host = "localhost"
-port = {port}
-client_id = "tls-{name}"
-reconnect_min_delay = 0.2
-reconnect_max_delay = 1.0
-[mqtt.tls]
-enabled = true
-ca_file = "{ca}"
-[daemon]
-state_dir = "{tmp_path / name}"
-[metrics]
-port = {mport}
-[[routes]]
-name = "water"
-subscribe = ["sensors/+/flow"]
-bundle = "{MODEL}"
-""")
-    return DaemonProc(cfg, mport, tmp_path / f"{name}.log")
+def daemon_for(tmp_path: Path, port: int, ca: Path, name: str) -> DaemonProcess:
+    cfg = local_config(
+        port,
+        bundle=MODEL,
+        state_dir=tmp_path / name,
+        subscribe=("sensors/+/flow",),
+        client_id=f"tls-{name}",
+        mqtt={"host": "localhost", "tls": {"enabled": True, "ca_file": str(ca)}},
+    )
+    return DaemonProcess(cfg, tmp_path, name, cwd=ROOT)
 
 
 def test_tls_verified_connection_and_refused_untrusted_broker(tmp_path: Path, pki: Path) -> None:
-    broker = tls_broker(tmp_path, pki)
-    good = daemon_for(tmp_path, broker.port, pki / "ca.pem", "good")  # type: ignore[attr-defined]
-    bad = daemon_for(tmp_path, broker.port, pki / "other-ca.pem", "bad")  # type: ignore[attr-defined]
-    try:
-        good.start()
-        assert good.metric("forecaster_mqtt_connected") == 1
-        bad.start(wait_ready=False)
-        time.sleep(4)
-        assert bad.http("/readyz")[0] == 503  # the broker's certificate is not trusted
-        assert bad.metric("forecaster_mqtt_connected") == 0
-        assert "cannot connect" in bad.log.read_text()
-        assert good.stop() == 0 and bad.stop() == 0
-    finally:
-        for d in (good, bad):
-            if d.proc and d.proc.poll() is None:
-                d.proc.kill()
-        broker.kill()
-        broker.wait()
+    with tls_broker(tmp_path, pki) as broker:
+        good = daemon_for(tmp_path, broker.port, pki / "ca.pem", "good")
+        bad = daemon_for(tmp_path, broker.port, pki / "other-ca.pem", "bad")
+        with good, bad.start(wait_ready=False):
+            assert good.metric("forecaster_mqtt_connected") == 1
+            # the broker's certificate is not trusted: the daemon says so and stays unready
+            assert wait_until(lambda: "cannot connect" in bad.log_text(), 60), bad.log_text()
+            assert bad.http("/readyz")[0] == 503
+            assert bad.metric("forecaster_mqtt_connected") == 0
+            assert good.stop() == 0 and bad.stop() == 0

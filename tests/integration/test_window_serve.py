@@ -66,15 +66,16 @@ def test_classifier_served_equals_evaluate(broker, daemon_factory, tmp_path: Pat
         assert int(p["event"]) == event
         assert p["warm"] is True
     # labels in the payloads: every prediction judged once, as evaluate counts them
+    assert d.wait_metric("forecaster_predictions_total", n, route="water") == n
     want = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     for _prob, event, label in reference.values():
         want[("t" if bool(event) == bool(label) else "f") + ("p" if event else "n")] += 1
     for outcome, count in want.items():
-        assert d.metric("forecaster_events_total", route="water", outcome=outcome) == count
+        got = d.metric("forecaster_events_total", default=0.0, route="water", outcome=outcome)
+        assert got == count, outcome
     assert want["tp"] >= 1  # the held-out spike is caught
     # classify skips the regression error histograms; nothing was dropped
-    assert d.metric("forecaster_prediction_abs_error_count") == 0
-    assert d.metric("forecaster_readings_rejected_total") == 0
-    assert d.metric("forecaster_predictions_total", route="water") == n
+    assert d.metric("forecaster_prediction_abs_error_count", default=0.0) == 0
+    assert d.metric("forecaster_readings_rejected_total", default=0.0) == 0
     assert d.stop() == 0
     sub.close()

@@ -114,7 +114,7 @@ def test_value_wrong_type(value: str) -> None:
     assert only_reject(dec(f'{{"value": {value}}}'.encode())) is Reason.WRONG_TYPE
 
 
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_value_not_finite(value: str) -> None:
     assert only_reject(dec(f'{{"value": {value}}}'.encode())) is Reason.NOT_FINITE
 
@@ -149,7 +149,7 @@ def test_empty(payload: bytes) -> None:
         b"{value: 1}",
         b'{"value": 1} x',
         b"[1,]",
-        b'{"value": ' + b"9" * 5000 + b"}",
+        b'{"value": 1, "ts": 1} {}',
     ],
 )
 def test_bad_json(payload: bytes) -> None:
@@ -226,7 +226,7 @@ def test_batch_mixed_good_and_bad_items() -> None:
         Reading("a", 1.5, 10.0, T0, TOPIC),
         Reading("c", 3.0, 1647770400.0, T0, TOPIC),
     ]
-    assert [r for r, _ in d.rejects] == [
+    assert [r.reason for r in d.rejects] == [
         Reason.WRONG_TYPE,
         Reason.WRONG_TYPE,
         Reason.MISSING_KEY,
@@ -241,14 +241,14 @@ def test_batch_mixed_good_and_bad_items() -> None:
 @pytest.mark.parametrize("stream", ['""', '"a+b"', '"a/#"', '"a\\u0000"', "5", "null", '"\\ud800"'])
 def test_bad_stream_ids(stream: str) -> None:
     d = dec(f'[{{"stream": {stream}, "value": 1}}]'.encode())
-    assert [r for r, _ in d.rejects] == [Reason.BAD_STREAM]
+    assert [r.reason for r in d.rejects] == [Reason.BAD_STREAM]
 
 
 def test_stream_id_length_limit() -> None:
     ok = dec(json.dumps([{"stream": "s" * 256, "value": 1}]).encode())
     assert len(ok.readings) == 1
     long = dec(json.dumps([{"stream": "s" * 257, "value": 1}]).encode())
-    assert [r for r, _ in long.rejects] == [Reason.BAD_STREAM]
+    assert [r.reason for r in long.rejects] == [Reason.BAD_STREAM]
 
 
 def test_non_ascii_stream_id_kept() -> None:
@@ -282,10 +282,13 @@ def test_every_reason_is_covered_by_these_tests() -> None:
         Reason.EMPTY: b"",
         Reason.BAD_STREAM: b'[{"stream": "", "value": 1}]',
         Reason.TOO_MANY: json.dumps([{}] * (SPEC.max_items + 1)).encode(),
+        Reason.OUT_OF_RANGE: b'{"value": 1e308}',
+        Reason.FUTURE_TIMESTAMP: b'{"value": 1, "ts": "2999-01-01T00:00:00Z"}',
+        Reason.DUPLICATE_KEY: b'{"value": 1, "value": 2}',
     }
     assert set(triggers) == set(Reason)
     for reason, payload in triggers.items():
-        assert [r for r, _ in dec(payload).rejects] == [reason]
+        assert [r.reason for r in dec(payload).rejects] == [reason]
 
 
 # --- property tests ------------------------------------------------------------------------
@@ -312,9 +315,10 @@ def check_invariants(d: Decoded) -> None:
     for reading in d.readings:
         assert math.isfinite(reading.value)
         assert math.isfinite(reading.ts)
-    for reason, detail in d.rejects:
+    for reason, detail, lost in d.rejects:
         assert isinstance(reason, Reason)
         assert isinstance(detail, str)
+        assert lost >= 1
 
 
 @settings(max_examples=300)
@@ -346,6 +350,191 @@ def test_batch_readings_and_rejects_account_for_every_item(items: list[Any]) -> 
     check_invariants(d)
     if items:
         assert len(d.readings) + len(d.rejects) == len(items)
+
+
+# --- input limits (issue 11): lengths, clocks, ranges, per-item judging ----------------------
+
+
+@pytest.mark.parametrize("fmt", ["auto", "number", "json"])
+def test_topic_stream_id_length_limit_in_bytes(fmt: Any) -> None:
+    spec = PayloadSpec(format=fmt, max_stream_bytes=20)
+    payload = b"1.5" if fmt == "number" else b'{"value": 1.5}'
+    assert len(dec(payload, spec, topic="t" * 20).readings) == 1
+    assert only_reject(dec(payload, spec, topic="t" * 21)) is Reason.BAD_STREAM
+    # counted in UTF-8 bytes, not characters: 10 × "ü" is 20 bytes, 11 is 22
+    assert len(dec(payload, spec, topic="ü" * 10).readings) == 1
+    assert only_reject(dec(payload, spec, topic="ü" * 11)) is Reason.BAD_STREAM
+
+
+def test_topic_near_mqtt_limit_is_refused_by_default() -> None:
+    d = dec(b"1.0", topic="a/" + "x" * 65_530)
+    assert only_reject(d) is Reason.BAD_STREAM
+    assert "65532 bytes" in d.rejects[0].detail
+
+
+def test_long_batch_topic_rejects_every_item() -> None:
+    items = [{"stream": f"s{i}", "value": i} for i in range(7)]
+    d = dec(json.dumps(items).encode(), PayloadSpec(max_stream_bytes=10), topic="g" * 11)
+    assert d.readings == []
+    assert [(r.reason, r.readings) for r in d.rejects] == [(Reason.BAD_STREAM, 7)]
+    assert d.rejected == 7
+
+
+def test_batch_stream_id_limit_counts_bytes() -> None:
+    spec = PayloadSpec(max_stream_bytes=8)
+    d = dec(
+        json.dumps([{"stream": "ü" * 4, "value": 1}, {"stream": "ü" * 5, "value": 1}]).encode(),
+        spec,
+        topic="gw",
+    )
+    assert [r.stream for r in d.readings] == ["ü" * 4]
+    assert [r.reason for r in d.rejects] == [Reason.BAD_STREAM]
+
+
+def test_future_timestamp_limit() -> None:
+    spec = PayloadSpec(max_future_s=60)
+    ok = dec(f'{{"value": 1, "ts": {T0 + 60}}}'.encode(), spec)
+    assert ok.readings[0].ts == T0 + 60
+    assert only_reject(dec(f'{{"value": 1, "ts": {T0 + 61}}}'.encode(), spec)) is (
+        Reason.FUTURE_TIMESTAMP
+    )
+    # the year 2999, as a number and as ISO 8601; the default limit catches both
+    for ts in ("32472144000", '"2999-01-01T00:00:00Z"'):
+        assert only_reject(dec(f'{{"value": 1, "ts": {ts}}}'.encode())) is Reason.FUTURE_TIMESTAMP
+    # 0 switches the limit off
+    far = dec(b'{"value": 1, "ts": 32472144000}', PayloadSpec(max_future_s=0))
+    assert far.readings[0].ts == 32472144000.0
+
+
+@pytest.mark.parametrize("ts", ["-1", "-1e300", '"1969-12-31T23:59:59Z"', '"0001-01-01T00:00:00Z"'])
+def test_timestamps_before_1970_are_refused(ts: str) -> None:
+    assert only_reject(dec(f'{{"value": 1, "ts": {ts}}}'.encode())) is Reason.BAD_TIMESTAMP
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("3.4028234e38", True),
+        ("-3.4028234e38", True),
+        ("3.5e38", False),
+        ("-1e308", False),
+        ("1" + "0" * 39, False),
+        ("1" + "0" * 400, False),
+        ("1" + "0" * 5000, False),
+    ],
+)
+def test_values_must_fit_float32(value: str, ok: bool) -> None:
+    spec = PayloadSpec(max_bytes=1 << 16)
+    for payload in (f'{{"value": {value}}}', f'[{{"stream": "s", "value": {value}}}]'):
+        d = dec(payload.encode(), spec)
+        if ok:
+            assert d.rejects == []
+        else:
+            assert [r.reason for r in d.rejects] == [Reason.OUT_OF_RANGE], payload[:40]
+    if "e" in value:
+        plain = dec(value.encode())
+        assert (plain.rejects == []) if ok else (only_reject(plain) is Reason.OUT_OF_RANGE)
+
+
+def test_out_of_range_value_prints_no_warning() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert only_reject(dec(b'{"value": 1e308}')) is Reason.OUT_OF_RANGE
+        assert only_reject(dec(b"1e308")) is Reason.OUT_OF_RANGE
+
+
+def test_duplicate_keys_are_refused_where_they_matter() -> None:
+    assert only_reject(dec(b'{"value": 1, "value": 2}')) is Reason.DUPLICATE_KEY
+    # inside a field the daemon does not read, they are nobody's business
+    assert dec(b'{"value": 1, "meta": {"a": 1, "a": 2}}').readings[0].value == 1.0
+    d = dec(b'[{"stream": "a", "value": 1}, {"stream": "b", "stream": "c", "value": 2}]')
+    assert [r.stream for r in d.readings] == ["a"]
+    assert [r.reason for r in d.rejects] == [Reason.DUPLICATE_KEY]
+
+
+def _good(i: int) -> dict[str, Any]:
+    return {"stream": f"s{i}", "value": float(i), "ts": 1_600_000_000 + i}
+
+
+POISON = {
+    "nan": ('{"stream": "p", "value": NaN}', Reason.NOT_FINITE),
+    "infinity": ('{"stream": "p", "value": -Infinity}', Reason.NOT_FINITE),
+    "nan_elsewhere": ('{"stream": "p", "value": 1, "x": [NaN]}', Reason.NOT_FINITE),
+    "bare_nan": ("NaN", Reason.NOT_FINITE),
+    "deep": ('{"stream": "p", "value": 1, "x": ' + "[" * 40 + "]" * 40 + "}", Reason.TOO_DEEP),
+    "digits": ('{"stream": "p", "value": ' + "9" * 5000 + "}", Reason.OUT_OF_RANGE),
+    "digits_ts": ('{"stream": "p", "value": 1, "ts": ' + "9" * 5000 + "}", Reason.BAD_TIMESTAMP),
+    "huge": ('{"stream": "p", "value": 1e308}', Reason.OUT_OF_RANGE),
+    "future": ('{"stream": "p", "value": 1, "ts": 32472144000}', Reason.FUTURE_TIMESTAMP),
+    "negative_ts": ('{"stream": "p", "value": 1, "ts": -5}', Reason.BAD_TIMESTAMP),
+    "dup": ('{"stream": "p", "value": 1, "value": 2}', Reason.DUPLICATE_KEY),
+    "bool": ('{"stream": "p", "value": true}', Reason.WRONG_TYPE),
+    "bool_ts": ('{"stream": "p", "value": 1, "ts": false}', Reason.BAD_TIMESTAMP),
+    "long_id": ('{"stream": "' + "x" * 300 + '", "value": 1}', Reason.BAD_STREAM),
+    "nul_id": ('{"stream": "a\\u0000b", "value": 1}', Reason.BAD_STREAM),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(POISON))
+def test_one_bad_item_costs_only_itself(kind: str) -> None:
+    text, reason = POISON[kind]
+    good = [json.dumps(_good(i)) for i in range(4)]
+    payload = ("[" + ", ".join([*good[:2], text, *good[2:]]) + "]").encode()
+    d = dec(payload, PayloadSpec(max_bytes=1 << 16))
+    assert [r.stream for r in d.readings] == ["s0", "s1", "s2", "s3"]
+    assert [r.reason for r in d.rejects] == [reason]
+    assert d.rejects[0].detail.startswith("item 2:")
+
+
+def test_too_large_batch_counts_its_readings() -> None:
+    items = [_good(i) for i in range(100_000)]
+    payload = json.dumps(items).encode()
+    d = dec(payload)  # ~6 MB against the 64 KiB default: refused unread
+    assert [(r.reason, r.readings) for r in d.rejects] == [(Reason.TOO_LARGE, 100_000)]
+    assert only_reject(dec(b"1" * (SPEC.max_bytes + 1))) is Reason.TOO_LARGE
+    assert dec(b"1" * (SPEC.max_bytes + 1)).rejected == 1
+
+
+def test_too_many_items_count_every_item() -> None:
+    d = dec(json.dumps([_good(i) for i in range(12)]).encode(), PayloadSpec(max_items=10))
+    assert [(r.reason, r.readings) for r in d.rejects] == [(Reason.TOO_MANY, 12)]
+    assert d.rejected == 12
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    layout=st.lists(st.one_of(st.none(), st.sampled_from(sorted(POISON))), min_size=1, max_size=12),
+)
+def test_batch_items_are_judged_one_by_one(layout: list[str | None]) -> None:
+    """Any mix of good items and poisoned ones: every good item is kept, in order, and every
+    poisoned one is rejected with its own reason; nothing else is lost or invented."""
+    texts, want_streams, want_reasons = [], [], []
+    for i, kind in enumerate(layout):
+        if kind is None:
+            texts.append(json.dumps(_good(i)))
+            want_streams.append(f"s{i}")
+        else:
+            texts.append(POISON[kind][0])
+            want_reasons.append(POISON[kind][1])
+    d = dec(("[" + ",".join(texts) + "]").encode(), PayloadSpec(max_bytes=1 << 20))
+    assert [r.stream for r in d.readings] == want_streams, f"layout={layout}"
+    assert [r.reason for r in d.rejects] == want_reasons, f"layout={layout}"
+    assert len(d.readings) + d.rejected == len(layout)
+
+
+@settings(max_examples=300)
+@given(topic=st.text(min_size=1, max_size=400), payload=st.binary(max_size=64))
+def test_any_topic_and_payload_decode_within_limits(topic: str, payload: bytes) -> None:
+    spec = PayloadSpec(max_stream_bytes=64)
+    for fmt in ("auto", "number", "json", "batch"):
+        d = decode(payload, topic, PayloadSpec(format=fmt, max_stream_bytes=64), T0)
+        check_invariants(d)
+        for r in d.readings:
+            assert len(r.stream.encode("utf-8", "surrogatepass")) <= spec.max_stream_bytes
+            assert abs(r.value) <= 3.4028234663852886e38
+            assert 0 <= r.ts <= T0 + spec.max_future_s
 
 
 # --- encoding ------------------------------------------------------------------------------

@@ -276,6 +276,21 @@ def test_payload_spec_carries_route_settings() -> None:
     )
 
 
+def test_input_limits_reach_the_codec_and_bound_the_prediction_topic() -> None:
+    r = RouteConfig.model_validate(route(max_stream_bytes=1000, max_future_s=0))
+    spec = r.payload_spec()
+    assert (spec.max_stream_bytes, spec.max_future_s) == (1000, 0)
+    # a topic of max_stream_bytes must still give a publishable prediction topic
+    with pytest.raises(ValidationError, match="max_stream_bytes"):
+        RouteConfig.model_validate(route(max_stream_bytes=65_535))
+    assert RouteConfig.model_validate(route(max_stream_bytes=65_535 - 9)).max_stream_bytes
+    with pytest.raises(ValidationError):
+        RouteConfig.model_validate(route(max_future_s=-1))
+    with pytest.raises(ValidationError):
+        DaemonConfig.model_validate({"journal_fsync": "sometimes"})
+    assert DaemonConfig().journal and DaemonConfig().journal_fsync == "never"
+
+
 def test_every_field_has_a_description() -> None:
     models: list[type[BaseModel]] = [
         Config,

@@ -26,6 +26,48 @@ def test_iso_offsets_and_epoch_seconds_agree() -> None:
     assert parse_time("1647770400") == 1647770400.0
 
 
+@pytest.mark.parametrize("text", ["19580329", "1700", "0", "1714557600000"])
+def test_ambiguous_numbers_are_refused_not_read_as_epoch(text: str) -> None:
+    """A YYYYMMDD date, a year, a row number or milliseconds: no guess, a pointer to the flag."""
+    with pytest.raises(ValueError, match="--time-format"):
+        parse_time(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt", "expected"),
+    [
+        # Expected values from `date -u -d ... +%s`, not from the code under test.
+        ("19580329", "%Y%m%d", -371174400.0),
+        ("1700", "%Y", -8520336000.0),
+        ("05/20/1987", "%m/%d/%Y", 548467200.0),
+        ("Jan-1-1995", "%b-%d-%Y", 788918400.0),
+        ("1995-01-01 06:00 +0100", "%Y-%m-%d %H:%M %z", 788936400.0),
+        ("3", "epoch", 3.0),
+        ("2022-03-20T10:00:00Z", "iso", 1647770400.0),
+    ],
+)
+def test_explicit_time_formats(text: str, fmt: str, expected: float) -> None:
+    assert parse_time(text, fmt) == expected
+
+
+def test_common_forms_need_a_format() -> None:
+    for text in ("05/20/1987", "Jan-1-1995"):
+        with pytest.raises(ValueError, match="--time-format"):
+            parse_time(text)
+    with pytest.raises(ValueError, match="does not match"):
+        parse_time("1987-05-20", "%m/%d/%Y")
+    with pytest.raises(ValueError, match="not ISO"):
+        parse_time("1647770400", "iso")
+
+
+def test_an_ambiguous_time_column_names_its_row(tmp_path: Path) -> None:
+    p = write(tmp_path, "t,v\n19580329,1\n19580330,2\n")
+    with pytest.raises(DataError, match=r"row 0 time column 't'.*--time-format"):
+        load_csv(p, time_column="t")
+    (s,) = load_csv(p, time_column="t", time_format="%Y%m%d").series
+    assert np.diff(s.times).tolist() == [86400.0]
+
+
 def test_water_flow_loads_in_time_order() -> None:
     d = load_csv(WATER, time_column="Time")
     (s,) = d.series
@@ -38,7 +80,7 @@ def test_water_flow_loads_in_time_order() -> None:
 
 def test_missing_values_split_the_series(tmp_path: Path) -> None:
     p = write(tmp_path, "t,v\n0,1\n1,2\n2,\n3,NaN\n4,5\n5,6\n6,7\n")
-    (s,) = load_csv(p, time_column="t").series
+    (s,) = load_csv(p, time_column="t", time_format="epoch").series
     assert s.segments() == [(0, 2), (4, 7)]
 
 
@@ -51,7 +93,7 @@ def test_several_columns_are_several_series(tmp_path: Path) -> None:
 
 def test_long_format_groups_by_stream(tmp_path: Path) -> None:
     p = write(tmp_path, "ts,id,v\n3,x,3\n1,x,1\n1,y,10\n2,y,20\n2,x,2\n")
-    d = load_csv(p, columns=["v"], time_column="ts", stream_column="id")
+    d = load_csv(p, columns=["v"], time_column="ts", stream_column="id", time_format="epoch")
     by = {s.name: s for s in d.series}
     assert by["x"].values.tolist() == [1, 2, 3]  # sorted by time
     assert by["y"].rows.tolist() == [2, 3]

@@ -1,0 +1,234 @@
+"""The responder: a stepped micro-batch becomes metrics, prediction messages and acknowledgements.
+
+This is the heart of at-least-once delivery. For every message taken from the intake, exactly one
+of these happens, and :attr:`Work.settled` records that it did:
+
+- it has predictions: they are encoded into one message and published; its reading is
+  acknowledged by the transport once that message is out (written for QoS 0, PUBACK for QoS ≥ 1);
+- it has none (every reading dropped, counted by the engine, or a window still filling): its
+  reading is acknowledged now;
+- its prediction cannot be published (topic over MQTT's limit, paho refused it): only this
+  message pays. Its readings are counted under the transport's reason (``topic_too_long``,
+  ``publish_failed``), acknowledged deliberately, logged once per 10 s per reason;
+- the engine raised on the route's batch (a bug): the route's messages are stepped again one by
+  one, so only the message that raises again is counted (``internal_error``) and acknowledged;
+- the transport is stopping: the message is left unacknowledged and the broker redelivers it.
+
+Durability comes first: with a journal (see journal.py), ``engine.step`` has appended the batch
+and its predictions before any of them is published or any reading acknowledged here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from forecaster.logs import RateLimitedLog
+from forecaster.serve.codec import Prediction, Reading, encode_predictions, prediction_topic
+from forecaster.serve.engine import Outcome
+from forecaster.serve.intake import Work
+from forecaster.serve.metrics import Metrics
+from forecaster.serve.mqtt import Ack, PublishResult
+from forecaster.serve.routes import Route
+
+log = logging.getLogger("forecaster.serve.responder")
+
+__all__ = ["Publisher", "Responder"]
+
+
+class Publisher(Protocol):
+    """What the responder needs of the transport (:class:`forecaster.serve.mqtt.Transport`)."""
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+    ) -> PublishResult: ...
+
+    def ack(self, mid: int, qos: int) -> None: ...
+
+
+class Responder:
+    """Steps each route's share of a micro-batch and answers every message in it."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        metrics: Metrics,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        rl: RateLimitedLog | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.metrics = metrics
+        self._wall = wall
+        self._clock = clock
+        self._rl = rl or RateLimitedLog(log)
+        #: Readings stepped so far (for the STATUS line).
+        self.processed = 0
+
+    # ------------------------------------------------------------------ entry point
+
+    def respond(self, items: Sequence[Work]) -> None:
+        """Step and answer ``items`` (one micro-batch), route by route, in arrival order."""
+        now = self._clock()
+        by_route: dict[str, list[Work]] = {}
+        for w in items:
+            by_route.setdefault(w.route.name, []).append(w)
+        for works in by_route.values():
+            route = works[0].route
+            readings = [r for w in works for r in w.readings]
+            try:
+                outcome = route.engine.step(readings, now)
+            except Exception as exc:
+                self._error("step", route.name, exc)
+                for w in works:
+                    self._respond_alone(route, w, now)
+                continue
+            self._answer(route, works, readings, outcome)
+
+    def _respond_alone(self, route: Route, work: Work, now: float) -> None:
+        """Step one message by itself, after its route's whole batch raised."""
+        try:
+            outcome = route.engine.step(work.readings, now)
+        except Exception as exc:
+            self._error("step", route.name, exc)
+            self.settle_unanswered([work], "internal_error")
+            return
+        self._answer(route, [work], work.readings, outcome)
+
+    def settle_unanswered(self, works: Sequence[Work], reason: str) -> None:
+        """Count and acknowledge the messages of ``works`` that nobody answered yet.
+
+        The last resort of the worker's error handler: deliberate, counted per reading, never
+        a silent acknowledgement of a whole batch.
+        """
+        for w in works:
+            if w.settled:
+                continue
+            self.metrics.reject(w.route.name, reason, len(w.readings))
+            w.settled = True
+            self.publisher.ack(w.mid, w.qos)
+
+    # ------------------------------------------------------------------ one route
+
+    def _answer(
+        self, route: Route, works: list[Work], readings: list[Reading], outcome: Outcome
+    ) -> None:
+        self._count(route.name, outcome)
+        manifest = route.engine.bundle.manifest
+        published = 0
+        latencies: list[float] = []
+        pos = 0
+        for w in works:
+            preds = outcome.predictions[pos : pos + len(w.readings)]
+            pos += len(w.readings)
+            answered = [(r, p) for r, p in zip(w.readings, preds, strict=True) if p is not None]
+            if not answered:
+                w.settled = True
+                self.publisher.ack(w.mid, w.qos)
+                continue
+            if self._publish(route, w, [p for _, p in answered], manifest.name, manifest.version):
+                published += len(answered)
+                sent = self._wall()
+                latencies.extend(sent - r.received for r, _ in answered)
+        m = self.metrics
+        if latencies:
+            m.end_to_end_seconds.observe_many(np.maximum(np.asarray(latencies), 0.0))
+        m.predictions.labels(route.name).inc(published)
+        m.streams.labels(route.name).set(len(route.engine.store))
+        self.processed += len(readings)
+
+    def _publish(
+        self, route: Route, w: Work, preds: list[Prediction], name: str, version: str
+    ) -> bool:
+        """Publish one message's predictions; True if they went out (or will, for QoS ≥ 1)."""
+        try:
+            payload = encode_predictions(preds, name, version, w.batch)
+            topic = prediction_topic(route.cfg.prediction_topic, w.topic)
+            acks = [(w.mid, w.qos)] if w.qos > 0 else []
+            result = self.publisher.publish(topic, payload, route.cfg.qos, route.cfg.retain, acks)
+        except Exception as exc:
+            self._error("publish", route.name, exc)
+            self.settle_unanswered([w], "internal_error")
+            return False
+        if result is PublishResult.SENT:
+            w.settled = True  # the transport acknowledges it once the prediction is out
+            return True
+        if result is PublishResult.STOPPING:
+            w.settled = True  # deliberately unacknowledged: redelivered to the next run
+            return False
+        self._rl.warning(
+            f"publish:{route.name}:{result.value}",
+            "route %s: prediction for %r not published (%s); its %d reading(s) are "
+            "acknowledged and counted",
+            route.name,
+            w.topic[:200],
+            result.value,
+            len(w.readings),
+        )
+        self.settle_unanswered([w], result.value)
+        return False
+
+    def _count(self, route_name: str, outcome: Outcome) -> None:
+        m = self.metrics
+        if outcome.calls:
+            calls = np.asarray(outcome.calls, dtype=np.float64)
+            m.batch_size.observe_many(calls[:, 0])
+            m.inference_seconds.observe_many(calls[:, 1])
+        for reason, n in outcome.drops.items():
+            if n:
+                m.reject(route_name, reason, n)
+                self._rl.warning(
+                    f"drop:{route_name}:{reason}",
+                    "route %s: %d reading(s) dropped: %s",
+                    route_name,
+                    n,
+                    reason,
+                )
+        for reason, n in outcome.resets.items():
+            if n:
+                m.state_resets.labels(route_name, reason).inc(n)
+        if outcome.evicted:
+            m.streams_evicted.labels(route_name, "lru").inc(len(outcome.evicted))
+        if outcome.events:
+            m.count_events(route_name, outcome.events)
+        if outcome.abs_err:
+            m.observe_errors(
+                route_name, np.concatenate(outcome.abs_err), np.concatenate(outcome.naive_abs_err)
+            )
+        if outcome.interval_coverage is not None:
+            m.count_interval(
+                route_name,
+                outcome.interval_inside,
+                outcome.interval_outside,
+                outcome.interval_coverage,
+            )
+        if outcome.repeated:
+            m.predictions_repeated.labels(route_name).inc(outcome.repeated)
+        if outcome.journal_error is not None:
+            m.journal_write_errors.labels(route_name).inc()
+            self._rl.warning(
+                f"journal:{route_name}",
+                "route %s: journal append failed (%s); answering anyway, a crash before the "
+                "next snapshot would restore older states",
+                route_name,
+                outcome.journal_error,
+            )
+        if outcome.snapshot is not None:  # the journal reached its bound: snapshot + rotate
+            m.snapshots.labels(outcome.snapshot).inc()
+
+    def _error(self, where: str, route_name: str, exc: Exception) -> None:
+        """An unexpected exception: counted, and logged once per 10 s per place (no flood)."""
+        self.metrics.callback_errors.labels(where).inc()
+        log.debug("unexpected error in %s on route %s", where, route_name, exc_info=exc)
+        self._rl.warning(
+            f"error:{where}:{route_name}",
+            "route %s: unexpected error in %s (caught, counted): %s: %s",
+            route_name,
+            where,
+            type(exc).__name__,
+            exc,
+        )

@@ -1,0 +1,231 @@
+"""The linear autoregressive path of the hybrid model, fitted in closed form (numpy only).
+
+A recurrent network trained by gradient descent on a few hundred or thousand readings does not
+reliably find what a least-squares line finds at once (a yearly cycle in 164 monthly points, an
+AR(24) on a half-hourly load). So the forecaster is a *hybrid*: a linear autoregression over the
+last readings and seasonal lags, plus the network's output, which learns only what the line
+leaves (LSTNet's "highway", Smyl's ES-RNN hybrid). The line is fitted here by ridge regression on
+the training part; candidate lag sets are compared on the validation part; the network then starts
+with its head at zero, so the untrained hybrid *is* the chosen linear model, and the best-epoch
+checkpoint can only keep the network where validation says it helps.
+
+Parametrisation (what the graph computes; ``b`` is the stream's buffer, newest first, ``b[0]``
+the reading just received, ``b[k]`` the one ``k`` readings before it)::
+
+    y = b[0] + bias + coef[0] * b[0] + sum_{k >= 1} coef[k] * (b[k] - b[0])
+
+Lag ``l`` (the reading ``l`` steps before the target) sits at buffer position ``l - 1``. All
+coefficients zero is persistence; ridge shrinks towards it, not towards zero (the mean). Terms are
+differences from the last reading, so float32 stays exact on series with large levels.
+
+At a stream's start (or after a gap) the buffer is empty; it is filled with the first reading, as
+if the stream had been flat before (the graph does the same with a "filled" flag in its state), so
+early predictions are persistence-like rather than absurd. ``ar_segment`` is the reference of that
+rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Losses each lag set is fitted with.
+LOSSES = ("squared", "huber")
+#: Ridge penalty, relative to the number of training rows, on standardised features.
+RIDGE = 1e-3
+#: Huber threshold in robust standard deviations of the residuals, and IRLS iterations.
+HUBER_K = 1.345
+HUBER_ITERATIONS = 8
+#: Plain autoregressive orders tried (lags 1..p), besides persistence (no line at all).
+ORDERS = (1, 2, 3, 6, 12, 24)
+#: Largest lag buffer considered (readings kept per stream): bounds memory and fitting time.
+MAX_LAG = 1000
+
+
+@dataclass(frozen=True)
+class LinearAR:
+    """A fitted line: ``coef`` per buffer position (``len(coef)`` readings kept), ``bias``."""
+
+    lags: tuple[int, ...]
+    coef: tuple[float, ...]
+    bias: float
+    loss: str = "squared"
+
+    @property
+    def size(self) -> int:
+        """Readings the stream's buffer holds; 0 means no linear path (persistence)."""
+        return len(self.coef)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "lags": list(self.lags),
+            "loss": self.loss,
+            "coef": list(self.coef),
+            "bias": self.bias,
+        }
+
+
+PERSISTENCE = LinearAR((), (), 0.0)
+
+
+def buffers(values: np.ndarray, size: int) -> np.ndarray:
+    """``[T, size]``: after each reading of one segment, the buffer newest first, with the
+    positions before the segment's start filled with its first reading (the graph's rule)."""
+    v = np.asarray(values, dtype=np.float64)
+    padded = np.concatenate([np.full(size - 1, v[0]), v])
+    # Row t is padded[t : t + size] reversed: readings t, t-1, ..., t-size+1.
+    win = np.lib.stride_tricks.sliding_window_view(padded, size)
+    return win[:, ::-1]
+
+
+def ar_segment(values: np.ndarray, ar: LinearAR) -> np.ndarray:
+    """The line's one-step predictions over one segment (``out[k]`` predicts ``values[k+1]``)."""
+    v = np.asarray(values, dtype=np.float64)
+    if ar.size == 0:
+        return v.copy()
+    b = buffers(v, ar.size)
+    coef = np.asarray(ar.coef)
+    return v + ar.bias + coef[0] * v + (b[:, 1:] - v[:, None]) @ coef[1:]
+
+
+def _design(b: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Features ``[b0, b[k] - b0 for k in positions >= 1]`` of :func:`ar_segment`'s form."""
+    cur = b[:, :1]
+    return np.concatenate([cur, b[:, positions[positions > 0]] - cur], axis=1)
+
+
+def fit(
+    segments: Sequence[np.ndarray],
+    lags: Sequence[int],
+    loss: str = "squared",
+    ridge: float = RIDGE,
+) -> LinearAR:
+    """Ridge regression of the next reading's change on the lagged readings, with a squared or a
+    Huber loss (``loss="huber"``: robust to outages, which the validation part may prefer).
+
+    ``segments`` are runs of consecutive finite readings (training part only). Targets are every
+    next reading inside a segment, including the early ones whose buffer is padded, because the
+    daemon predicts those too."""
+    lags = sorted({int(lag) for lag in lags})
+    if not lags:
+        return PERSISTENCE
+    size = max(lags)
+    positions = np.asarray([lag - 1 for lag in lags])
+    xs, ys = [], []
+    for seg in segments:
+        if len(seg) < 2:
+            continue
+        b = buffers(seg, size)[:-1]
+        xs.append(_design(b, positions))
+        ys.append(np.diff(seg))
+    if not xs:
+        return PERSISTENCE
+    x = np.concatenate(xs)
+    y = np.concatenate(ys)
+    # Standardise so one penalty fits every feature; the intercept is not penalised.
+    mu = x.mean(axis=0)
+    sd = x.std(axis=0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    z = (x - mu) / sd
+    n, k = z.shape
+    a = np.concatenate([np.ones((n, 1)), z], axis=1)
+    penalty = np.sqrt(ridge * n) * np.eye(k + 1)[1:]
+    target = y - y.mean()
+    weight = np.ones(n)
+    sol = np.zeros(k + 1)
+    for _ in range(HUBER_ITERATIONS if loss == "huber" else 1):
+        # Huber by iteratively reweighted least squares: an outage's steps are tens of typical
+        # steps, and squared loss would let a handful of them set every coefficient.
+        root = np.sqrt(weight)
+        sol, *_ = np.linalg.lstsq(
+            np.concatenate([a * root[:, None], penalty]),
+            np.concatenate([target * root, np.zeros(k)]),
+            rcond=None,
+        )
+        resid = target - a @ sol
+        spread = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+        if spread <= 1e-12:
+            break
+        weight = np.minimum(1.0, HUBER_K * spread / np.maximum(np.abs(resid), 1e-300))
+    w = sol[1:] / sd
+    bias = float(y.mean() + sol[0] - mu @ w)
+    coef = np.zeros(size)
+    coef[0] = w[0]
+    coef[positions[positions > 0]] = w[1:]
+    return LinearAR(tuple(lags), tuple(float(c) for c in coef), bias, loss)
+
+
+def candidate_lag_sets(periods: Sequence[int], n_train: int) -> list[tuple[int, ...]]:
+    """Lag sets to compare: none (persistence), 1..p, and each with a period's seasonal pair
+    ``{s, s+1}`` (seasonal naive and seasonal differencing are both in that span). Sets that
+    need more than a third of the training readings per fitted coefficient are skipped."""
+    out: list[tuple[int, ...]] = []
+    seasonal = [(s, s + 1) for s in periods if 2 <= s < min(MAX_LAG, n_train // 3)]
+    for p in ORDERS:
+        if p >= n_train // 4:
+            continue
+        base = tuple(range(1, p + 1))
+        out.append(base)
+        for pair in seasonal:
+            out.append(tuple(sorted({*base, *pair})))
+        if len(seasonal) > 1:
+            out.append(tuple(sorted({*base, *(lag for pair in seasonal for lag in pair)})))
+    for s in periods:
+        # Every lag up to one period and one more (AR(s+1) on levels), where the data affords it.
+        if 2 <= s < MAX_LAG and (s + 1) * 4 <= n_train:
+            out.append(tuple(range(1, s + 2)))
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One fitted lag set and its validation RMSE."""
+
+    ar: LinearAR
+    val_rmse: float
+    val_loss: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "lags": list(self.ar.lags),
+            "loss": self.ar.loss,
+            "val_rmse": self.val_rmse,
+            "val_loss": self.val_loss,
+        }
+
+
+def robust_loss(err: np.ndarray, scale: float, k: float = 10.0) -> float:
+    """Mean Huber loss of ``err`` in units of ``scale`` (a typical one-step change), threshold
+    ``k``: how candidates are compared. A validation part with one outage would otherwise pick the
+    model that best guesses the outage's recovery over the one that best predicts ordinary data."""
+    if not err.size or not np.all(np.isfinite(err)):
+        return float("inf")
+    a = np.abs(err / scale)
+    return float(np.mean(np.where(a <= k, 0.5 * a**2, k * (a - 0.5 * k))))
+
+
+def select(
+    train_segments: Sequence[np.ndarray],
+    val_runs: Sequence[tuple[np.ndarray, int]],
+    lag_sets: Sequence[Sequence[int]],
+    scale: float,
+) -> list[Candidate]:
+    """Fit every lag set on the training segments; score on validation; best first.
+
+    ``val_runs`` are ``(segment, first)``: the whole segment is unrolled (the buffer fills from
+    its start, as in the daemon) and targets from index ``first`` on are scored."""
+    out: list[Candidate] = []
+    fits = [fit(train_segments, lags, loss) for lags in lag_sets for loss in LOSSES if lags]
+    for ar in [PERSISTENCE, *fits]:
+        err: list[np.ndarray] = []
+        for seg, first in val_runs:
+            if len(seg) - 1 <= first:
+                continue
+            pred = ar_segment(seg, ar)[:-1]
+            err.append((pred - seg[1:])[max(first - 1, 0) :])
+        e = np.concatenate(err) if err else np.array([np.nan])
+        out.append(Candidate(ar, float(np.sqrt(np.mean(e**2))), robust_loss(e, scale)))
+    out.sort(key=lambda c: (not np.isfinite(c.val_loss), c.val_loss, c.ar.size))
+    return out

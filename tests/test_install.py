@@ -1,0 +1,89 @@
+"""The server install recipe (scripts/install-server.sh), run as written into a temporary root.
+
+``DESTDIR`` makes the script treat a temporary folder as ``/``: the venv is created and the
+package installed under it (from this clone, serving install only), the unit, config, bundles
+and credential file land where the README says, and nothing is started. The test then checks
+what a fresh Debian machine would have: a working ``/usr/local/bin/forecaster``, verified
+world-readable bundles, no PyTorch, and a unit that ``systemd-analyze verify`` accepts with its
+ExecStart pointing at the installed command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "install-server.sh"
+
+
+def _run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=600, check=False, **kw
+    )  # type: ignore[call-overload]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("root")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    res = _run("bash", str(SCRIPT), env={**env, "DESTDIR": str(dest)})
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    assert "not starting anything" in res.stderr
+    return dest
+
+
+def test_the_command_runs_from_usr_local_bin(installed: Path) -> None:
+    cmd = installed / "usr" / "local" / "bin" / "forecaster"
+    assert cmd.is_symlink()
+    res = _run(str(cmd), "--version")
+    assert res.returncode == 0 and res.stdout.startswith("forecaster "), res.stderr
+    # The venv is the serving install: no PyTorch.
+    py = installed / "opt" / "forecaster" / "bin" / "python"
+    assert _run(str(py), "-c", "import torch").returncode != 0
+
+
+def test_bundles_are_world_readable_and_verify(installed: Path) -> None:
+    models = installed / "usr" / "share" / "forecaster" / "models"
+    cmd = installed / "usr" / "local" / "bin" / "forecaster"
+    for name in ("water-flow", "taylor-demand"):
+        for f in (models / name).iterdir():
+            assert f.stat().st_mode & stat.S_IROTH, f"{f} is not world-readable"
+        res = _run(str(cmd), "inspect", str(models / name))
+        assert res.returncode == 0 and "(verified)" in res.stdout, res.stderr
+
+
+def test_config_and_credential_files(installed: Path) -> None:
+    etc = installed / "etc" / "forecaster"
+    assert (etc / "forecaster.toml").read_text() == (
+        ROOT / "deploy" / "forecaster.toml"
+    ).read_text()
+    assert stat.S_IMODE((etc / "mqtt-password").stat().st_mode) == 0o600
+    # The example config names the bundle where step 3 put it.
+    assert (
+        'bundle = "/usr/share/forecaster/models/water-flow"'
+        in (etc / "forecaster.toml").read_text()
+    )
+
+
+def test_installed_unit_verifies(installed: Path, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is not installed: apt-get install systemd (make test does it)")
+    unit = installed / "etc" / "systemd" / "system" / "forecaster.service"
+    assert unit.read_text() == (ROOT / "systemd" / "forecaster.service").read_text()
+    # verify checks that ExecStart's binary is executable: point it at the staged one.
+    staged = tmp_path / "forecaster.service"
+    text = unit.read_text().replace(
+        "ExecStart=/usr/local/bin/forecaster ",
+        f"ExecStart={installed}/usr/local/bin/forecaster ",
+    )
+    staged.write_text(text)
+    res = _run(analyze, "verify", str(staged))
+    assert res.returncode == 0, res.stderr
+    assert (res.stdout + res.stderr).strip() == "", res.stdout + res.stderr

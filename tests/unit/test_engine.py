@@ -1,0 +1,428 @@
+"""Engine: waves, drops, evictions, resets, the recent-predictions cache, journal and recovery.
+
+The model is a fake with an obvious closed form, so expected predictions come from plain
+arithmetic and never from the engine: its one state is the running sum of a stream's readings
+since its (re)start, and it predicts that sum. A reading whose magnitude is above 1e20 sends the
+state to infinity (a model blowing up). The recovery tests at the end use the real bundled LSTM,
+because bit-exact replay through ONNX Runtime is the point there.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+
+from forecaster.model.bundle import Bundle
+from forecaster.serve.codec import Prediction, Reading
+from forecaster.serve.engine import Engine, RecentPredictions, waves
+from forecaster.serve.journal import journal_prev_path
+from forecaster.serve.snapshot import load_snapshot
+from forecaster.serve.state import StateStore
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "models" / "water-flow"
+BLOW_UP = 1e30
+
+
+@dataclass
+class FakeManifest:
+    warmup: int = 2
+    task: str = "regress"
+    horizon: int = 0
+    threshold: float | None = None
+    interval: None = None
+    name: str = "fake"
+    version: str = "1"
+
+
+@dataclass
+class FakeBundle:
+    """One state tensor [1, B, 1]: the running sum; y = the new sum."""
+
+    sha256: str = "f" * 64
+    mode: str = "stateful"
+    window: int = 0
+    manifest: FakeManifest = field(default_factory=FakeManifest)
+    calls: list[int] = field(default_factory=list)
+
+    @property
+    def state_shapes(self) -> list[tuple[int, int]]:
+        return [(1, 1)]
+
+    def step(self, x: np.ndarray, state: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list]:
+        self.calls.append(len(x))
+        (h,) = state
+        new = h + x.reshape(1, -1, 1)
+        new[:, np.abs(x[:, 0]) > 1e20, :] = np.inf
+        return new[0, :, 0].copy(), [new]
+
+
+def engine(
+    max_streams: int = 100, reset_after: float = 0.0, recent: int = 0, **bundle: Any
+) -> Engine:
+    fake = FakeBundle(**bundle)
+    return Engine(
+        cast(Bundle, fake), StateStore(fake.state_shapes, max_streams, reset_after), recent=recent
+    )
+
+
+def r(stream: str, ts: float, value: float = 1.0) -> Reading:
+    return Reading(stream, value, ts, 0.0, stream)
+
+
+def values(preds: list[Prediction | None]) -> list[float | None]:
+    return [None if p is None else p.value for p in preds]
+
+
+# ------------------------------------------------------------------ waves
+
+
+def test_waves_group_one_reading_per_stream_in_arrival_order() -> None:
+    assert waves(["a", "b", "a", "c", "a", "b"]) == [[0, 1, 3], [2, 5], [4]]
+    assert waves([]) == []
+    assert waves(["x"] * 3) == [[0], [1], [2]]
+
+
+def test_interleaved_batch_is_stepped_in_order_per_stream() -> None:
+    e = engine()
+    rs = [r("a", 1, 1), r("b", 1, 10), r("a", 2, 2), r("a", 3, 4), r("b", 2, 20)]
+    out = e.step(rs, now=0.0)
+    # running sums per stream, in each stream's own order
+    assert values(out.predictions) == [1, 10, 3, 7, 30]
+    assert [p.warm for p in out.predictions if p] == [False, False, True, True, True]
+    assert cast(FakeBundle, e.bundle).calls == [2, 2, 1]  # three waves: one ONNX call each
+    assert [c[0] for c in out.calls] == [2, 2, 1]
+    assert not out.drops and not out.resets
+    # the states carry over to the next micro-batch
+    assert values(e.step([r("b", 3, 5)], now=1.0).predictions) == [35]
+
+
+# ------------------------------------------------------------------ drops
+
+
+def test_duplicates_and_out_of_order_are_dropped_and_counted_without_cache() -> None:
+    e = engine(recent=0)
+    e.step([r("a", 10, 1)], now=0.0)
+    out = e.step([r("a", 10, 5), r("a", 9, 5), r("b", 1, 1)], now=1.0)
+    assert values(out.predictions) == [None, None, 1]
+    assert out.drops == {"duplicate": 1, "out_of_order": 1}
+    assert values(e.step([r("a", 11, 2)], now=2.0).predictions) == [3]  # state untouched
+
+
+def test_duplicate_within_one_batch_without_cache() -> None:
+    e = engine(recent=0)
+    out = e.step([r("a", 1, 1), r("a", 1, 1), r("a", 2, 1)], now=0.0)
+    assert values(out.predictions) == [1, None, 2]
+    assert out.drops == {"duplicate": 1}
+
+
+def test_eviction_inside_a_wave_drops_the_evicted_reading() -> None:
+    e = engine(max_streams=2)
+    out = e.step([r("a", 1), r("b", 1), r("c", 1)], now=0.0)
+    # "c" evicted "a" (least recently used) in the same wave: a has no state left
+    assert out.evicted == ["a"]
+    assert out.drops == {"evicted": 1}
+    assert values(out.predictions) == [None, 1, 1]
+    assert "a" not in e.store and len(e.store) == 2
+
+
+def test_non_finite_state_is_dropped_reset_and_counted() -> None:
+    e = engine()
+    e.step([r("a", 1, 3), r("b", 1, 1)], now=0.0)
+    out = e.step([r("a", 2, BLOW_UP), r("b", 2, 1)], now=1.0)
+    assert values(out.predictions) == [None, 2]
+    assert out.drops == {"non_finite_state": 1}
+    assert out.resets == {"non_finite": 1}
+    # a starts over from zero; b is untouched
+    assert values(e.step([r("a", 3, 4), r("b", 3, 1)], now=2.0).predictions) == [4, 3]
+
+
+def test_gap_resets_state() -> None:
+    e = engine(reset_after=60)
+    e.step([r("a", 0, 5)], now=0.0)
+    out = e.step([r("a", 61, 1)], now=1.0)
+    assert out.resets == {"gap": 1}
+    assert values(out.predictions) == [1]
+    assert out.predictions[0] is not None and out.predictions[0].warm is False
+
+
+# ------------------------------------------------------------------ recent predictions
+
+
+def test_redelivered_reading_gets_its_original_prediction() -> None:
+    e = engine(recent=100)
+    first = e.step([r("a", 1, 1), r("a", 2, 2), r("b", 1, 7)], now=0.0)
+    again = e.step([r("a", 1, 999), r("b", 1, 999), r("a", 3, 1)], now=1.0)
+    assert again.predictions[:2] == [first.predictions[0], first.predictions[2]]
+    assert again.repeated == 2
+    assert not again.drops
+    assert values(again.predictions)[2] == 4  # the state was not stepped by the redeliveries
+
+
+def test_cache_is_bounded_and_older_redeliveries_are_dropped() -> None:
+    e = engine(recent=2)
+    e.step([r("a", 1), r("a", 2), r("a", 3)], now=0.0)
+    assert len(e.recent) == 2
+    out = e.step([r("a", 1), r("a", 3)], now=1.0)
+    assert values(out.predictions) == [None, 3]
+    assert out.drops == {"out_of_order": 1} and out.repeated == 1
+
+
+def test_recent_predictions_keep_classifier_fields() -> None:
+    cache = RecentPredictions(3)
+    p = Prediction("s", 1.0, 0.75, True, 0.75, True)
+    cache.put(p)
+    assert cache.get("s", 1.0) is p
+    ids, arrays = cache.to_arrays()
+    assert ids == ["s"] and arrays["recent_value"].tolist() == [0.75]
+    with pytest.raises(ValueError):
+        RecentPredictions(-1)
+
+
+# ------------------------------------------------------------------ journal and recovery (fake)
+
+
+def durable(tmp_path: Path, **kw: Any) -> tuple[Engine, Any]:
+    e = engine(recent=1000, **kw)
+    rec = e.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0)
+    return e, rec
+
+
+def test_first_start_snapshots_and_opens_a_journal(tmp_path: Path) -> None:
+    e, rec = durable(tmp_path)
+    assert rec.snapshot == "missing" and rec.snapshot_written
+    assert (tmp_path / "r.npz").exists() and (tmp_path / "r.journal").exists()
+    assert e.seq == 0
+
+
+def test_recovery_replays_after_the_snapshot(tmp_path: Path) -> None:
+    e, _ = durable(tmp_path)
+    e.step([r("a", 1, 1), r("b", 1, 2)], now=0.0)
+    e.snapshot()
+    e.step([r("a", 2, 3)], now=1.0)
+    e.step([r("b", 2, 4), r("c", 1, 5)], now=2.0)
+    assert e.seq == 3
+    # crash: a new engine from the same files
+    e2, rec = durable(tmp_path)
+    assert (rec.snapshot, rec.replayed, rec.readings, rec.refused) == ("ok", 2, 3, [])
+    assert e2.seq == 3
+    assert values(e2.step([r("a", 3, 1), r("b", 3, 1), r("c", 2, 1)], now=3.0).predictions) == [
+        5,
+        7,
+        6,
+    ]
+
+
+def test_expiry_is_journaled(tmp_path: Path) -> None:
+    fake = FakeBundle()
+    e = Engine(cast(Bundle, fake), StateStore(fake.state_shapes, 100, idle_ttl=10), recent=10)
+    e.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0)
+    e.step([r("a", 1, 1)], now=0.0)
+    e.step([r("b", 1, 1)], now=20.0)
+    assert e.expire(now=20.0) == ["a"]
+    e2 = Engine(cast(Bundle, FakeBundle()), StateStore(fake.state_shapes, 100, idle_ttl=10))
+    rec = e2.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0)
+    assert rec.replayed == 3
+    assert "a" not in e2.store and "b" in e2.store
+
+
+def test_journal_bound_forces_a_snapshot(tmp_path: Path) -> None:
+    e = engine(recent=10)
+    e.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0, max_journal_bytes=600)
+    snapshots = 0
+    for k in range(60):
+        out = e.step([r("a", k), r("b", k)], now=float(k))
+        snapshots += out.snapshot == "ok"
+        cur = (tmp_path / "r.journal").stat().st_size
+        prev = journal_prev_path(tmp_path / "r.journal")
+        total = cur + (prev.stat().st_size if prev.exists() else 0)
+        assert total <= 2 * 600 + 200, k  # two segments plus one record at most
+    assert snapshots >= 5
+    assert load_snapshot(tmp_path / "r.npz", e.bundle.sha256, [(1, 1)]).journal_seq == e.seq or (
+        e.journal is not None and e.journal.size > 0
+    )
+
+
+def test_failed_journal_append_is_reported_and_covered_by_a_snapshot(tmp_path: Path) -> None:
+    e, _ = durable(tmp_path)
+    e.step([r("a", 1, 1)], now=0.0)
+    journal = e.journal
+    assert journal is not None
+    real = journal.append
+
+    def full(kind: int, payload: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    journal.append = full  # type: ignore[method-assign]
+    out = e.step([r("a", 2, 2)], now=1.0)
+    assert values(out.predictions) == [3]  # answered anyway
+    assert out.journal_error is not None and "No space" in out.journal_error
+    assert out.snapshot == "ok"  # the unjournaled step is in a snapshot
+    journal.append = real  # type: ignore[method-assign]
+    again = e.step([r("a", 3, 4)], now=2.0)
+    assert again.journal_error is None  # the snapshot resumed the journal
+    e2, rec = durable(tmp_path)
+    assert (rec.snapshot, rec.replayed) == ("ok", 1)
+    assert values(e2.step([r("a", 4, 1)], now=3.0).predictions) == [8]
+
+
+def test_journal_stays_suspended_until_a_snapshot_covers_the_gap(tmp_path: Path) -> None:
+    clock = [0.0]
+    fake = FakeBundle()
+    e = Engine(cast(Bundle, fake), StateStore(fake.state_shapes, 100), lambda: clock[0], recent=10)
+    e.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0)
+    journal = e.journal
+    assert journal is not None
+
+    def full(kind: int, payload: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    journal.append = full  # type: ignore[method-assign]
+    blocked = tmp_path / "r.npz.tmp"
+    blocked.mkdir()  # the snapshot cannot be written either
+    out = e.step([r("a", 1, 1)], now=0.0)
+    assert out.journal_error and out.snapshot == "failed"
+    clock[0] = 1.0
+    out = e.step([r("a", 2, 2)], now=1.0)
+    assert out.journal_error and out.snapshot is None  # retried at most every few seconds
+    blocked.rmdir()
+    clock[0] = 10.0
+    out = e.step([r("a", 3, 4)], now=2.0)
+    assert out.snapshot == "ok"
+    e2, rec = durable(tmp_path)
+    assert rec.replayed == 0
+    assert values(e2.step([r("a", 4, 1)], now=3.0).predictions) == [8]
+
+
+def test_model_change_snapshots_under_the_new_sha(tmp_path: Path) -> None:
+    e, _ = durable(tmp_path)
+    e.step([r("a", 1, 1)], now=0.0)
+    e.bundle = cast(Bundle, FakeBundle(sha256="e" * 64))
+    assert load_snapshot(tmp_path / "r.npz", "e" * 64, [(1, 1)]).ids == ["a"]
+    e.step([r("a", 2, 1)], now=1.0)
+    e2 = engine(recent=10, sha256="e" * 64)
+    rec = e2.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0)
+    assert (rec.snapshot, rec.replayed, rec.refused) == ("ok", 1, [])
+    assert values(e2.step([r("a", 3, 1)], now=2.0).predictions) == [3]
+
+
+def test_unwritable_state_dir_keeps_serving(tmp_path: Path) -> None:
+    gone = tmp_path / "no-such-dir"  # every write there fails
+    e = engine(recent=10)
+    rec = e.recover(gone / "r.npz", gone / "r.journal", now=0.0)
+    assert rec.snapshot == "missing" and not rec.snapshot_written
+    assert e.journal is None  # no journal without a snapshot to chain from
+    assert values(e.step([r("a", 1, 2)], now=0.0).predictions) == [2]
+
+
+# ------------------------------------------------------------------ bit-exact replay (real LSTM)
+
+
+@pytest.fixture(scope="module")
+def lstm() -> Bundle:
+    return Bundle.load(MODEL)
+
+
+def lstm_engine(bundle: Bundle, recent: int = 10_000) -> Engine:
+    return Engine(bundle, StateStore(bundle.state_shapes, 1000), recent=recent)
+
+
+def states_of(e: Engine) -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {}
+    for stream, slot in e.store.streams():
+        out[stream] = [s[:, 0, :] for s in e.store.gather(np.array([slot]))]
+    return out
+
+
+def random_batches(rng: random.Random, n: int) -> list[list[Reading]]:
+    ts = {f"s{i}": 1_600_000_000.0 for i in range(6)}
+    batches = []
+    for _ in range(n):
+        batch = []
+        for _ in range(rng.randint(1, 12)):
+            s = rng.choice(sorted(ts))
+            ts[s] += rng.choice([0.0, 1.0, 1.0, 1.0, 2.0])  # some duplicates
+            batch.append(Reading(s, rng.gauss(100, 5), ts[s], 0.0, s))
+        batches.append(batch)
+    return batches
+
+
+def test_crash_at_any_byte_of_the_journal_recovers_exact_states(
+    tmp_path: Path, lstm: Bundle, seed: int
+) -> None:
+    """Run, snapshot midway, run on; then for random cut points of the journal (a kill in the
+    middle of a write), recover and compare with the states after the last whole record."""
+    rng = random.Random(seed)
+    batches = random_batches(rng, 40)
+    work = tmp_path / "run"
+    work.mkdir()
+    live = lstm_engine(lstm)
+    live.recover(work / "r.npz", work / "r.journal", now=0.0)
+    after: dict[int, dict[str, list[np.ndarray]]] = {}
+    preds: dict[tuple[str, float], float] = {}
+    snap_at = rng.randrange(5, 30)
+    for k, batch in enumerate(batches):
+        out = live.step(batch, now=float(k))
+        for p in out.predictions:
+            if p is not None:
+                preds.setdefault((p.stream, p.ts), p.value)
+        after[live.seq] = states_of(live)
+        if k == snap_at:
+            live.snapshot()
+    live.close()
+    blob = (work / "r.journal").read_bytes()
+    for cut in [*sorted(rng.sample(range(len(blob) + 1), 8)), len(blob)]:
+        trial = tmp_path / f"cut{cut}"
+        shutil.copytree(work, trial)
+        (trial / "r.journal").write_bytes(blob[:cut])
+        e = lstm_engine(lstm)
+        rec = e.recover(trial / "r.npz", trial / "r.journal", now=0.0)
+        got = states_of(e)
+        want = after[e.seq]
+        assert sorted(got) == sorted(want), f"seed={seed} cut={cut}"
+        for s in want:
+            for a, b in zip(got[s], want[s], strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"seed={seed} cut={cut} {s}")
+        assert rec.mismatches == 0, f"seed={seed} cut={cut}"
+        assert [why for why, _ in rec.refused] in ([], ["torn"]), f"seed={seed} {rec.refused}"
+        # every reading the recovered state holds, redelivered, gets its original prediction
+        held = [b for batch in batches[: e.seq] for b in batch]
+        again = e.step(held, now=99.0)
+        assert again.repeated == len(held), f"seed={seed} cut={cut}"
+        for rd, p in zip(held, again.predictions, strict=True):
+            assert p is not None and p.value == preds[(rd.stream, rd.ts)], f"seed={seed} {rd}"
+
+
+def test_window_classifier_recovers_exactly_with_its_event_fields(tmp_path: Path) -> None:
+    """A window model's buffers and a classifier's probability/event survive a crash too."""
+    bundle = Bundle.load(ROOT / "models" / "yahoo-anomaly")
+    rng = random.Random(5)
+    rs = [Reading(f"w{i % 3}", rng.gauss(0, 1), 1000.0 + i, 0.0, "t") for i in range(60)]
+
+    def fresh() -> Engine:
+        return Engine(bundle, StateStore(bundle.state_shapes, 100), recent=1000)
+
+    live = fresh()
+    live.recover(tmp_path / "w.npz", tmp_path / "w.journal", now=0.0)
+    first = [p for k in range(0, 40, 8) for p in live.step(rs[k : k + 8], now=float(k)).predictions]
+    live.snapshot()
+    first += [
+        p for k in range(40, 60, 5) for p in live.step(rs[k : k + 5], now=float(k)).predictions
+    ]
+    assert sum(p is None for p in first) == 3 * 9  # each stream's first W-1 readings
+    back = fresh()
+    rec = back.recover(tmp_path / "w.npz", tmp_path / "w.journal", now=0.0)
+    assert (rec.replayed, rec.mismatches, rec.refused) == (4, 0, [])
+    again = back.step(rs, now=99.0)
+    # every reading that had a prediction gets it back, probability and event included
+    for p, q in zip(first, again.predictions, strict=True):
+        if p is not None:
+            assert q == p
+    nxt = [Reading(f"w{i}", 0.5, 2000.0, 0.0, "t") for i in range(3)]
+    assert values(back.step(nxt, 100.0).predictions) == values(live.step(nxt, 100.0).predictions)

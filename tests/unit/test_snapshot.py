@@ -1,0 +1,127 @@
+"""The snapshot file format (snapshot.py): version 2's journal position and recent predictions,
+and version 1 files from before the journal still restoring.
+
+Damage of the common part (truncation, pickles, NaN states, foreign models) is covered in
+test_state.py and tests/faults/test_snapshots.py; here only what version 2 added.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from forecaster.serve.snapshot import (
+    SNAPSHOT_VERSION,
+    SnapshotError,
+    json_bytes,
+    load_snapshot,
+    write_snapshot,
+)
+from forecaster.serve.state import StateStore
+
+SHA = "a" * 64
+SHAPES = [(1, 3)]
+
+
+def store_with(n: int) -> StateStore:
+    store = StateStore(SHAPES, 100)
+    for i in range(n):
+        slot = np.array([store.acquire(f"s{i}", float(i))[0]])
+        store.scatter(slot, [np.full((1, 1, 3), i, dtype=np.float32)])
+        store.record(slot, np.array([10.0 + i]), np.array([1.0]), np.array([2.0]), float(i))
+    return store
+
+
+def recent(n: int) -> tuple[list[str], dict[str, np.ndarray]]:
+    return [f"s{i}" for i in range(n)], {
+        "recent_ts": np.arange(n, dtype=np.float64),
+        "recent_value": np.arange(n, dtype=np.float64) / 2,
+        "recent_flags": np.ones(n, dtype=np.uint8),
+    }
+
+
+def test_version_2_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "r.npz"
+    ids, arrays = recent(4)
+    store_with(3).snapshot(path, SHA, journal_seq=17, recent_ids=ids, recent=arrays)
+    data = load_snapshot(path, SHA, SHAPES)
+    assert data.journal_seq == 17
+    assert data.ids == ["s0", "s1", "s2"]
+    assert data.recent_ids == ids
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(data.recent[name], arr)
+    with np.load(path, allow_pickle=False) as npz:
+        assert json.loads(npz["header"].tobytes())["version"] == SNAPSHOT_VERSION == 2
+
+
+def test_version_1_file_still_restores(tmp_path: Path) -> None:
+    """A snapshot written before journals existed: states restore, no journal position."""
+    path = tmp_path / "r.npz"
+    store_with(2).snapshot(path, SHA)
+    with np.load(path, allow_pickle=False) as npz:
+        raw = {k: npz[k] for k in npz.files}
+    header = json.loads(raw["header"].tobytes())
+    header["version"] = 1
+    raw["header"] = json_bytes(header)
+    with path.open("wb") as fh:
+        np.savez(fh, **raw)
+    data = load_snapshot(path, SHA, SHAPES)
+    assert data.journal_seq is None and data.recent_ids == []
+    assert len(StateStore.restore(path, SHA, SHAPES, 100)) == 2
+
+
+def rewrite(path: Path, change: dict[str, Any], header: dict[str, Any] | None = None) -> None:
+    with np.load(path, allow_pickle=False) as npz:
+        raw = {k: npz[k] for k in npz.files}
+    raw.update(change)
+    if header:
+        h = json.loads(raw["header"].tobytes())
+        h.update(header)
+        raw["header"] = json_bytes(h)
+    with path.open("wb") as fh:
+        np.savez(fh, **raw)
+
+
+@pytest.mark.parametrize(
+    ("change", "header", "why"),
+    [
+        ({}, {"journal_seq": -1}, "journal_seq"),
+        ({}, {"journal_seq": "7"}, "journal_seq"),
+        ({}, {"journal_seq": True}, "journal_seq"),
+        ({"recent_ts": np.zeros(3)}, None, "recent_ts"),
+        ({"recent_value": np.array([0.0, np.nan, 1.0, 2.0])}, None, "recent_value"),
+        ({"recent_ts": np.array([0.0, np.inf, 1.0, 2.0])}, None, "recent_ts"),
+        ({"recent_flags": np.ones(4, dtype=np.int64)}, None, "recent_flags"),
+        ({"recent_ids": json_bytes({"not": "a list"})}, None, "recent_ids"),
+        ({"recent_ids": np.zeros(3)}, None, "recent_ids"),
+    ],
+)
+def test_damaged_version_2_parts_are_corrupt(
+    tmp_path: Path, change: dict[str, Any], header: dict[str, Any] | None, why: str
+) -> None:
+    path = tmp_path / "r.npz"
+    ids, arrays = recent(4)
+    store_with(2).snapshot(path, SHA, journal_seq=3, recent_ids=ids, recent=arrays)
+    rewrite(path, change, header)
+    with pytest.raises(SnapshotError) as info:
+        load_snapshot(path, SHA, SHAPES)
+    assert info.value.reason == "corrupt"
+    assert why in str(info.value)
+
+
+def test_write_is_atomic_and_keeps_previous(tmp_path: Path) -> None:
+    path = tmp_path / "r.npz"
+    a = {"state0": np.zeros((1, 0, 3), dtype=np.float32)}
+    meta = {
+        name: np.zeros(0, dtype=np.int64 if name == "seen" else np.float64)
+        for name in ("last_ts", "last_value", "last_pred", "seen", "last_used")
+    }
+    write_snapshot(path, SHA, SHAPES, [], {**a, **meta}, journal_seq=1)
+    write_snapshot(path, SHA, SHAPES, [], {**a, **meta}, journal_seq=2)
+    assert load_snapshot(path, SHA, SHAPES).journal_seq == 2
+    assert load_snapshot(path.with_name("r.npz.prev"), SHA, SHAPES).journal_seq == 1
+    assert not path.with_name("r.npz.tmp").exists()

@@ -1,0 +1,148 @@
+"""The transport's ack bookkeeping (``mqtt.AckBook``), driven without a broker.
+
+Which readings each prediction acknowledges, the QoS ≥ 1 window, the on_publish-before-record
+race, QoS 0 entries the link forgot, message-id reuse. Plus ``Transport.publish`` against a real
+paho client that is never connected: the failure paths leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from forecaster.serve.config import MQTTConfig
+from forecaster.serve.mqtt import AckBook, PublishResult, Transport
+
+
+def test_qos1_reading_acked_only_after_the_broker_confirms() -> None:
+    book = AckBook(window=4)
+    assert book.reserve(1, stopping=lambda: False)
+    assert book.inflight == 1
+    assert book.sent(mid=7, qos=1, acks=[(100, 1)]) == []  # nothing yet: no PUBACK
+    assert book.pending == 1 and book.pending_readings == 1
+    assert book.done(7) == [(100, 1)]
+    assert book.inflight == 0 and book.pending == 0
+    assert book.done(7) == []  # a second confirmation acknowledges nothing twice
+
+
+def test_confirmation_before_record_completes_on_record() -> None:
+    # paho may run on_publish before publish() has returned the message id to us.
+    book = AckBook(window=4)
+    assert book.reserve(1, stopping=lambda: False)
+    assert book.done(9) == []
+    assert book.sent(mid=9, qos=1, acks=[(1, 1), (2, 1)]) == [(1, 1), (2, 1)]
+    assert book.inflight == 0 and book.pending == 0
+
+
+def test_qos0_holds_no_window_slot_and_acks_when_written() -> None:
+    book = AckBook(window=1)
+    assert book.reserve(0, stopping=lambda: False)
+    assert book.inflight == 0
+    assert book.sent(mid=3, qos=0, acks=[(5, 1)]) == []
+    assert book.done(3) == [(5, 1)]
+
+
+def test_link_drop_settles_forgotten_qos0_but_keeps_qos1() -> None:
+    book = AckBook(window=4)
+    book.sent(mid=1, qos=0, acks=[(10, 1)])
+    assert book.reserve(1, stopping=lambda: False)
+    book.sent(mid=2, qos=1, acks=[(20, 1)])
+    # paho forgets unwritten QoS 0 packets on disconnect; it resends QoS 1 ones.
+    assert book.drop_unconfirmed() == [(10, 1)]
+    assert book.pending == 1 and book.inflight == 1
+    assert book.done(2) == [(20, 1)]
+
+
+def test_reused_message_id_settles_the_stale_entry_instead_of_losing_it() -> None:
+    book = AckBook(window=4)
+    book.sent(mid=65535, qos=0, acks=[(1, 1)])  # never confirmed
+    # ids wrap: the same id comes back for a new message
+    assert book.sent(mid=65535, qos=0, acks=[(2, 1)]) == [(1, 1)]
+    assert book.done(65535) == [(2, 1)]
+    assert book.pending == 0
+
+
+def test_release_returns_the_slot_of_an_unsent_message() -> None:
+    book = AckBook(window=1)
+    assert book.reserve(1, stopping=lambda: False)
+    book.release(1)
+    assert book.inflight == 0
+    assert book.reserve(1, stopping=lambda: False)  # would wait forever if the slot leaked
+
+
+def test_full_window_waits_calls_on_wait_and_gives_up_when_stopping() -> None:
+    book = AckBook(window=1)
+    assert book.reserve(1, stopping=lambda: False)
+    book.sent(mid=1, qos=1, acks=[(1, 1)])
+    waits: list[int] = []
+    stop = threading.Event()
+
+    def on_wait() -> None:
+        waits.append(1)
+        if len(waits) >= 3:
+            stop.set()
+
+    assert not book.reserve(1, stopping=stop.is_set, on_wait=on_wait, turn=0.001)
+    assert len(waits) >= 3  # the waiting worker reported itself alive each turn
+    assert book.inflight == 1
+
+
+def test_full_window_opens_when_the_broker_confirms() -> None:
+    book = AckBook(window=1)
+    assert book.reserve(1, stopping=lambda: False)
+    book.sent(mid=1, qos=1, acks=[])
+    got: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: got.append(book.reserve(1, stopping=lambda: False, turn=0.01))
+    )
+    waiter.start()
+    book.done(1)
+    waiter.join(timeout=10)
+    assert got == [True] and book.inflight == 1
+
+
+def test_wait_empty_waits_for_every_entry() -> None:
+    book = AckBook(window=4)
+    assert book.wait_empty(0.0)
+    book.sent(mid=1, qos=0, acks=[(1, 1)])
+    calls: list[int] = []
+    assert not book.wait_empty(0.02, on_wait=lambda: calls.append(1), turn=0.005)
+    assert calls
+    book.done(1)
+    assert book.wait_empty(0.0)
+
+
+def _transport(max_inflight: int = 2) -> tuple[Transport, list[tuple[int, int]]]:
+    acked: list[tuple[int, int]] = []
+    t = Transport(
+        MQTTConfig(max_inflight=max_inflight), None, ["#"], lambda *_: None, on_error=print
+    )
+    t.ack = lambda mid, qos: acked.append((mid, qos))  # type: ignore[method-assign]
+    return t, acked
+
+
+def test_publish_topic_too_long_leaves_no_slot_and_no_entry() -> None:
+    t, acked = _transport(max_inflight=1)
+    topic = "forecast/" + "x" * 65530  # over MQTT's 65,535 bytes: paho raises ValueError
+    for _ in range(3):  # with a leak, the second would wait for a slot forever
+        assert t.publish(topic, b"{}", 1, False, [(1, 1)]) is PublishResult.TOPIC_TOO_LONG
+    assert t.inflight == 0 and t.book.pending == 0 and acked == []
+
+
+def test_qos0_publish_while_disconnected_is_a_failure_not_a_leak() -> None:
+    t, acked = _transport()
+    assert t.publish("forecast/a", b"{}", 0, False, [(4, 1)]) is PublishResult.FAILED
+    assert t.book.pending == 0 and acked == []  # the caller decides about the reading
+
+
+def test_qos1_publish_while_disconnected_is_queued_for_the_reconnect() -> None:
+    t, _acked = _transport()
+    assert t.publish("forecast/a", b"{}", 1, False, [(4, 1)]) is PublishResult.SENT
+    assert t.inflight == 1 and t.pending_readings == 1  # paho resends it after reconnecting
+
+
+def test_publish_stops_waiting_when_interrupted() -> None:
+    t, _acked = _transport(max_inflight=1)
+    assert t.publish("forecast/a", b"{}", 1, False, [(1, 1)]) is PublishResult.SENT
+    t.interrupt()
+    assert t.publish("forecast/b", b"{}", 1, False, [(2, 1)]) is PublishResult.STOPPING
+    assert t.inflight == 1 and t.pending_readings == 1
