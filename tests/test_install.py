@@ -87,3 +87,15 @@ def test_installed_unit_verifies(installed: Path, tmp_path: Path) -> None:
     res = _run(analyze, "verify", str(staged))
     assert res.returncode == 0, res.stderr
     assert (res.stdout + res.stderr).strip() == "", res.stdout + res.stderr
+
+
+def test_the_demo_finds_its_files_in_the_installed_package(installed: Path) -> None:
+    """From a wheel, outside any clone: models/ and data/ come from <prefix>/share/forecaster."""
+    py = installed / "opt" / "forecaster" / "bin" / "python"
+    code = (
+        "from forecaster.demo.scenario import find_root, load; r = find_root(); load(r); print(r)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FORECASTER_DEMO_ROOT"}
+    res = _run(str(py), "-c", code, cwd="/", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(installed / "opt" / "forecaster" / "share" / "forecaster")

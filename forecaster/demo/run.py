@@ -254,7 +254,16 @@ def run(opts: Options) -> int:
     try:
         with sigterm_as_interrupt(), ExitStack() as stack:
             try:
-                broker = stack.enter_context(Broker(workdir / "broker", persistence=False))
+                # Children in their own session: Ctrl-C reaches only the demo, which stops them
+                # in order; and SIGTERM to them if the demo itself is killed (Linux).
+                broker = stack.enter_context(
+                    Broker(
+                        workdir / "broker",
+                        persistence=False,
+                        new_session=True,
+                        die_with_parent=True,
+                    )
+                )
                 cfg = local_config(
                     broker.port,
                     bundle=streams[0].bundle_dir,
@@ -269,7 +278,9 @@ def run(opts: Options) -> int:
                         for s in {s.feed.route: s for s in streams}.values()
                     ],
                 )
-                daemon = DaemonProcess(cfg, workdir, env=env, cwd=workdir)
+                daemon = DaemonProcess(
+                    cfg, workdir, env=env, cwd=workdir, new_session=True, die_with_parent=True
+                )
                 stack.callback(daemon.close)
                 daemon.start()
                 print(
@@ -285,7 +296,7 @@ def run(opts: Options) -> int:
                     broker.port, board, warm_items, live_items, opts.rate * len(streams)
                 )
                 feeder.start()
-                watch(opts, board, feeder, daemon, offline)
+                watch(opts, board, feeder, daemon, offline, streams)
             except KeyboardInterrupt:
                 pass
             finally:
@@ -332,6 +343,7 @@ def watch(
     feeder: Feeder,
     daemon: DaemonProcess,
     offline: dict[str, float],
+    streams: list[Stream],
 ) -> None:
     """Show the live view until --seconds, the end of the data, Ctrl-C or a failure."""
     from forecaster.demo.scoreboard import RateMeter
@@ -341,6 +353,7 @@ def watch(
     metrics: dict[str, float] | None = None
     last_scrape = 0.0
     done_at: float | None = None
+    injected = {s.feed.name: tuple(s.injected_rows) for s in streams}
     title = "forecaster demo · " + " · ".join(sorted({f"{f.route}: {f.bundle}" for f in FEEDS}))
 
     def frame() -> Frame:
@@ -358,6 +371,7 @@ def watch(
             seconds=opts.seconds,
             offline_skill=offline,
             title=title,
+            injected=injected,
         )
 
     def finished() -> bool:

@@ -30,6 +30,9 @@ class Frame:
     #: what ``forecaster evaluate`` says offline on each stream's held-out rows, by stream name
     offline_skill: dict[str, float] = field(default_factory=dict)
     title: str = "forecaster demo"
+    #: rows where the demo injected a burst, by stream name, so the view can say which flags
+    #: are the planted ones and which are real surprises
+    injected: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _num(x: float | None, fmt: str = ".2f", missing: str = "–") -> str:
@@ -168,7 +171,8 @@ def render(f: Frame, spark: int = SPARK_WIDTH) -> Any:
     alerts = Text()
     for name, a in flagged[-6:]:
         alerts.append("⚠ anomaly ", style="bold red")
-        alerts.append(f"{name} at {anomaly_text(a)}\n")
+        planted = " (the injected burst)" if a.row in f.injected.get(name, ()) else ""
+        alerts.append(f"{name} at {anomaly_text(a)}{planted}\n")
     hint = "Ctrl-C to stop" if s.phase in ("warm-up", "live", "done") else ""
     return Group(
         Panel(head, title=f.title, border_style="blue"), table, alerts, Text(hint, style="dim")

@@ -43,7 +43,7 @@ from forecaster.serve.metrics import Metrics
 from forecaster.serve.mqtt import Transport
 from forecaster.serve.notify import Notifier
 from forecaster.serve.responder import Publisher, Responder
-from forecaster.serve.routes import Route, RouteSet
+from forecaster.serve.routes import RouteSet
 
 log = logging.getLogger("forecaster.serve.daemon")
 
@@ -130,6 +130,9 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._worker_done = threading.Event()
+        # Set when a stop runs out of time: the worker leaves what is still queued unanswered
+        # (unacknowledged, so the broker redelivers it to the next run).
+        self._abandon = threading.Event()
         #: Set when the worker ended by an exception: the process then exits with status 1.
         self.worker_failed = False
         self._stop_deadline = float("inf")
@@ -153,7 +156,10 @@ class Daemon:
                 ready=self._ready,
             )
             self.server.start()
-        self.transport = self._transport_factory(self)
+        self.transport = link = self._transport_factory(self)
+        # Read at scrape time, so they stay true while the worker waits (e.g. on the broker).
+        self.metrics.queue_depth.set_function(lambda: self.intake.readings)
+        self.metrics.publish_inflight.set_function(lambda: link.inflight)
         self.responder = Responder(self.transport, self.metrics, rl=self._rl)
 
     @property
@@ -164,21 +170,6 @@ class Daemon:
 
     def _ack(self, mid: int, qos: int) -> None:
         self._mqtt.ack(mid, qos)
-
-    # Kept for callers of the pre-split Daemon (tests/faults/test_fuzz.py).
-    @property
-    def _accepting(self) -> bool:
-        return self.intake.accepting
-
-    @_accepting.setter
-    def _accepting(self, value: bool) -> None:
-        self.intake.accepting = value
-
-    def _route_for(self, topic: str) -> Route | None:
-        return self.routes.route_for(topic)
-
-    def _on_message(self, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        self.intake.on_message(topic, payload, mid, qos)
 
     # ------------------------------------------------------------------ health
 
@@ -244,7 +235,7 @@ class Daemon:
         responder = self.responder
         if responder is None:
             raise RuntimeError("the daemon is not set up: call setup() first")
-        while True:
+        while not self._abandon.is_set():
             items = self.intake.take(TAKE_TIMEOUT, d.max_batch, d.max_delay_ms / 1000.0)
             now = self._clock()
             self._alive(now)
@@ -277,6 +268,12 @@ class Daemon:
 
     def _finish(self) -> None:
         """After the last batch: wait for the broker, then the last snapshot (worker thread)."""
+        if self._abandon.is_set() and not self.intake.empty():
+            log.warning(
+                "stopping before %d queued reading(s) were answered: they stay unacknowledged "
+                "and will be redelivered",
+                self.intake.readings,
+            )
         left = max(0.5, self._stop_deadline - 1.0 - self._clock())
         if not self._snapshot(left):
             log.warning(
@@ -307,9 +304,6 @@ class Daemon:
 
     def _housekeeping(self, now: float) -> None:
         self.routes.expire(now)
-        self.metrics.queue_depth.set(self.intake.readings)
-        if self.transport is not None:
-            self.metrics.publish_inflight.set(self._mqtt.inflight)
 
     # ------------------------------------------------------------------ reload
 
@@ -383,13 +377,14 @@ class Daemon:
         self.intake.stop_accepting()
         self._stop.set()
         if not self._worker_done.wait(timeout=max(0.0, STOP_TIMEOUT - 1.5)):
-            # Still answering or waiting on a full window: stop the waits; what is not sent
-            # stays unacknowledged and is redelivered to the next run.
+            # Still answering or waiting on a full window: stop the waits and the draining;
+            # what is not sent stays unacknowledged and is redelivered to the next run.
+            self._abandon.set()
             self._mqtt.interrupt()
             if not self._worker_done.wait(timeout=1.0):
                 log.error("the inference worker did not finish; stopping without it")
                 self.worker_failed = True
-        self._mqtt.stop()
+        self._mqtt.stop(timeout=max(0.5, self._stop_deadline - self._clock()))
         if self.server is not None:
             self.server.stop()
         log.info("stopped in %.2f s", self._clock() - started)

@@ -90,6 +90,9 @@ class AckBook:
         self._cond = threading.Condition()
         self._entries: dict[int, tuple[list[Ack], int]] = {}  # out mid -> (acks, qos)
         self._done_early: set[int] = set()
+        # QoS 0 ids settled by drop_unconfirmed: a late confirmation of one must not be kept
+        # as "done early", where it would complete the next message given the same id.
+        self._forgotten: set[int] = set()
         self._inflight = 0
 
     @property
@@ -148,6 +151,7 @@ class AckBook:
         """Record a message paho accepted; returns the readings to acknowledge now."""
         out: list[Ack] = []
         with self._cond:
+            self._forgotten.discard(mid)
             stale = self._entries.pop(mid, None)
             if stale is not None:
                 # An id reused while an old QoS 0 entry held it: that one was never confirmed
@@ -165,7 +169,10 @@ class AckBook:
         with self._cond:
             entry = self._entries.pop(mid, None)
             if entry is None:
-                self._done_early.add(mid)
+                if mid in self._forgotten:
+                    self._forgotten.discard(mid)
+                else:
+                    self._done_early.add(mid)
                 return []
             return self._settle(entry)
 
@@ -180,6 +187,7 @@ class AckBook:
         with self._cond:
             for mid in [m for m, (_a, q) in self._entries.items() if q == 0]:
                 out.extend(self._settle(self._entries.pop(mid)))
+                self._forgotten.add(mid)
         return out
 
     def wait_empty(

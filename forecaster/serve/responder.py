@@ -117,7 +117,10 @@ class Responder:
     def _answer(
         self, route: Route, works: list[Work], readings: list[Reading], outcome: Outcome
     ) -> None:
-        self._count(route.name, outcome)
+        try:
+            self._count(route.name, outcome)
+        except Exception as exc:  # a metrics bug must not cost the predictions
+            self._error("metrics", route.name, exc)
         manifest = route.engine.bundle.manifest
         published = 0
         latencies: list[float] = []

@@ -34,12 +34,14 @@ import numpy as np
 #: Losses each lag set is fitted with.
 LOSSES = ("squared", "huber")
 #: Ridge penalty, relative to the number of training rows, on standardised features.
-RIDGE = 1e-3
+RIDGE = 1e-4
 #: Huber threshold in robust standard deviations of the residuals, and IRLS iterations.
 HUBER_K = 1.345
 HUBER_ITERATIONS = 8
 #: Plain autoregressive orders tried (lags 1..p), besides persistence (no line at all).
 ORDERS = (1, 2, 3, 6, 12, 24)
+#: Seasons back a seasonal lag set reaches (lags s, 2s, …, SEASONS·s and each one after).
+SEASONS = 4
 #: Largest lag buffer considered (readings kept per stream): bounds memory and fitting time.
 MAX_LAG = 1000
 
@@ -105,9 +107,8 @@ def fit(
     """Ridge regression of the next reading's change on the lagged readings, with a squared or a
     Huber loss (``loss="huber"``: robust to outages, which the validation part may prefer).
 
-    ``segments`` are runs of consecutive finite readings (training part only). Targets are every
-    next reading inside a segment, including the early ones whose buffer is padded, because the
-    daemon predicts those too."""
+    ``segments`` are runs of consecutive finite readings. Targets are the next readings inside a
+    segment whose lags all lie in it (the early, padded ones only when there are too few)."""
     lags = sorted({int(lag) for lag in lags})
     if not lags:
         return PERSISTENCE
@@ -122,6 +123,13 @@ def fit(
         ys.append(np.diff(seg))
     if not xs:
         return PERSISTENCE
+    # Rows whose buffer is still padded with the segment's first reading are left out when the
+    # complete ones suffice: padding is a start-up device (those predictions are not warm), and
+    # hundreds of padded rows of a seasonal lag would bias every coefficient.
+    complete = [np.arange(len(y)) >= size - 1 for y in ys]
+    if sum(int(c.sum()) for c in complete) > 4 * (len(lags) + 1):
+        xs = [x[c] for x, c in zip(xs, complete, strict=True)]
+        ys = [y[c] for y, c in zip(ys, complete, strict=True)]
     x = np.concatenate(xs)
     y = np.concatenate(ys)
     # Standardise so one penalty fits every feature; the intercept is not penalised.
@@ -172,6 +180,14 @@ def candidate_lag_sets(periods: Sequence[int], n_train: int) -> list[tuple[int, 
             out.append(tuple(sorted({*base, *pair})))
         if len(seasonal) > 1:
             out.append(tuple(sorted({*base, *(lag for pair in seasonal for lag in pair)})))
+    for s in periods:
+        # The same seasonal pair a few periods back: averaging several past seasons is what
+        # seasonal exponential smoothing does, and a line over them can express much of it.
+        multiples = [k * s for k in range(2, SEASONS + 1) if k * s + 1 < min(MAX_LAG, n_train // 3)]
+        if multiples:
+            far = {lag for m in [s, *multiples] for lag in (m, m + 1)}
+            for p in (1, 2, 3):
+                out.append(tuple(sorted({*range(1, p + 1), *far})))
     for s in periods:
         # Every lag up to one period and one more (AR(s+1) on levels), where the data affords it.
         if 2 <= s < MAX_LAG and (s + 1) * 4 <= n_train:

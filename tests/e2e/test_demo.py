@@ -6,13 +6,16 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from forecaster.demo.scoreboard import Scoreboard
+from forecaster.harness import wait_until
 from forecaster.replay import ReplayItem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,3 +174,74 @@ def test_scoreboard_flags_a_reading_far_from_its_prediction() -> None:
     assert view.n == len(values) - 1
     assert [a.row for a in view.anomalies] == [len(values) - 1], view.anomalies
     assert view.anomalies[0].factor > ANOMALY_FACTOR
+
+
+@pytest.mark.broker
+def test_ctrl_c_stops_everything_cleanly() -> None:
+    """Ctrl-C in the demo's terminal (SIGINT to its whole process group) reaches only the demo,
+    which stops the replay, then the daemon (exit 0), then the broker, and prints its summary."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORECASTER_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forecaster.demo", "--seconds", "0", "--plain", "--rate", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        lines.extend(proc.stdout)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: any(" live " in ln for ln in lines), 120), "".join(lines)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert re.search(r"^\s+daemon exit\s+0$", out, re.M), out
+    started = re.search(r"^demo: workdir (\S+); mosquitto pid (\d+) .* daemon pid (\d+)", out, re.M)
+    assert started, out
+    assert not Path(started.group(1)).exists()
+    for pid in (int(started.group(2)), int(started.group(3))):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_view_marks_the_injected_burst_and_shows_routes() -> None:
+    """The rich view (rendered to text) and the plain line name what the scoreboard flagged."""
+    from rich.console import Console
+
+    from forecaster.demo.scoreboard import ANOMALY_FACTOR, ANOMALY_MIN_N
+    from forecaster.demo.view import Frame, render, status_line
+
+    values = [100.0] * (ANOMALY_MIN_N + 2) + [101 + 2 * ANOMALY_FACTOR]
+    warm, live = _items(values, 1)
+    board = Scoreboard(warm, live, {"sensors/s0/flow": "water"})
+    for it in (*warm, *live):
+        board.on_sent(it, 0.0)
+        board.on_prediction("sensors/s0/flow", it.ts, 101.0, 0.0)
+    frame = Frame(
+        board.snapshot(),
+        1.0,
+        10.0,
+        10.0,
+        None,
+        60.0,
+        offline_skill={"s0": 0.135},
+        injected={"s0": (len(values) - 1,)},
+    )
+    console = Console(width=160, record=True)
+    console.print(render(frame))
+    text = console.export_text()
+    assert "water" in text and "(+0.135)" in text, text
+    assert "⚠ anomaly s0 at" in text and "(the injected burst)" in text, text
+    assert "anomalies 1" in status_line(frame)

@@ -194,17 +194,17 @@ def check_routing(n: int) -> None:
         d = _daemon(Path(tmp))
         # The MQTT thread's entry point ignores messages until run() starts accepting; open it
         # the way run() does, without a broker.
-        d._accepting = True
+        d.intake.accepting = True
 
         @fuzz(n)
         @given(topics, payloads)
         def prop(topic: str, payload: bytes) -> None:
-            route = d._route_for(topic)
+            route = d.routes.route_for(topic)
             want = next(
                 (r.name for r in d.routes if any(oracle(f, topic) for f in r.cfg.subscribe)), None
             )
             assert (route.name if route else None) == want
-            d._on_message(topic, payload, 1, 0)
+            d.intake.on_message(topic, payload, 1, 0)
 
         prop()
         text = _metrics_text(d)

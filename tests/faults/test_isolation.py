@@ -11,8 +11,9 @@ in flight, and the log carries no traceback.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
-from forecaster.harness import mqtt_client
+from forecaster.harness import Broker, DaemonProcess, mqtt_client
 
 from .conftest import Sink, log_text, wait_until
 
@@ -20,7 +21,9 @@ ROUNDS = 10
 BYSTANDERS = 10
 
 
-def test_a_topic_at_the_length_limit_costs_only_its_own_reading(broker, daemon) -> None:
+def test_a_topic_at_the_length_limit_costs_only_its_own_reading(
+    broker: Broker, daemon: Callable[..., DaemonProcess]
+) -> None:
     # max_inflight 5: with a slot leaked per hostile message the daemon would stall at round 5.
     d = daemon(mqtt={"max_inflight": 5}, max_delay_ms=20)
     d.start()

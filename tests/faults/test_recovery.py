@@ -22,8 +22,10 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from forecaster.harness import wait_file
 from forecaster.serve.codec import Prediction, Reading
@@ -76,13 +78,31 @@ def restart_counters(d: DaemonProcess) -> dict[str, float]:
     return out
 
 
-def test_kill9_at_any_moment_recovers_exactly(
-    broker, daemon, reference, tmp_path: Path, seed: int
+def test_kill9_at_any_moment_recovers_exactly(broker, daemon, reference, seed: int) -> None:
+    kill_and_check(broker, daemon, reference, seed, kills=6, streams=4, rate=800.0)
+
+
+@pytest.mark.slow
+def test_kill9_twenty_times_many_streams_recovers_exactly(
+    broker, daemon, reference, seed: int
 ) -> None:
+    kill_and_check(broker, daemon, reference, seed, kills=20, streams=20, rate=1500.0)
+
+
+def kill_and_check(
+    broker: Any,
+    daemon: Any,
+    reference: dict[float, float],
+    seed: int,
+    kills: int,
+    streams: int,
+    rate: float,
+) -> None:
+    """Feed ``streams`` copies of the water-flow series at ``rate``/s, ``kill -9`` the daemon
+    ``kills`` times at seeded random moments (every other time once more during the restart)
+    and check every prediction against the reference."""
     rng = random.Random(seed)
-    kills = 6
-    rate = 800.0
-    items = water_items(streams=4)
+    items = water_items(streams=streams)
     duration = len(items) / rate
     moments: list[float] = []
     while len(moments) < kills:
@@ -153,7 +173,7 @@ def test_kill9_at_any_moment_recovers_exactly(
     assert compared == v.predicted + v.duplicates
     totals = {key: sum(r[key] for r in runs) for key in runs[0]}
     report(
-        "kill -9 exact recovery",
+        f"kill -9 exact recovery x{kills}, {streams} streams",
         seed=seed,
         kills=kills,
         kills_during_restart=sum(x is not None for x in during_restart),

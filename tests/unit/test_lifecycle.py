@@ -176,6 +176,9 @@ def test_waiting_for_the_broker_is_alive_not_hung(tmp_path: Path) -> None:
     assert wait_until(lambda: d._health()[0], 30)
     ok, why = d._health()
     assert ok and why.startswith("ok: waiting for the broker"), why
+    run.link.inflight = 5  # the gauges are read at scrape time, not by the (waiting) worker
+    assert d.registry.get_sample_value("forecaster_publish_inflight") == 5
+    assert d.registry.get_sample_value("forecaster_queue_depth") == 0
     run.link.gate.set()
     assert run.stop() == 0
 

@@ -250,6 +250,15 @@ def test_liveness() -> None:
     assert not ok and "15.0s" in reason
 
 
+def test_liveness_note_says_what_a_healthy_loop_is_waiting_for() -> None:
+    live = Liveness(now=0.0)
+    live.beat(1.0, "waiting for the broker (5 in flight)")
+    assert live.check(2.0, timeout=10.0) == (True, "ok: waiting for the broker (5 in flight)")
+    live.beat(3.0)  # back to ordinary work: the note goes
+    assert live.check(4.0, timeout=10.0) == (True, "ok")
+    assert not live.check(30.0, timeout=10.0)[0]  # a note never hides a silent loop
+
+
 def _get(url: str) -> tuple[int, str, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - http://127.0.0.1 only
@@ -282,6 +291,10 @@ def test_metrics_server_endpoints() -> None:
         state["ready"] = (True, "ok")
         assert _get(base + "/healthz")[::2] == (503, b"inference loop silent\n")
         assert _get(base + "/readyz")[::2] == (200, b"ok\n")
+        state["alive"] = (True, "ok: waiting for the broker (5 in flight)")
+        state["ready"] = (True, "ready")
+        assert _get(base + "/healthz")[::2] == (200, b"ok: waiting for the broker (5 in flight)\n")
+        assert _get(base + "/readyz")[::2] == (200, b"ok\n")  # the body stays "ok"
         assert _get(base + "/")[0] == 404
         assert _get(base + "/metricsx")[0] == 404
         assert _get(base + "/metrics?name[]=x")[0] == 200

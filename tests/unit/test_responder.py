@@ -6,9 +6,8 @@ the engine and the state store are the real ones (the bundled water-flow LSTM).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -41,11 +40,13 @@ class FakePublisher:
         self.acked: list[Ack] = []
         self.results: dict[str, PublishResult | Exception] = {}
         self.log = log if log is not None else []
+        self.before_publish: Callable[[], None] = lambda: None
 
     def publish(
         self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
     ) -> PublishResult:
         self.log.append(f"publish {topic}")
+        self.before_publish()
         result = self.results.get(topic, PublishResult.SENT)
         if isinstance(result, Exception):
             raise result
@@ -137,13 +138,7 @@ def test_the_journal_holds_a_batch_before_any_of_it_is_published(
     assert journal is not None
     rig = Rig(route)
     seen_at_publish: list[int] = []
-    publish = rig.pub.publish
-
-    def publish_noting_the_journal(*args: Any) -> PublishResult:
-        seen_at_publish.append(journal.last_seq)
-        return publish(*args)
-
-    rig.pub.publish = publish_noting_the_journal  # type: ignore[method-assign]
+    rig.pub.before_publish = lambda: seen_at_publish.append(journal.last_seq)
     before = journal.last_seq
     rig.responder.respond([rig.work(1, "a", 1.0), rig.work(2, "b", 2.0)])
     assert len(seen_at_publish) == 2 and min(seen_at_publish) > before
@@ -205,3 +200,19 @@ def test_settle_unanswered_counts_and_acks_only_the_unanswered(bundle: Bundle) -
     rig.responder.settle_unanswered([done, left], "internal_error")
     assert rig.pub.acked == [(2, 1)] and left.settled
     assert rig.rejected("internal_error") == 2
+
+
+class TypoEngine(Engine):
+    """The real engine, reporting a drop under a reason the metrics do not know (a bug)."""
+
+    def step(self, readings: Sequence[Reading], now: float) -> Outcome:
+        out = super().step(readings, now)
+        out.drops["tpyo"] += 1
+        return out
+
+
+def test_a_metrics_bug_does_not_cost_the_predictions(bundle: Bundle) -> None:
+    rig = Rig(make_route(bundle, TypoEngine))
+    rig.responder.respond([rig.work(1, "a", 1.0), rig.work(2, "b", 2.0)])
+    assert len(rig.pub.published) == 2 and rig.pub.acked == []
+    assert rig.sample("forecaster_callback_errors_total", callback="metrics") == 1

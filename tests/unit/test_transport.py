@@ -52,6 +52,17 @@ def test_link_drop_settles_forgotten_qos0_but_keeps_qos1() -> None:
     assert book.done(2) == [(20, 1)]
 
 
+def test_a_late_confirmation_of_a_forgotten_qos0_message_completes_nothing_later() -> None:
+    book = AckBook(window=4)
+    book.sent(mid=5, qos=0, acks=[(1, 1)])
+    assert book.drop_unconfirmed() == [(1, 1)]
+    assert book.done(5) == []  # paho confirmed it after all, too late
+    # the id comes round again for a QoS 1 message: its reading waits for its own PUBACK
+    assert book.reserve(1, stopping=lambda: False)
+    assert book.sent(mid=5, qos=1, acks=[(2, 1)]) == []
+    assert book.done(5) == [(2, 1)]
+
+
 def test_reused_message_id_settles_the_stale_entry_instead_of_losing_it() -> None:
     book = AckBook(window=4)
     book.sent(mid=65535, qos=0, acks=[(1, 1)])  # never confirmed
