@@ -1,9 +1,14 @@
-"""CPU time and memory of a process, read from /proc (psutil is not a dependency)."""
+"""CPU time and memory of a process, read from /proc (psutil is not a dependency), and what
+machine a benchmark ran on."""
 
 from __future__ import annotations
 
 import os
+import platform
+from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -38,3 +43,23 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def host_info(packages: Iterable[str]) -> dict[str, Any]:
+    """Cores, CPU, kernel, Python, the versions of ``packages`` (None when not installed) and
+    the load average now: what every benchmark result records beside its figures."""
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in packages},
+        "load_average_start": list(os.getloadavg()),
+    }

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from benchmarks.harness import (
     summarise_profile,
     window_for,
 )
-from benchmarks.procstat import cpu_model, memory_kb
+from benchmarks.procstat import host_info, memory_kb
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -128,29 +126,14 @@ def bundle_for(model: str) -> Path | None:
 
 
 def machine() -> dict[str, Any]:
-    def version(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     try:
         mosq = subprocess.run([binary, "-h"], capture_output=True, text=True).stdout.splitlines()
         mosquitto = mosq[0] if mosq else "unknown"
     except OSError:
         mosquitto = "not found"
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "mosquitto": mosquitto,
-        "versions": {
-            p: version(p) for p in ("forecaster", "paho-mqtt", "onnxruntime", "numpy", "gmqtt")
-        },
-        "load_average_start": list(os.getloadavg()),
-    }
+    info = host_info(("forecaster", "paho-mqtt", "onnxruntime", "numpy", "gmqtt"))
+    return {**info, "mosquitto": mosquitto}
 
 
 @dataclass

@@ -21,14 +21,12 @@ import csv
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,7 @@ from benchmarks.accuracy.references import (
     rmse,
     skill,
 )
-from benchmarks.procstat import cpu_model
+from benchmarks.procstat import host_info
 from forecaster.data import cut_index, load_csv
 from forecaster.training.seasonality import detect_periods
 
@@ -55,24 +53,7 @@ QUICK_BUDGET = "5"
 
 def machine() -> dict[str, Any]:
     """What ran the benchmark: training time depends on it and on what else was running."""
-
-    def version(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": {
-            p: version(p)
-            for p in ("forecaster", "torch", "onnxruntime", "numpy", "statsmodels", "optuna")
-        },
-        "load_average_start": list(os.getloadavg()),
-    }
+    return host_info(("forecaster", "torch", "onnxruntime", "numpy", "statsmodels", "optuna"))
 
 
 def cli(
@@ -251,8 +232,14 @@ def summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     """The README block: one row per series, then the targets."""
     m = report["machine"]
+    source = Path(report.get("forecaster_source", "")).parent
+    package = (
+        f"forecaster {report['revision']}"
+        if source == ROOT / "forecaster"
+        else f"forecaster package from {source}"
+    )
     lines = [
-        f"Accuracy run `{report['stamp']}` ({report['label']}, forecaster {report['revision']}), "
+        f"Accuracy run `{report['stamp']}` ({report['label']}, {package}), "
         f"{report['elapsed_s'] / 60:.1f} min. Machine: {m['cores']} cores, {m['cpu_model']}, "
         f"load average {m['load_average_start'][0]:.2f} at start, "
         f"{m['load_average_end'][0]:.2f} at end. torch {m['versions']['torch']}, "

@@ -124,10 +124,6 @@ class TrainConfig:
                 "--horizon is for --task classify (regression always predicts the next reading)",
             ),
             (
-                self.linear and self.head == "level" and self.mode == "stateful",
-                "--head level has no linear path: add --no-linear",
-            ),
-            (
                 self.mode == "window" and self.warmup is not None,
                 "--warmup is for stateful mode (a window model is warm after W readings)",
             ),

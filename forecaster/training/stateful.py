@@ -18,6 +18,9 @@ it leaves, by truncated BPTT over long contiguous sequences, the way the daemon 
 4. **Guard and intervals**: if the chosen model's validation skill is below 0 anyway, the bundle
    becomes persistence (head at zero, no line) and the report says so; split-conformal interval
    offsets at ``--coverage`` come from the validation residuals.
+5. **Refit**: the chosen lag set is refitted on every reading before ``--until`` (training and
+   validation parts), as a least-squares baseline fitted on the same data would be; the reported
+   validation figures and the interval are those of the model before the refit (honest ones).
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def prepare(data: Dataset, cfg: TrainConfig, log: Callable[[str], None]) -> Prep
                 periods.append(p)
     periods = sorted(periods)[: 2 * MAX_PERIODS]
     candidates = [linear.Candidate(linear.PERSISTENCE, math.nan, math.nan)]
-    if cfg.linear:
+    if cfg.linear and cfg.head == "delta":  # the line replaces the delta head's "last reading"
         candidates = linear.select(
             train_segments(series, cuts),
             validation_runs(series, cuts),

@@ -6,10 +6,8 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,8 @@ import pytest
 from forecaster.demo.scoreboard import Scoreboard
 from forecaster.harness import wait_until
 from forecaster.replay import ReplayItem
+
+from .terminal import Terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -181,32 +181,17 @@ def test_ctrl_c_stops_everything_cleanly() -> None:
     """Ctrl-C in the demo's terminal (SIGINT to its whole process group) reaches only the demo,
     which stops the replay, then the daemon (exit 0), then the broker, and prints its summary."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORECASTER_")}
-    proc = subprocess.Popen(
+    demo = Terminal(
         [sys.executable, "-m", "forecaster.demo", "--seconds", "0", "--plain", "--rate", "5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
+        env,
+        ROOT,
     )
-    lines: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        lines.extend(proc.stdout)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
     try:
-        assert wait_until(lambda: any(" live " in ln for ln in lines), 120), "".join(lines)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, "".join(lines)
+        assert wait_until(lambda: " live " in demo.output, 120), demo.output
+        assert demo.ctrl_c(timeout=60) == 0, demo.output
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    reader.join(timeout=10)
-    out = "".join(lines)
+        demo.kill()
+    out = demo.output
     assert re.search(r"^\s+daemon exit\s+0$", out, re.M), out
     started = re.search(r"^demo: workdir (\S+); mosquitto pid (\d+) .* daemon pid (\d+)", out, re.M)
     assert started, out

@@ -16,17 +16,17 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import threading
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
-from typing import IO
 
 import pytest
 
 from forecaster.harness import free_port, wait_port, wait_until
+
+from .terminal import Terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -39,35 +39,12 @@ def walk_blocks(text: str) -> list[tuple[int, str]]:
     return [(int(n), body) for n, body in BLOCK.findall(text)]
 
 
-class Shell:
-    """One terminal: a bash fed commands on stdin, its output collected by a reader thread."""
+class Shell(Terminal):
+    """Terminal 1: one bash fed block after block on stdin, so ``cd`` and activation carry."""
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            ["bash", "--norc", "--noprofile"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        super().__init__(["bash", "--norc", "--noprofile"], env, cwd, stdin=True)
         self.send("set -e")  # a failing command ends the shell: the test sees it at once
-
-    def _read(self, stream: IO[str] | None) -> None:
-        assert stream is not None
-        for line in stream:
-            with self._lock:
-                self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        with self._lock:
-            return "".join(self.lines)
 
     def send(self, commands: str) -> None:
         assert self.proc.stdin is not None
@@ -87,26 +64,18 @@ class Shell:
         return out.replace(DONE + "\n", "")
 
     def close(self) -> None:
+        """End of input, as closing the terminal; killed if it does not exit."""
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
             self.proc.stdin.close()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.kill()
 
 
-def ctrl_c(proc: subprocess.Popen[str], timeout: float = 20.0) -> int | None:
-    """What Ctrl-C in a terminal does: SIGINT to the foreground process group; the exit code."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return None
-    return proc.returncode
+def printed(term: Terminal, text: str) -> bool:
+    return text in term.output
 
 
 def ready(url: str) -> bool:
@@ -149,7 +118,7 @@ def test_readme_walk_runs_as_written(tmp_path: Path) -> None:
     walk = home / "forecaster-walk"
 
     term1 = Shell(env, ROOT)
-    background: list[tuple[int, subprocess.Popen[str], Path]] = []
+    background: list[tuple[int, Terminal]] = []
     try:
         out = term1.run(blocks[0][1], timeout=600)
         evaluation = json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
@@ -159,27 +128,16 @@ def test_readme_walk_runs_as_written(tmp_path: Path) -> None:
             assert (walk / made).is_file(), f"{made} missing in the scratch folder\n{out}"
 
         for n, commands in blocks[1:-1]:
-            log = tmp_path / f"terminal-{n}.log"
-            proc = subprocess.Popen(
-                ["bash", "--norc", "--noprofile", "-c", commands],
-                stdout=log.open("w"),
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                text=True,
-                env=env,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-            background.append((n, proc, log))
+            term = Terminal(["bash", "--norc", "--noprofile", "-c", commands], env, ROOT)
+            background.append((n, term))
             if n == 2:
-                wait_port(mqtt_port, timeout=15, proc=proc)
+                wait_port(mqtt_port, timeout=15, proc=term.proc)
             elif n == 3:
                 url = f"http://127.0.0.1:{metrics_port}/readyz"
-                assert wait_until(lambda u=url: ready(u), 60), log.read_text()
+                assert wait_until(partial(ready, url), 60), term.output
             elif n == 4:
-                assert wait_until(lambda p=log: "forecaster/status online" in p.read_text(), 15), (
-                    log.read_text()
-                )
+                online = partial(printed, term, "forecaster/status online")
+                assert wait_until(online, 15), term.output
 
         out = term1.run(blocks[-1][1], timeout=120)
         sent = re.search(r"published (\d+) readings .*; (\d+) predictions came back", out)
@@ -187,14 +145,14 @@ def test_readme_walk_runs_as_written(tmp_path: Path) -> None:
         assert int(sent.group(1)) == 2540 and int(sent.group(2)) == 2540, out
         assert "warning" not in out, out
 
-        sub_log = background[-1][2]
-        assert wait_until(lambda: sub_log.read_text().count("forecast/sensors/") >= 2540, 30), (
-            sub_log.read_text()[-2000:]
-        )
+        sub = background[-1][1]
+        assert wait_until(lambda: sub.output.count("forecast/sensors/") >= 2540, 30), sub.output[
+            -2000:
+        ]
     finally:
-        codes = {n: ctrl_c(proc) for n, proc, _ in reversed(background)}
+        codes = {n: term.ctrl_c() for n, term in reversed(background)}
         term1.close()
-    logs = "\n".join(f"--- terminal {n}\n{log.read_text()[-3000:]}" for n, _, log in background)
+    logs = "\n".join(f"--- terminal {n}\n{term.output[-3000:]}" for n, term in background)
     assert codes.get(3) == 0, f"the daemon did not stop cleanly: {codes}\n{logs}"
     assert (walk / "state").is_dir(), logs
     assert (walk / "runs" / "water-flow" / "report.json").is_file()

@@ -18,7 +18,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from forecaster.model.bundle import Bundle
+from forecaster.model.bundle import Bundle, Interval
 from forecaster.serve.codec import Prediction, Reading
 from forecaster.serve.engine import Engine, RecentPredictions, waves
 from forecaster.serve.journal import journal_prev_path
@@ -36,7 +36,7 @@ class FakeManifest:
     task: str = "regress"
     horizon: int = 0
     threshold: float | None = None
-    interval: None = None
+    interval: Interval | None = None
     name: str = "fake"
     version: str = "1"
 
@@ -426,3 +426,32 @@ def test_window_classifier_recovers_exactly_with_its_event_fields(tmp_path: Path
             assert q == p
     nxt = [Reading(f"w{i}", 0.5, 2000.0, 0.0, "t") for i in range(3)]
     assert values(back.step(nxt, 100.0).predictions) == values(live.step(nxt, 100.0).predictions)
+
+
+# ------------------------------------------------------------------ prediction intervals
+
+INTERVAL = Interval(coverage=0.9, lower=-2.0, upper=1.0, n=100)
+
+
+def test_every_prediction_carries_its_bounds_and_readings_are_checked_against_them() -> None:
+    e = engine(manifest=FakeManifest(interval=INTERVAL))
+    # running sums 1, 3, 6, 13, 10; a stream is warm after 2 readings, so readings 3-5 are
+    # checked against the previous prediction's [p - 2, p + 1]:
+    #   3 in [1, 4] inside; 7 in [4, 7] inside (bounds are inclusive); -3 vs [11, 14] outside.
+    vals = [1.0, 2.0, 3.0, 7.0, -3.0]
+    out = e.step([r("a", float(i + 1), v) for i, v in enumerate(vals)], now=0.0)
+    preds = [p for p in out.predictions if p is not None]
+    assert [p.value for p in preds] == [1, 3, 6, 13, 10]
+    assert [(p.lower, p.upper) for p in preds] == [(-1, 2), (1, 4), (4, 7), (11, 14), (8, 11)]
+    assert (out.interval_inside, out.interval_outside) == (2, 1)
+    assert out.interval_coverage == 0.9
+    # A stream interleaved in the same batch is checked on its own predictions.
+    out = e.step([r("b", 1, 5), r("a", 6, 9), r("b", 2, 5)], now=1.0)
+    # a: previous prediction 10 -> [8, 11]; 9 inside. b is not warm yet: not checked.
+    assert (out.interval_inside, out.interval_outside) == (1, 0)
+
+
+def test_without_an_interval_nothing_is_added_or_counted() -> None:
+    out = engine().step([r("a", float(i + 1), 1.0) for i in range(5)], now=0.0)
+    assert all(p is not None and p.lower is None and p.upper is None for p in out.predictions)
+    assert (out.interval_inside, out.interval_outside, out.interval_coverage) == (0, 0, None)

@@ -68,3 +68,32 @@ def test_untrained_hybrid_is_its_linear_path_in_every_unroll(seed: int, cell: st
     assert np.abs(whole[:, 0].numpy() - ref).max() / scale < 1e-5, f"{seed=}"
     assert torch.equal(torch.cat(parts), whole), f"{seed=}"
     assert torch.allclose(torch.stack(steps), whole, rtol=0, atol=1e-4), f"{seed=}"
+
+
+def test_persistence_fallback_is_exactly_persistence() -> None:
+    """What ships when validation skill < 0: the network kept, the line dropped, head at zero."""
+    from forecaster.training.stateful import persistence_of
+
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        "lstm",
+        1,
+        8,
+        1,
+        "delta",
+        0.0,
+        (50.0,),
+        (7.0,),
+        0.3,  # type: ignore[arg-type]
+        ar_coef=(0.1, -0.2, 0.05),
+        ar_bias=0.4,
+        ar_lags=(1, 2, 3),
+    )
+    m = RNNForecaster(spec)
+    torch.nn.init.normal_(m.head.weight)  # a "trained" head
+    x = torch.randn(40, 2, 1) * 7 + 50
+    fallback = persistence_of(m)
+    assert fallback.spec.lag_buffer == 0 and len(fallback.zero_state(2)) == 2
+    with torch.no_grad():
+        _, y, _ = fallback.forward_seq(x, fallback.zero_state(2))
+    assert torch.equal(y, x[..., 0])
