@@ -125,6 +125,10 @@ def bundle_for(model: str) -> Path | None:
     return out
 
 
+#: A run that starts above this 1-minute load average does not overwrite the README figures.
+QUIET_LOAD = 1.0
+
+
 def machine() -> dict[str, Any]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     try:
@@ -330,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="result JSON path")
     p.add_argument("--no-report", action="store_true", help="no plot, README or profiles")
     p.add_argument("--list", action="store_true", help="list scenarios and exit")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"write the README tables even if the run started busy (load > {QUIET_LOAD:g})",
+    )
     a = p.parse_args(argv)
     if a.list:
         for sc in SCENARIOS:
@@ -377,7 +386,12 @@ def main(argv: list[str] | None = None) -> int:
             runner.log(
                 f"scenario {sc.name} ({sc.mode}, QoS {sc.qos}, {sc.streams:,} streams, {sc.model})"
             )
+            load_before = list(os.getloadavg())
             report["scenarios"][sc.name] = runner.scenario(sc, wanted or sc.contenders)
+            report["scenarios"][sc.name]["load_average"] = {
+                "before": load_before,
+                "after": list(os.getloadavg()),
+            }
             report["elapsed_s"] = time.monotonic() - started
             out_path.write_text(json.dumps(report, indent=1))  # partial results survive a crash
     report["machine"]["load_average_end"] = list(os.getloadavg())
@@ -386,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     out_path.write_text(json.dumps(report, indent=1))
     print(f"results: {out_path} ({report['elapsed_s']:.0f} s)")
     if not a.no_report and not a.quick and not names:
+        busy = report["machine"]["load_average_start"][0]
+        if busy > QUIET_LOAD and not a.force:
+            # Figures from a busy machine say more about the neighbours than about us.
+            print(
+                f"not writing the README tables: the run started at load average {busy:.2f} "
+                f"(> {QUIET_LOAD:g}); rerun on a quiet machine or pass --force"
+            )
+            return 0
         from benchmarks.report import write_report
 
         write_report(report, out_path)

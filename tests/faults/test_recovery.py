@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from forecaster.harness import wait_file
+from forecaster.model.bundle import Bundle
 from forecaster.serve.codec import Prediction, Reading
 from forecaster.serve.journal import KIND_WAVE, Journal, encode_wave, journal_prev_path
 from forecaster.serve.state import StateStore
@@ -50,7 +51,7 @@ SNAPSHOT_INTERVAL = 0.5
 STALL_S = 60.0  # the final wait fails only when no prediction arrives for this long
 TOL = 1e-5
 SHA = json.loads((MODEL / "model.json").read_text())["onnx_sha256"]
-SHAPES = [(2, 64), (2, 64)]
+SHAPES = Bundle.load(MODEL).state_shapes  # the bundle's own state tensors (h, c, lags)
 
 
 def wait_all_predicted(items: list, sink: Sink) -> bool:

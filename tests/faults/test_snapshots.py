@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from forecaster.model.bundle import Bundle
 from forecaster.serve.state import StateStore, previous_path
 
 from .conftest import MODEL, Sink, log_text, mqtt_client, predictions, wait_until
 
 SHA = json.loads((MODEL / "model.json").read_text())["onnx_sha256"]
-SHAPES = [(2, 64), (2, 64)]
+SHAPES = Bundle.load(MODEL).state_shapes  # the bundle's own state tensors (h, c, lags)
 LAST_TS = 1000.0
 
 

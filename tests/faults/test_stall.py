@@ -48,11 +48,14 @@ def test_a_hung_broker_is_waited_for_not_fatal_and_loses_nothing(
         def predicted() -> float:
             return d.metric("forecaster_predictions_total", 0.0)
 
+        def more_than(target: float) -> Callable[[], bool]:
+            return lambda: predicted() > target
+
         attempts = 0
         while attempts < 10:
             attempts += 1
             target = predicted() + 50
-            assert wait_until(lambda: predicted() > target, 60), log_text(d)
+            assert wait_until(more_than(target), 60), log_text(d)
             os.kill(broker.pid, signal.SIGSTOP)
             frozen = True
             if wait_until(waiting, 5):
