@@ -273,6 +273,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"{sk('AR(2) differences')} | {'yes' if r['random_walk'] else 'no'} | "
             f"{beats} | {train_s} |"
         )
+    covered = [r for r in report["series"] if "interval_coverage" in r.get("model", {})]
+    if covered:
+        parts = [
+            f"{r['file']} {r['model']['interval_coverage']:.3f} "
+            f"(width {r['model']['interval_width']:.4g})"
+            for r in covered
+        ]
+        target = covered[0]["model"]["interval_target"]
+        lines += ["", f"Held-out coverage of the {target:.0%} intervals: " + "; ".join(parts) + "."]
     failures = [r for r in report["series"] if "error" in r]
     if failures:
         lines.append("")
@@ -314,8 +323,8 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
         f"{after['machine']['cores']} cores, {after['machine']['cpu_model']}.",
         "",
         "| series | periods | best reference (skill) | skill before | skill after "
-        "| beats best before / after | train s before / after |",
-        "|---|---|---|---:|---:|---|---:|",
+        "| after − best | beats best before / after | train s before / after |",
+        "|---|---|---|---:|---:|---:|---|---:|",
     ]
     for r in after["series"]:
         b = cell(old.get(r["file"]))
@@ -326,8 +335,13 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
             else "—"
         )
         periods = ", ".join(map(str, r.get("periods", []))) or "none"
+        gap = (
+            f"{r['model_skill'] - r['best_reference_skill']:+.3f}"
+            if "model_skill" in r and "best_reference_skill" in r
+            else "—"
+        )
         lines.append(
-            f"| {r['file']} | {periods} | {best} | {b[0]} | **{a[0]}** | {b[1]} / {a[1]} "
+            f"| {r['file']} | {periods} | {best} | {b[0]} | **{a[0]}** | {gap} | {b[1]} / {a[1]} "
             f"| {b[2]} / {a[2]} |"
         )
     sb, sa = before["summary"], after["summary"]

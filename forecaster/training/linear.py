@@ -166,9 +166,10 @@ def fit(
 
 
 def candidate_lag_sets(periods: Sequence[int], n_train: int) -> list[tuple[int, ...]]:
-    """Lag sets to compare: none (persistence), 1..p, and each with a period's seasonal pair
-    ``{s, s+1}`` (seasonal naive and seasonal differencing are both in that span). Sets that
-    need more than a third of the training readings per fitted coefficient are skipped."""
+    """Lag sets to compare (:func:`select` adds persistence, no line at all): 1..p, each with a
+    period's seasonal pair ``{s, s+1}`` (seasonal naive and seasonal differencing are both in that
+    span), the pairs of up to ``SEASONS`` periods back, and AR(s+1). Lags reaching back more than
+    a third of the training readings, and AR(s+1) with under 4 readings per lag, are skipped."""
     out: list[tuple[int, ...]] = []
     seasonal = [(s, s + 1) for s in periods if 2 <= s < min(MAX_LAG, n_train // 3)]
     for p in ORDERS:

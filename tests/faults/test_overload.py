@@ -112,9 +112,11 @@ def slow_consumer(broker, daemon, on_full: str, seconds: float) -> None:
         rss_start_mb=round(rss0),
         rss_max_mb=round(max(sampler.rss, default=rss0)),
     )
-    # it really was overloaded (a full queue; then a backlog to work off, or drops), and the
-    # backlog was visible in the metrics
-    assert max(sampler.depth) >= queue_size * 0.5
+    # it really was overloaded, and the metrics showed it: with "block" a backlog in the queue
+    # (sampled every 0.25 s), with "drop_newest" the drops themselves (asserted below; a queue
+    # that overflows in bursts between samples may never be seen full by the sampler)
+    if on_full == "block":
+        assert max(sampler.depth) >= queue_size * 0.5, sampler.depth
     # memory bounded by the queue, not by the offered load
     assert max(sampler.rss) - rss0 < 80
     # (no bound on catch_up_s: the calibration shares the machine with everything else, so a
