@@ -184,7 +184,9 @@ def train(
     coverage: Annotated[
         float, typer.Option(help="prediction interval coverage, from validation residuals")
     ] = 0.9,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="no progress bar, no per-epoch lines")
+    ] = False,
 ) -> None:
     """Fit a forecaster on CSV data: a linear path plus an LSTM/GRU on its residual, chosen by
     validation (stateful, as the daemon runs it), or a window model."""

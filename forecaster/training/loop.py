@@ -1,6 +1,8 @@
 """The one epoch loop both training modes share: train an epoch, validate, keep the best epoch,
 stop early, report progress. Each mode supplies only its step (``train_epoch``) and its figures
-(``validate``); this module owns checkpointing, patience and the progress bar.
+(``validate``); this module owns checkpointing, patience and the progress bar. Without the bar
+(stderr not a terminal: a pipe, a log file, CI) each epoch is one plain line through ``log``
+instead, so a long run is not silent until its end; ``log`` itself is silent under ``-q``.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ def fit(
 ) -> Fit:
     """Run up to ``epochs`` epochs; keep the weights of the epoch with the best merit.
 
-    ``include_initial`` validates the untrained model first, as epoch 0, and lets it win: with a
-    head that starts at zero the untrained model is the baseline (persistence, or the linear
-    path), so the result is never worse than it on validation. ``deadline``
-    (``time.monotonic()``) stops after the epoch that passes it (a search's time budget).
+    ``progress`` shows the rich bar; without it every epoch is one plain line through ``log``
+    (:func:`plain_line`). ``include_initial`` validates the untrained model first, as epoch 0,
+    and lets it win: with a head that starts at zero the untrained model is the baseline
+    (persistence, or the linear path), so the result is never worse than it on validation.
+    ``deadline`` (``time.monotonic()``) stops after the epoch that passes it (a search's time
+    budget).
     """
     started = time.perf_counter()
     show = line or (lambda bar, epoch, row: bar.epoch(epoch, row))
@@ -67,6 +71,10 @@ def fit(
         stale += 1
         return stale >= patience
 
+    def best_row() -> dict[str, Any]:
+        assert best is not None  # noqa: S101 - called after consider()
+        return next(r for r in history if r["epoch"] == best[1])
+
     bar = Progress(epochs, batches, enabled=progress)
     with bar:
         if include_initial:
@@ -75,6 +83,8 @@ def fit(
             row = {"epoch": 0, "train_loss": None, **figures, "seconds": 0.0}
             show(bar, 0, row)
             consider(0, row, merit)
+            if not progress:
+                log(plain_line(row, epochs, best_row()))
         for epoch in range(1, epochs + 1):
             model.train()
             t0 = time.perf_counter()
@@ -88,7 +98,10 @@ def fit(
                 "seconds": time.perf_counter() - t0,
             }
             show(bar, epoch, row)
-            if consider(epoch, row, merit):
+            stop = consider(epoch, row, merit)
+            if not progress:
+                log(plain_line(row, epochs, best_row()))
+            if stop:
                 log(f"early stop after epoch {epoch}: no better validation for {patience} epochs")
                 stopped = True
                 break
@@ -101,6 +114,24 @@ def fit(
     model.load_state_dict(best[2])
     model.eval()
     return Fit(history, best[1], best[0], stopped, time.perf_counter() - started)
+
+
+def plain_line(row: dict[str, Any], epochs: int, best: dict[str, Any]) -> str:
+    """One epoch as a plain line, e.g. ``epoch 7/30  train 0.3121  val 0.2874  persistence
+    0.2901  best 0.2874 (epoch 7)  12.3 s``: the training loss, the validation figure (RMSE for
+    regression, weighted BCE for classification), the best epoch so far and the epoch's time."""
+    key = "val_rmse" if "val_rmse" in row else "val_loss"
+    loss = row.get("train_loss")
+    parts = [f"epoch {row['epoch']}/{epochs}", "untrained" if loss is None else f"train {loss:.4f}"]
+    parts.append(f"val {row[key]:.4f}")
+    if row.get("val_naive_rmse") is not None:
+        parts.append(f"persistence {row['val_naive_rmse']:.4f}")
+    if "val_roc_auc" in row:
+        auc = row["val_roc_auc"]
+        parts.append(f"AUC {'n/a' if auc is None else f'{auc:.3f}'}")
+    parts.append(f"best {best[key]:.4f} (epoch {best['epoch']})")
+    parts.append(f"{row['seconds']:.1f} s")
+    return "  ".join(parts)
 
 
 class Progress:

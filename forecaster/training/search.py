@@ -55,7 +55,9 @@ def search(
             trial_cfg,
             choices[pick].ar,
             progress=False,
-            log=lambda _t: None,
+            # without a bar (a pipe), every trial's epochs are plain lines too; with one, the
+            # trial's summary line below is its report
+            log=(lambda _t: None) if progress else (lambda t: log(f"trial {trial.number}: {t}")),
             deadline=deadline,
         )
         loss = -result.best_merit
