@@ -42,7 +42,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# Rebuild the bundled model exactly as models/README.md records it.
+# Rebuild the bundled models exactly as models/README.md records it.
 bundle: $(STAMP)
 	bash models/build.sh
 

@@ -664,8 +664,9 @@ def replay(
     timestamps: Annotated[
         str,
         typer.Option(
-            help="ts of each reading: file (the CSV's times; a daemon that already saw them "
-            "rejects them as out_of_order) or now (the publish time; always accepted)"
+            help="ts of each reading: file (the CSV's times; a daemon that already stepped them "
+            "answers recent ones from its cache and drops older ones as out_of_order) or now "
+            "(the publish time; always accepted)"
         ),
     ] = "file",
     fmt: Annotated[str, typer.Option("--format", help="number, json or batch")] = "json",

@@ -42,7 +42,8 @@ def configuration_md() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `forecaster/config.py` by `python -m forecaster.reference`; do not edit.",
+        "Generated from `forecaster/serve/config.py` by `python -m forecaster.reference`; "
+        "do not edit.",
         "One model serves the TOML file (`forecaster serve --config FILE`), the environment",
         "(`FORECASTER_<SECTION>__<KEY>`, case-insensitive) and the command-line flags; later",
         "layers win: defaults < file < environment < flags. Unknown keys and unknown",
@@ -76,7 +77,8 @@ def metrics_md() -> str:
     lines = [
         "# Metrics reference",
         "",
-        "Generated from `forecaster/metrics.py` by `python -m forecaster.reference`; do not edit.",
+        "Generated from `forecaster/serve/metrics.py` by `python -m forecaster.reference`; "
+        "do not edit.",
         "Served at `http://127.0.0.1:18090/metrics` by default (`metrics.bind`, `metrics.port`).",
         "No metric carries a stream id: a flood of new topics must not become a flood of series.",
         "",

@@ -125,8 +125,9 @@ class EchoCounter:
     """Counts the predictions that come back on ``topic`` while a replay runs.
 
     Replay cannot see the daemon's state, but it can see its answers: a daemon that already
-    stepped these timestamps answers nothing (every reading is ``out_of_order``), and so does a
-    daemon that is not running or serves other topics. The count makes that visible.
+    stepped these timestamps answers only those still in its recent-predictions cache (older
+    ones are ``out_of_order``), and a daemon that is not running or serves other topics answers
+    nothing. The count makes that visible.
     """
 
     def __init__(self, client: paho.Client, topic: str) -> None:

@@ -280,7 +280,7 @@ class RouteConfig(_Section):
         description="Recent predictions kept (and snapshotted) per route, so a reading the "
         "broker redelivers after a crash gets its original prediction again instead of being "
         "dropped as a duplicate; cover the readings that can await acknowledgement at once. "
-        "About 250 bytes each.",
+        "About 360 bytes each (measured: 22 MiB for 65,536).",
     )
 
     @model_validator(mode="after")

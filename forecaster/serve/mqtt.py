@@ -1,7 +1,7 @@
 """The MQTT side of the daemon: paho-mqtt 2.x clients with the semantics a daemon needs.
 
-Choices that differ from paho's defaults, each measured here or documented as a trap
-(ARCHITECTURE-NOTES §8):
+Choices that differ from paho's defaults, each measured here or documented as a trap in the
+project's original design notes:
 
 - **Two connections.** Readings arrive on a *subscriber* connection; predictions leave on a
   *publisher* connection. When the worker falls behind, the subscriber's thread blocks on the

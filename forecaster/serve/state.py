@@ -2,9 +2,9 @@
 
 Each state tensor lives in one preallocated float32 array ``[L, capacity, H]``. A micro-batch
 gather is ``np.take(arr, slots, axis=1)``, already the contiguous ``[L, B, H]`` the graph wants:
-storing ``[capacity, L, H]`` instead would cost a transpose per call (1.4 ms at B=4096, see
-ARCHITECTURE-NOTES §8). Per-slot metadata sits in parallel 1-D arrays so the batcher can read and
-write it for a whole wave with one fancy-index operation.
+storing ``[capacity, L, H]`` instead would cost a transpose per call (1.4 ms at B=4096, measured
+for the project's original design notes). Per-slot metadata sits in parallel 1-D arrays so the
+engine can read and write it for a whole wave with one fancy-index operation.
 
 Stream ids map to slots through an ``OrderedDict`` kept in least-recently-used order, so both LRU
 eviction (``max_streams`` reached) and TTL expiry look only at the front of it: a flood of new

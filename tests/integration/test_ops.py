@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from forecaster.harness import wait_until
+from forecaster.model.bundle import read_manifest
 
 from .conftest import Collector
 from .test_serve import publish
@@ -30,9 +31,10 @@ def test_live_metrics_pass_promtool_and_track_online_accuracy(broker, daemon_fac
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    # online accuracy: every warm prediction met its actual (warm-up 89 of 400 readings)
+    # online accuracy: every warm prediction met its actual (the bundle's measured warm-up)
+    warmup = read_manifest(d.config.routes[0].bundle).warmup
     judged = d.metric("forecaster_prediction_abs_error_count", route="water")
-    assert judged == pytest.approx(400 - 89, abs=1)
+    assert judged == pytest.approx(400 - warmup, abs=1)
     assert d.metric("forecaster_naive_abs_error_count", route="water") == judged
     assert d.metric("forecaster_prediction_squared_error_total", route="water") > 0
     assert d.metric("forecaster_streams", route="water") == 1
