@@ -188,7 +188,9 @@ def test_ctrl_c_stops_everything_cleanly() -> None:
     )
     try:
         assert wait_until(lambda: " live " in demo.output, 120), demo.output
-        assert demo.ctrl_c(timeout=60) == 0, demo.output
+        # Generous: on a loaded machine the feeder, the daemon (its own 8 s stop budget) and the
+        # broker stop one after the other.
+        assert demo.ctrl_c(timeout=180) == 0, demo.output
     finally:
         demo.kill()
     out = demo.output
