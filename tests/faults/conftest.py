@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -304,3 +305,36 @@ def report(name: str, **figures: object) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(f"{name}: {text}\n")
+
+
+#: A final wait fails only when no new prediction arrived for this long: slow progress on a busy
+#: machine is not a loss.
+STALL_S = 60.0
+
+
+def wait_all_predicted(items: list[ReplayItem], sink: Sink, stall: float = STALL_S) -> bool:
+    """Wait until every reading has a prediction, failing only when none arrives for
+    ``stall`` seconds."""
+    last, since = -1, time.monotonic()
+    while True:
+        got = verify(items, sink.snapshot()).predicted
+        if got == len(items):
+            return True
+        if got != last:
+            last, since = got, time.monotonic()
+        elif time.monotonic() - since > stall:
+            return False
+        time.sleep(0.2)
+
+
+def kill_moments(
+    rng: random.Random, duration: float, kills: int, edge: float, gap: float
+) -> list[float]:
+    """``kills`` sorted random moments in ``[edge, duration - edge]``, at least ``gap`` s apart,
+    so each run between two kills gets some work done."""
+    moments: list[float] = []
+    while len(moments) < kills:
+        t = rng.uniform(edge, duration - edge)
+        if all(abs(t - m) > gap for m in moments):
+            moments.append(t)
+    return sorted(moments)

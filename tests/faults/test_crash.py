@@ -26,13 +26,16 @@ import pytest
 from forecaster.harness import wait_file
 
 from .conftest import (
+    STALL_S,
     DaemonProcess,
     Feed,
     Sink,
     drift,
+    kill_moments,
     log_text,
     report,
     verify,
+    wait_all_predicted,
     water_items,
 )
 
@@ -42,8 +45,6 @@ SNAPSHOT_INTERVAL = 0.5
 #: delays it (2.07 s was seen with load 4-6 on 2 cores). The promise checked is "recent", not
 #: a real-time deadline.
 SNAPSHOT_SLACK = 10.0
-#: Fail the final wait only when no new prediction arrived for this long.
-STALL_S = 60.0
 
 
 def snapshot_age(path: Path) -> float:
@@ -51,21 +52,6 @@ def snapshot_age(path: Path) -> float:
     with np.load(path, allow_pickle=False) as npz:
         header = json.loads(npz["header"].tobytes())
     return time.time() - float(header["created"])
-
-
-def wait_all_predicted(items: list, sink: Sink, stall: float = STALL_S) -> bool:
-    """Wait until every reading has a prediction, failing only when none arrives for
-    ``stall`` seconds: slow progress on a busy machine is not a loss."""
-    last, since = -1, time.monotonic()
-    while True:
-        got = verify(items, sink.snapshot()).predicted
-        if got == len(items):
-            return True
-        if got != last:
-            last, since = got, time.monotonic()
-        elif time.monotonic() - since > stall:
-            return False
-        time.sleep(0.2)
 
 
 def run_with_kills(
@@ -84,13 +70,7 @@ def run_with_kills(
     rng = random.Random(seed)
     items = water_items(streams=streams)
     duration = len(items) / rate
-    # random moments in the publishing window, at least 1 s apart so each run gets work done
-    moments: list[float] = []
-    while len(moments) < kills:
-        t = rng.uniform(0.5, duration - 0.5)
-        if all(abs(t - m) > 1.0 for m in moments):
-            moments.append(t)
-    moments.sort()
+    moments = kill_moments(rng, duration, kills, edge=0.5, gap=1.0)
 
     d.start()
     sink = Sink(broker_port)

@@ -35,37 +35,25 @@ from forecaster.serve.state import StateStore
 
 from .conftest import (
     MODEL,
+    STALL_S,
     DaemonProcess,
     Feed,
     Sink,
+    kill_moments,
     log_text,
     mqtt_client,
     predictions,
     report,
     verify,
+    wait_all_predicted,
     wait_until,
     water_items,
 )
 
 SNAPSHOT_INTERVAL = 0.5
-STALL_S = 60.0  # the final wait fails only when no prediction arrives for this long
 TOL = 1e-5
 SHA = json.loads((MODEL / "model.json").read_text())["onnx_sha256"]
 SHAPES = Bundle.load(MODEL).state_shapes  # the bundle's own state tensors (h, c, lags)
-
-
-def wait_all_predicted(items: list, sink: Sink) -> bool:
-    """Every reading predicted; fails only when progress stops for ``STALL_S`` seconds."""
-    last, since = -1, time.monotonic()
-    while True:
-        got = verify(items, sink.snapshot()).predicted
-        if got == len(items):
-            return True
-        if got != last:
-            last, since = got, time.monotonic()
-        elif time.monotonic() - since > STALL_S:
-            return False
-        time.sleep(0.2)
 
 
 def restart_counters(d: DaemonProcess) -> dict[str, float]:
@@ -105,12 +93,7 @@ def kill_and_check(
     rng = random.Random(seed)
     items = water_items(streams=streams)
     duration = len(items) / rate
-    moments: list[float] = []
-    while len(moments) < kills:
-        t = rng.uniform(0.3, duration - 0.3)
-        if all(abs(t - m) > 0.6 for m in moments):
-            moments.append(t)
-    moments.sort()
+    moments = kill_moments(rng, duration, kills, edge=0.3, gap=0.6)
     # every other kill also hits the restart itself, before it is ready: mid-recovery
     during_restart = [rng.uniform(0.0, 1.5) if k % 2 else None for k in range(kills)]
 
