@@ -17,10 +17,12 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import ClassVar
 
 from forecaster.harness.ports import (
     LOOPBACK,
     HarnessError,
+    OwnedChild,
     child_options,
     free_port,
     wait_port,
@@ -38,8 +40,10 @@ def mosquitto_binary() -> str:
 
 
 @dataclass
-class Broker:
+class Broker(OwnedChild):
     """One mosquitto process; ``port = 0`` picks a free port at the first start."""
+
+    what: ClassVar[str] = "broker"
 
     workdir: Path
     port: int = 0
@@ -75,16 +79,6 @@ class Broker:
     @property
     def log_path(self) -> Path:
         return self.workdir / "mosquitto.log"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise HarnessError("the broker is not started")
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def conf_text(self) -> str:
         """The mosquitto.conf for the fields above (one listener, nothing else exposed)."""

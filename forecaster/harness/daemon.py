@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from forecaster.harness.ports import (
     LOOPBACK,
     HarnessError,
+    OwnedChild,
     child_options,
     free_port,
     wait_until,
@@ -141,9 +142,11 @@ def parse_metric(text: str, name: str, /, default: float | None = None, **labels
     raise MetricNotFound(f"{what}: {reason} in /metrics")
 
 
-class DaemonProcess:
+class DaemonProcess(OwnedChild):
     """One ``forecaster serve`` process; the config is rewritten from ``config`` at each start,
     so a caller can change it (``d.config.daemon.snapshot_interval = 1``) between restarts."""
+
+    what: ClassVar[str] = "daemon"
 
     def __init__(
         self,
@@ -183,16 +186,6 @@ class DaemonProcess:
     @property
     def metrics_port(self) -> int:
         return self.config.metrics.port
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise HarnessError("the daemon is not started")
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def command(self) -> list[str]:
         return [self.python, "-m", "forecaster", "serve", "--config", str(self.config_path)]

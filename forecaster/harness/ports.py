@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 LOOPBACK = "127.0.0.1"
 
@@ -108,3 +108,21 @@ def _die_with_parent() -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class OwnedChild:
+    """The pid and liveness of a child process the harness started (the broker, a daemon)."""
+
+    proc: subprocess.Popen[bytes] | None
+    #: What the child is, for the error of asking a pid before ``start()``.
+    what: ClassVar[str] = "process"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise HarnessError(f"the {self.what} is not started")
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
