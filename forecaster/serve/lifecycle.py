@@ -14,9 +14,9 @@ Lifecycle promises (docs/reliability.md):
 
 - The worker dying ends the process with status 1, so systemd's ``Restart=on-failure`` restarts
   it and the broker redelivers what was not acknowledged.
-- Snapshots are taken by the worker with nothing in flight (every stepped reading acknowledged),
-  including the last one, after the final flush; if the broker does not confirm in time, the
-  snapshot is skipped rather than written ahead of what the broker was told.
+- Snapshots are taken by the worker between batches. The last one comes after the final flush;
+  if the broker does not confirm in time it is skipped. With the journal (the default) periodic
+  snapshots need no flush; without it they wait for an empty publish window as the last one does.
 - The watchdog and ``/healthz`` tell "alive, waiting for the broker" (the worker beats while it
   waits for a publish window or a flush) from "hung" (no beat at all).
 """
@@ -261,7 +261,10 @@ class Daemon:
                 self._housekeeping(now)
                 last_housekeeping = now
             if d.snapshot_interval > 0 and now >= next_snapshot:
-                done = self._snapshot(SNAPSHOT_FLUSH_TIMEOUT)
+                # With the journal, a snapshot is consistent at any batch boundary (it carries
+                # the journal position and the recent predictions that answer redeliveries), so
+                # only a journal-less daemon stalls the worker to empty the publish window first.
+                done = self._snapshot(SNAPSHOT_FLUSH_TIMEOUT, flush=not d.journal)
                 next_snapshot = self._clock() + (d.snapshot_interval if done else SNAPSHOT_RETRY)
             if self._stop.is_set() and not self.intake.accepting and self.intake.empty():
                 return
@@ -284,15 +287,16 @@ class Daemon:
                 self._mqtt.pending_readings,
             )
 
-    def _snapshot(self, flush_timeout: float) -> bool:
-        """Snapshot at a point consistent with the broker: nothing in flight.
+    def _snapshot(self, flush_timeout: float, flush: bool = True) -> bool:
+        """Snapshot, with ``flush`` at a point consistent with the broker: nothing in flight.
 
-        A snapshot written while predictions await their acknowledgement would hold states
-        stepped past readings the broker will redeliver after a crash; the restored states would
-        then drop those as duplicates and their predictions would never be published. Returns
-        False (and writes nothing) if the broker does not confirm within ``flush_timeout``.
+        Without the journal, a snapshot written while predictions await their acknowledgement
+        would hold states stepped past readings the broker will redeliver after a crash. The
+        last snapshot always flushes first: the stop must send the acknowledgements anyway.
+        Returns False (and writes nothing) if the broker does not confirm within
+        ``flush_timeout``.
         """
-        if not self._mqtt.flush(flush_timeout):
+        if flush and not self._mqtt.flush(flush_timeout):
             self._rl.warning(
                 "snapshot_deferred",
                 "snapshot deferred: %d prediction(s) still unconfirmed by the broker",

@@ -131,7 +131,7 @@ class Running:
 
 
 def test_worker_death_makes_the_process_exit_nonzero(tmp_path: Path) -> None:
-    d = make(tmp_path, snapshot_interval=0.001)
+    d = make(tmp_path, snapshot_interval=0.001, journal=False)  # periodic snapshots flush
     run = Running(d)
     run.link.flush_error = RuntimeError("a bug outside per-message isolation")
     assert run.wait() == 1  # systemd's Restart=on-failure restarts a status-1 exit
