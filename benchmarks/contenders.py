@@ -10,6 +10,8 @@
 - ``naive``: what a user would write: one paho client with defaults, and per message
   ``json.loads``, one ONNX Runtime call with batch 1 and that stream's state, ``json.dumps``,
   publish (QoS 1).
+- ``ceiling-plain`` / ``forecaster-plain``: the same with ``mqtt.buffered_reads = false``, paho
+  reading the socket itself (three ``recv`` calls and a ``select`` per packet).
 - ``gmqtt``: the ceiling with gmqtt instead of paho, with the daemon's semantics: MQTT 5,
   persistent session, QoS 1, the incoming PUBACK sent only after the broker acknowledged the
   reply (``optimistic_acknowledgement=False`` + an async ``on_message`` that awaits it).
@@ -216,12 +218,14 @@ def run_gmqtt(cfg: Config, ready: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.contenders")
-    p.add_argument("kind", choices=["ceiling", "naive", "gmqtt"])
+    p.add_argument("kind", choices=["ceiling", "ceiling-plain", "naive", "gmqtt"])
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--ready", type=Path, required=True)
     a = p.parse_args(argv)
     cfg = load_config(a.config, env={})
-    {"ceiling": run_ceiling, "naive": run_naive, "gmqtt": run_gmqtt}[a.kind](cfg, a.ready)
+    runs = {"ceiling": run_ceiling, "ceiling-plain": run_ceiling, "naive": run_naive}
+    runs["gmqtt"] = run_gmqtt
+    runs[a.kind](cfg, a.ready)  # ceiling-plain: the config says buffered_reads = false
 
 
 if __name__ == "__main__":

@@ -85,11 +85,15 @@ def bench_config(port: int, client_id: str, bundle: Path, qos: int, state_dir: P
     )
 
 
+#: Suffix of a contender run with ``mqtt.buffered_reads = false`` (paho's own socket reads).
+PLAIN = "-plain"
+
+
 @dataclass
 class Contender:
     """One contender process for one scenario."""
 
-    kind: str  # ceiling | naive | forecaster | gmqtt
+    kind: str  # ceiling | naive | forecaster | gmqtt, and ceiling-plain | forecaster-plain
     workdir: Path
     port: int
     bundle: Path
@@ -101,7 +105,9 @@ class Contender:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.client_id = f"bench-{self.kind}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
         cfg = bench_config(self.port, self.client_id, self.bundle, self.qos, self.workdir / "state")
-        if self.kind == "forecaster":
+        if self.kind.endswith(PLAIN):  # the same contender on paho's own per-packet reads
+            cfg.mqtt.buffered_reads = False
+        if self.kind.removesuffix(PLAIN) == "forecaster":
             # the real daemon: started and waited for (/readyz) by the shared harness
             daemon = DaemonProcess(cfg, self.workdir, "contender", cwd=ROOT, python=PY)
             daemon.start()

@@ -60,9 +60,10 @@ SCENARIOS: tuple[Scenario, ...] = (
         "single",
         1,
         1000,
-        contenders=(*MAIN, "gmqtt"),
+        contenders=(*MAIN, "gmqtt", "ceiling-plain", "forecaster-plain"),
         profile=True,
-        note="main scenario; gmqtt = the ceiling with gmqtt instead of paho",
+        note="main scenario; gmqtt = the ceiling with gmqtt instead of paho; -plain = paho's "
+        "own socket reads (mqtt.buffered_reads = false)",
     ),
     Scenario("single-q0-1k", "single", 0, 1000),
     Scenario("batch-q1-1k", "batch", 1, 1000, profile=True),
@@ -263,6 +264,10 @@ def _ratios(result: dict[str, Any]) -> None:
     g, p = _rate(result, "gmqtt"), _rate(result, "ceiling")
     if g and p:
         ratios["gmqtt/paho (ceiling)"] = g / p
+    for kind in ("ceiling", "forecaster"):
+        buffered, plain = _rate(result, kind), _rate(result, f"{kind}-plain")
+        if buffered and plain:
+            ratios[f"{kind}: buffered/plain reads"] = buffered / plain
     result["ratios"] = ratios
 
 

@@ -150,6 +150,11 @@ class MQTTConfig(_Section):
     max_inflight: int = Field(
         default=1000, ge=1, le=65535, description="QoS 1/2 publishes awaiting acknowledgement."
     )
+    buffered_reads: bool = Field(
+        default=True,
+        description="Read the socket in large chunks and hand paho whole packets from a buffer "
+        "(forecaster.serve.sockbuf); false falls back to paho's own per-packet reads.",
+    )
 
     @model_validator(mode="after")
     def _delays_ordered(self) -> MQTTConfig:

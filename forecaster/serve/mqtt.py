@@ -40,6 +40,7 @@ from paho.mqtt.properties import Properties
 
 from forecaster.serve.config import MQTTConfig
 from forecaster.serve.probe import tls_context, why_unreachable
+from forecaster.serve.sockbuf import BufferedClient
 
 log = logging.getLogger("forecaster.serve.mqtt")
 
@@ -244,7 +245,8 @@ class _Link:
         self.connected = False
         self.connects = 0
         v5 = cfg.protocol == "5"
-        self.client = paho.Client(
+        client_cls = BufferedClient if cfg.buffered_reads else paho.Client
+        self.client = client_cls(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
@@ -375,9 +377,12 @@ class Transport:
         sub.on_disconnect = self._sub.guard("on_disconnect", self._sub_disconnect)
         sub.on_message = self._sub.guard("on_message", self._handle_message)
         sub.on_subscribe = self._sub.guard("on_subscribe", self._handle_subscribe)
-        # paho queues QoS>=1 publishes beyond its own limit; our window keeps the total far
-        # below the 65,535 message ids.
-        pub.max_inflight_messages_set(cfg.max_inflight)
+        # The AckBook window (max_inflight) is the only bound on publishes in flight, which
+        # keeps them far below the 65,535 message ids. paho's own limit stays off (0): with a
+        # limit set, paho walks every in-flight message on each PUBACK looking for queued ones
+        # to release, O(window) per prediction, and profiles showed that walk (and the lock it
+        # holds against publish()) as the largest cost of the publishing thread.
+        pub.max_inflight_messages_set(0)
         pub.on_connect = self._pub.guard("on_connect", self._pub_connect)
         pub.on_disconnect = self._pub.guard("on_disconnect", self._pub_disconnect)
         pub.on_publish = self._pub.guard("on_publish", self._handle_publish)
