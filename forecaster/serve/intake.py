@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from forecaster.logs import RateLimitedLog
-from forecaster.serve.codec import Reading, decode
+from forecaster.serve.codec import Reading
+from forecaster.serve.fastcodec import decode
 from forecaster.serve.metrics import NO_ROUTE, Metrics
 from forecaster.serve.routes import Route
 

@@ -28,8 +28,9 @@ from typing import Protocol
 import numpy as np
 
 from forecaster.logs import RateLimitedLog
-from forecaster.serve.codec import Prediction, Reading, encode_predictions, prediction_topic
+from forecaster.serve.codec import Prediction, Reading, prediction_topic
 from forecaster.serve.engine import Outcome
+from forecaster.serve.fastcodec import encode_predictions
 from forecaster.serve.intake import Work
 from forecaster.serve.metrics import Metrics
 from forecaster.serve.mqtt import Ack, PublishResult
