@@ -1,0 +1,138 @@
+"""``python -m benchmarks.worker``: the inference worker's own cost per reading, without a broker.
+
+The end-to-end benchmark (``benchmarks.run``) measures the daemon through mosquitto, where the
+MQTT client's threads share the CPU with the worker. This one times only what the worker does
+with a micro-batch, in one thread: decode each message (the codec's fast path or the reference),
+step the engine, encode and hand the predictions to a publisher that only counts them. It prints
+CPU microseconds per reading for each phase, so a change to one phase can be judged on its own.
+
+Scenarios: gateway batches of 100 readings over 1,000 streams (``batch``); single-reading
+messages over 1,000 streams (``single``); one stream whose every micro-batch holds 100 of its
+readings (``one-stream``). Every scenario runs the same number of readings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from forecaster.model.bundle import Bundle
+from forecaster.serve import codec, fastcodec
+from forecaster.serve.config import RouteConfig
+from forecaster.serve.engine import Engine
+from forecaster.serve.intake import Work
+from forecaster.serve.metrics import Metrics
+from forecaster.serve.mqtt import Ack, PublishResult
+from forecaster.serve.responder import Responder
+from forecaster.serve.routes import Route, new_store
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "water-flow"
+T0 = 1_700_000_000.0
+
+
+class CountingPublisher:
+    """Takes every publish at once, as a broker that never pushes back would."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+    ) -> PublishResult:
+        self.messages += 1
+        return PublishResult.SENT
+
+    def ack(self, mid: int, qos: int) -> None:
+        pass
+
+
+def _messages(kind: str, readings: int) -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(0)
+    values = 10.0 + rng.standard_normal(readings)
+    if kind == "batch":
+        out = []
+        for start in range(0, readings, 100):
+            items = [
+                {
+                    "stream": f"s{(start + i) % 1000}",
+                    "value": round(float(values[start + i]), 3),
+                    "ts": T0 + start + i,
+                }
+                for i in range(100)
+            ]
+            out.append(("gateway/batch", json.dumps(items).encode()))
+        return out
+    streams = 1 if kind == "one-stream" else 1000
+    return [
+        (f"sensors/s{i % streams}/flow", b'{"value": %.3f, "ts": %.6f}' % (values[i], T0 + i))
+        for i in range(readings)
+    ]
+
+
+def run(kind: str, decode_fn: Callable[..., codec.Decoded], readings: int) -> dict[str, float]:
+    bundle = Bundle.load(MODEL)
+    rc = RouteConfig.model_validate(
+        {"name": "bench", "subscribe": ["sensors/+/flow", "gateway/batch"], "bundle": str(MODEL)}
+    )
+    route = Route(rc, Engine(bundle, new_store(rc, bundle.state_shapes)))
+    responder = Responder(CountingPublisher(), Metrics(CollectorRegistry()))
+    messages = _messages(kind, readings)
+    per_batch = 100  # readings per micro-batch, as daemon.max_batch would cut them
+    decode_s = respond_s = 0.0
+    works: list[Work] = []
+    n = 0
+    for mid, (topic, payload) in enumerate(messages):
+        t = time.process_time()
+        d = decode_fn(payload, topic, route.spec, T0 + readings)
+        decode_s += time.process_time() - t
+        works.append(Work(route, d.readings, d.batch, topic, mid, 1))
+        n += len(d.readings)
+        if sum(len(w.readings) for w in works) >= per_batch:
+            t = time.process_time()
+            responder.respond(works)
+            respond_s += time.process_time() - t
+            works = []
+    if works:
+        t = time.process_time()
+        responder.respond(works)
+        respond_s += time.process_time() - t
+    return {
+        "readings": n,
+        "decode_us_per_reading": decode_s / n * 1e6,
+        "step_and_answer_us_per_reading": respond_s / n * 1e6,
+        "total_us_per_reading": (decode_s + respond_s) / n * 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--readings", type=int, default=20_000)
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    a = p.parse_args(argv)
+    results: dict[str, dict[str, float]] = {}
+    for kind in ("batch", "single", "one-stream"):
+        for name, fn in (("reference codec", codec.decode), ("fast codec", fastcodec.decode)):
+            r = run(kind, fn, a.readings)
+            results[f"{kind} / {name}"] = r
+            print(
+                f"{kind:10s} {name:15s} decode {r['decode_us_per_reading']:6.1f}  "
+                f"step+answer {r['step_and_answer_us_per_reading']:6.1f}  "
+                f"total {r['total_us_per_reading']:6.1f} µs CPU per reading",
+                flush=True,
+            )
+    load = os.getloadavg()[0]
+    print(f"load average {load:.2f}")
+    if a.out:
+        a.out.write_text(json.dumps({"load_average": load, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
