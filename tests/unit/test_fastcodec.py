@@ -184,3 +184,41 @@ def test_non_finite_numbers_are_null() -> None:
     doc = json.loads(fastcodec.encode_predictions([p], "m", "v", False))
     assert doc["ts"] is None and doc["value"] is None and doc["lower"] is None
     assert doc["upper"] == 1.0
+
+
+@st.composite
+def reading_object(draw: st.DrawFn) -> bytes:
+    """A reading object (its stream id is the topic): clean, or with one kind of defect."""
+    item = draw(clean_item())
+    item.pop("stream")
+    text = json.dumps(item, ensure_ascii=False)
+    defect = draw(
+        st.sampled_from(
+            [
+                "",
+                ',"value":2',
+                ',"ts":1',
+                ',"stream":"a","stream":"b"',
+                ',"label":2',
+                ',"x":NaN',
+                ',"x":{"y":1}',
+                ',"x":[1]',
+                ',"x":"\\u0041"',
+                ',"x":' + "1" * 400,
+                ',"ts":"2024-01-01T00:00:00Z"',
+                ',"ts":-5',
+            ]
+        )
+    )
+    return (text[:-1] + defect + "}").encode() if defect else text.encode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=reading_object(), topic=st.sampled_from(["sensors/a/flow", "s/" + "x" * 300]))
+def test_any_reading_object_decodes_as_the_reference_does(payload: bytes, topic: str) -> None:
+    want = codec.decode(payload, topic, SPEC, RECEIVED)
+    assert fastcodec.decode(payload, topic, SPEC, RECEIVED) == want, payload
+    # A clean object with none of the defects (they all add an "x" key or a repeated one)
+    # must take the fast path.
+    if not want.rejects and b"x" not in payload and topic == "sensors/a/flow":
+        assert fastcodec.clean_object(payload, topic, SPEC, RECEIVED) == want, payload
