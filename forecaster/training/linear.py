@@ -26,10 +26,13 @@ rule.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from forecaster.training import smoothing
 
 #: Losses each lag set is fitted with.
 LOSSES = ("squared", "huber")
@@ -39,7 +42,9 @@ RIDGE = 1e-4
 HUBER_K = 1.345
 HUBER_ITERATIONS = 8
 #: Plain autoregressive orders tried (lags 1..p), besides persistence (no line at all).
-ORDERS = (1, 2, 3, 6, 12, 24)
+ORDERS = (1, 2, 3, 6, 12, 24, 48, 96)
+#: Orders above 24 are tried only with at least this many training readings per lag.
+ROWS_PER_LAG = 20
 #: Seasons back a seasonal lag set reaches (lags s, 2s, …, SEASONS·s and each one after).
 SEASONS = 4
 #: Largest lag buffer considered (readings kept per stream): bounds memory and fitting time.
@@ -112,6 +117,17 @@ def fit(
     lags = sorted({int(lag) for lag in lags})
     if not lags:
         return PERSISTENCE
+    if loss.startswith("mean("):
+        # A combination (see :func:`combine`): each part refitted as it was first fitted.
+        parts = [
+            fit(segments, part_lags, part_loss, ridge) for part_loss, part_lags in _parts(loss)
+        ]
+        return combine(parts)
+    if loss.startswith("ETS("):
+        # An exponential smoothing filter over exactly these lags (1..P): refit its parameters.
+        form = smoothing.Form.parse(loss)
+        segs = [np.asarray(s, dtype=np.float64) for s in segments]
+        return from_weights(smoothing.fit_filter(form, segs, max(lags), exact=True), loss)
     size = max(lags)
     positions = np.asarray([lag - 1 for lag in lags])
     xs, ys = [], []
@@ -146,12 +162,11 @@ def fit(
     for _ in range(HUBER_ITERATIONS if loss == "huber" else 1):
         # Huber by iteratively reweighted least squares: an outage's steps are tens of typical
         # steps, and squared loss would let a handful of them set every coefficient.
-        root = np.sqrt(weight)
-        sol, *_ = np.linalg.lstsq(
-            np.concatenate([a * root[:, None], penalty]),
-            np.concatenate([target * root, np.zeros(k)]),
-            rcond=None,
-        )
+        # Normal equations of the weighted, penalised problem: a (k+1)-square solve. An SVD of
+        # the tall design (lstsq) costs tens of seconds for AR(96) on a busy machine.
+        aw = a * weight[:, None]
+        gram = a.T @ aw + penalty.T @ penalty
+        sol = np.linalg.solve(gram, aw.T @ target)
         resid = target - a @ sol
         spread = 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
         if spread <= 1e-12:
@@ -166,14 +181,15 @@ def fit(
 
 
 def candidate_lag_sets(periods: Sequence[int], n_train: int) -> list[tuple[int, ...]]:
-    """Lag sets to compare (:func:`select` adds persistence, no line at all): 1..p, each with a
+    """Lag sets to compare (:func:`select` adds persistence, no line at all): 1..p (orders above
+    24 only with :data:`ROWS_PER_LAG` training readings per lag), each with a
     period's seasonal pair ``{s, s+1}`` (seasonal naive and seasonal differencing are both in that
     span), the pairs of up to ``SEASONS`` periods back, and AR(s+1). Lags reaching back more than
     a third of the training readings, and AR(s+1) with under 4 readings per lag, are skipped."""
     out: list[tuple[int, ...]] = []
     seasonal = [(s, s + 1) for s in periods if 2 <= s < min(MAX_LAG, n_train // 3)]
     for p in ORDERS:
-        if p >= n_train // 4:
+        if p >= n_train // 4 or (p > 24 and p * ROWS_PER_LAG > n_train):
             continue
         base = tuple(range(1, p + 1))
         out.append(base)
@@ -219,8 +235,13 @@ def robust_loss(err: np.ndarray, scale: float, k: float = 10.0) -> float:
     model that best guesses the outage's recovery over the one that best predicts ordinary data."""
     if not err.size or not np.all(np.isfinite(err)):
         return float("inf")
+    return float(np.mean(robust_losses(err, scale, k)))
+
+
+def robust_losses(err: np.ndarray, scale: float, k: float = 10.0) -> np.ndarray:
+    """:func:`robust_loss` of each error (for paired comparisons of two models)."""
     a = np.abs(err / scale)
-    return float(np.mean(np.where(a <= k, 0.5 * a**2, k * (a - 0.5 * k))))
+    return np.where(a <= k, 0.5 * a**2, k * (a - 0.5 * k))
 
 
 def select(
@@ -246,3 +267,130 @@ def select(
         out.append(Candidate(ar, float(np.sqrt(np.mean(e**2))), robust_loss(e, scale)))
     out.sort(key=lambda c: (not np.isfinite(c.val_loss), c.val_loss, c.ar.size))
     return out
+
+
+# --- Exponential smoothing filters and combinations -------------------------------------------
+
+#: Seasons an ETS filter's buffer may reach back, and its size without a season.
+ETS_SEASONS = 12
+ETS_PLAIN = 128
+
+
+def from_weights(c: np.ndarray, loss: str) -> LinearAR:
+    """A line from forecast weights ``c[j]`` on the reading ``j`` steps back that sum to one:
+    in the path's form ``coef[0] = sum(c) - 1 = 0``, ``coef[k] = c[k]``, no bias."""
+    c = np.asarray(c, dtype=np.float64)
+    coef = [float(c.sum() - 1.0), *(float(v) for v in c[1:])]
+    return LinearAR(tuple(range(1, len(c) + 1)), tuple(coef), 0.0, loss)
+
+
+def ets_cap(form: smoothing.Form) -> int:
+    """Largest buffer an ETS filter of ``form`` gets: :data:`ETS_SEASONS` seasons, at least
+    :data:`ETS_PLAIN` readings, at most :data:`MAX_LAG` (the filter is then cut where its dropped
+    weight mass is negligible). It may exceed the training part: the filter needs no rows to be
+    fitted, and a buffer longer than the history is the graph's start-up padding, which for a
+    smoothing filter is a flat initial state."""
+    return max(2, min(MAX_LAG, max(ETS_SEASONS * form.period + 1, ETS_PLAIN)))
+
+
+def fit_ets(segments: Sequence[np.ndarray], form: smoothing.Form) -> LinearAR:
+    """ETS of ``form`` fitted on the segments, as a truncated filter (see :mod:`smoothing`)."""
+    segs = [np.asarray(s, dtype=np.float64) for s in segments]
+    return from_weights(smoothing.fit_filter(form, segs, ets_cap(form)), form.label)
+
+
+def combine(parts: Sequence[LinearAR]) -> LinearAR:
+    """The average of several lines' forecasts: itself a line (coefficients and bias averaged,
+    shorter buffers padded with zero terms). Its ``loss`` names the parts, so it can be refitted."""
+    size = max(p.size for p in parts)
+    coef = np.zeros(size)
+    for p in parts:
+        coef[: p.size] += np.asarray(p.coef) / len(parts)
+    bias = float(np.mean([p.bias for p in parts]))
+    lags = tuple(sorted({lag for p in parts for lag in p.lags}))
+    label = "+".join(f"{p.loss}[{lags_text(p.lags)}]" for p in parts)
+    return LinearAR(lags, tuple(float(c) for c in coef), bias, f"mean({label})")
+
+
+def lags_text(lags: Sequence[int]) -> str:
+    """``1-3,12-13``: runs of consecutive lags (the inverse of :func:`parse_lags`)."""
+    out: list[str] = []
+    lags = sorted(lags)
+    i = 0
+    while i < len(lags):
+        j = i
+        while j + 1 < len(lags) and lags[j + 1] == lags[j] + 1:
+            j += 1
+        out.append(str(lags[i]) if i == j else f"{lags[i]}-{lags[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_lags(text: str) -> list[int]:
+    out: list[int] = []
+    for run in filter(None, text.split(",")):
+        lo, _, hi = run.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def _parts(loss: str) -> list[tuple[str, list[int]]]:
+    inner = re.fullmatch(r"mean\((.*)\)", loss)
+    if inner is None:
+        raise ValueError(f"not a combination: {loss!r}")
+    return [
+        (m.group(1), parse_lags(m.group(2)))
+        for m in re.finditer(r"([^+\[]+)\[([0-9,\-]*)\]", inner.group(1))
+    ]
+
+
+def _kind(ar: LinearAR) -> str:
+    return "ets" if ar.loss.startswith("ETS(") else "mean" if ar.loss.startswith("mean(") else "ols"
+
+
+def score(ar: LinearAR, val_runs: Sequence[tuple[np.ndarray, int]], scale: float) -> Candidate:
+    """``ar``'s validation RMSE and robust loss (the unroll :func:`select` uses)."""
+    err: list[np.ndarray] = []
+    for seg, first in val_runs:
+        if len(seg) - 1 <= first:
+            continue
+        pred = ar_segment(seg, ar)[:-1]
+        err.append((pred - seg[1:])[max(first - 1, 0) :])
+    e = np.concatenate(err) if err else np.array([np.nan])
+    return Candidate(ar, float(np.sqrt(np.mean(e**2))), robust_loss(e, scale))
+
+
+def extend(
+    candidates: Sequence[Candidate],
+    train_segments: Sequence[np.ndarray],
+    val_runs: Sequence[tuple[np.ndarray, int]],
+    periods: Sequence[int],
+    n_train: int,
+    scale: float,
+) -> list[Candidate]:
+    """:func:`select`'s ranking with exponential smoothing filters (every form of
+    :func:`smoothing.forms`) added, and the average of the best ETS filter and the best
+    least-squares line (forecast combination, which won the M competitions, is itself a linear
+    filter). Best first, by the same validation loss."""
+    out = list(candidates)
+    for form in smoothing.forms(periods, n_train):
+        try:
+            out.append(score(fit_ets(train_segments, form), val_runs, scale))
+        except ValueError:
+            continue
+    ranked = sorted(out, key=_rank)
+    best: dict[str, LinearAR] = {}
+    for c in ranked:
+        if c.ar.size and np.isfinite(c.val_loss):
+            best.setdefault(_kind(c.ar), c.ar)
+    if "ets" in best and "ols" in best:
+        # Different model classes: their errors differ, so their average gains. (Averaging the
+        # top least-squares fits, near copies of each other, mostly adds one more draw from the
+        # validation noise: tried, it won validation and lost held out on taylor-demand.)
+        out.append(score(combine([best["ols"], best["ets"]]), val_runs, scale))
+    out.sort(key=_rank)
+    return out
+
+
+def _rank(c: Candidate) -> tuple[bool, float, int]:
+    return (not np.isfinite(c.val_loss), c.val_loss, c.ar.size)

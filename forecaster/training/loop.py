@@ -51,8 +51,9 @@ def fit(
     (:func:`plain_line`). ``include_initial`` validates the untrained model first, as epoch 0,
     and lets it win: with a head that starts at zero the untrained model is the baseline
     (persistence, or the linear path), so the result is never worse than it on validation.
-    ``deadline`` (``time.monotonic()``) stops after the epoch that passes it (a search's time
-    budget).
+    ``deadline`` (``time.monotonic()``, a search's time budget) stops before an epoch expected
+    to end past it (as long as the previous one) and after an epoch that passes it; the first
+    epoch always runs.
     """
     started = time.perf_counter()
     show = line or (lambda bar, epoch, row: bar.epoch(epoch, row))
@@ -85,7 +86,14 @@ def fit(
             consider(0, row, merit)
             if not progress:
                 log(plain_line(row, epochs, best_row()))
+        last = 0.0  # seconds the previous epoch took (training and validation)
         for epoch in range(1, epochs + 1):
+            if deadline is not None and epoch > 1 and time.monotonic() + last > deadline:
+                # Stop before an epoch that would end past the budget rather than after it: on
+                # a long series one epoch is a large part of the budget.
+                log(f"time budget: epoch {epoch} would end past it; stopping after {epoch - 1}")
+                stopped = True
+                break
             model.train()
             t0 = time.perf_counter()
             loss, _ = train_epoch(epoch, bar)
@@ -97,6 +105,7 @@ def fit(
                 **figures,
                 "seconds": time.perf_counter() - t0,
             }
+            last = time.perf_counter() - t0
             show(bar, epoch, row)
             stop = consider(epoch, row, merit)
             if not progress:

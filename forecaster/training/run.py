@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from forecaster.data import Dataset
+from forecaster.training import linear
 from forecaster.training.config import TrainConfig
 from forecaster.training.search import search
-from forecaster.training.stateful import finish, prepare, train_one
+from forecaster.training.stateful import Prepared, finish, prepare, train_one
+from forecaster.training.tape import train_segments, validation_runs
 from forecaster.training.window import train_window
 
 #: Intra-op threads while training. One thread makes every run bit-for-bit repeatable on a
@@ -42,12 +44,35 @@ def train(
         if cfg.mode == "window":
             return train_window(data, cfg.resolved(), out_dir, progress, log)
         started = time.perf_counter()
+        clock = time.monotonic()
         prep = prepare(data, cfg, log)
+        if cfg.linear and cfg.head == "delta":
+            with_smoothing(prep, log)
         if cfg.searched():
-            model, result, chosen, record = search(prep, cfg, progress, log)
+            model, result, chosen, record = search(prep, cfg, progress, log, started=clock)
         else:
             chosen, record = cfg.resolved(), None
             model, result = train_one(prep, chosen, prep.candidates[0].ar, progress, log)
         return finish(prep, chosen, model, result, record, out_dir, log, started)
     finally:
         torch.set_num_threads(threads)
+
+
+def with_smoothing(prep: Prepared, log: Callable[[str], None]) -> None:
+    """Add exponential smoothing filters and forecast combinations to the linear candidates
+    (:func:`forecaster.training.linear.extend`), ranked with the least-squares lines."""
+    t0 = time.perf_counter()
+    prep.candidates = linear.extend(
+        prep.candidates,
+        train_segments(prep.series, prep.cuts),
+        validation_runs(prep.series, prep.cuts),
+        prep.periods,
+        len(prep.tape.x),
+        prep.delta,
+    )
+    best = prep.candidates[0]
+    log(
+        f"with exponential smoothing and combinations: best linear path {best.ar.loss} over "
+        f"{best.ar.size} readings, validation RMSE {best.val_rmse:.4g} of "
+        f"{len(prep.candidates)} candidates ({time.perf_counter() - t0:.1f} s)"
+    )

@@ -108,3 +108,11 @@ def test_conformal_interval_covers_fresh_residuals(seed: int) -> None:
 
 def test_conformal_needs_two_residuals() -> None:
     assert conformal(np.array([1.0]), 0.9) is None
+
+
+def test_long_orders_need_readings_per_lag() -> None:
+    """AR(48) and AR(96) are candidates only with ROWS_PER_LAG training readings per lag."""
+    small = linear.candidate_lag_sets([], 1000)
+    assert tuple(range(1, 49)) in small and tuple(range(1, 97)) not in small
+    assert tuple(range(1, 97)) in linear.candidate_lag_sets([], 96 * linear.ROWS_PER_LAG)
+    assert max(max(s) for s in linear.candidate_lag_sets([], 900)) == 24
