@@ -91,6 +91,8 @@ def run_naive(cfg: Config, ready: Path) -> None:
     names = ["h", "c"] if manifest["cell"] == "lstm" else ["h"]
     layers, hidden = int(manifest["layers"]), int(manifest["hidden"])
     outputs = ["y", *(f"{n}_out" for n in names)]
+    sequence = manifest.get("graph") == "sequence"  # format 3: x [B, T, F] and lengths [B]
+    one = np.ones(1, dtype=np.int64)
     states: dict[str, list[np.ndarray]] = {}
     model, version = manifest["name"], manifest["version"]
 
@@ -98,7 +100,10 @@ def run_naive(cfg: Config, ready: Path) -> None:
         state = states.get(stream)
         if state is None:
             state = [np.zeros((layers, 1, hidden), dtype=np.float32) for _ in names]
-        feeds = {"x": np.array([[value]], dtype=np.float32)}
+        if sequence:
+            feeds = {"x": np.array([[[value]]], dtype=np.float32), "lengths": one}
+        else:
+            feeds = {"x": np.array([[value]], dtype=np.float32)}
         feeds.update(zip(names, state, strict=True))
         y, *new = session.run(outputs, feeds)
         states[stream] = new

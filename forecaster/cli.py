@@ -179,7 +179,10 @@ def train(
         typer.Option(help="stateful: search trials (Optuna) over the options not given; 1 = none"),
     ] = 4,
     budget: Annotated[
-        float, typer.Option(help="stateful: time cap of the search, seconds (recorded when hit)")
+        float,
+        typer.Option(
+            help="stateful: time cap of training (search included), seconds (recorded when hit)"
+        ),
     ] = 240.0,
     coverage: Annotated[
         float, typer.Option(help="prediction interval coverage, from validation residuals")
@@ -492,7 +495,7 @@ def _forecast_rows(m: Any) -> list[tuple[str, Any]]:
             (
                 "linear path",
                 f"{len(lags)} lags ({', '.join(map(str, lags[:8]))}{', …' if len(lags) > 8 else ''}"
-                f"), {m.linear.loss} loss; lag state {m.lag_buffer} readings "
+                f"), {_line_kind(m.linear.loss)}; lag state {m.lag_buffer} readings "
                 f"({4 * (m.lag_buffer + 1)} bytes) per stream",
             )
         )
@@ -519,6 +522,11 @@ def _forecast_rows(m: Any) -> list[tuple[str, Any]]:
     if m.fallback:
         rows.append(("fallback", f"PERSISTENCE: {m.fallback}"))
     return rows
+
+
+def _line_kind(loss: str) -> str:
+    """How ``inspect`` names the linear path: a fitted loss, or an ETS filter / combination."""
+    return f"{loss} loss" if loss in ("squared", "huber") else loss
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -575,11 +583,25 @@ def serve(
         Path | None, typer.Option(help="snapshot directory (daemon.state_dir)")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="run N serve processes (worker ids 0..N-1) under a supervisor that forwards "
+            "signals and restarts none; NATS transport only (docs/scale-out.md)"
+        ),
+    ] = 1,
+    worker_id: Annotated[
+        int | None,
+        typer.Option(
+            help="this process is worker I of a fleet: metrics port + I, state in "
+            "STATE_DIR/worker-I (set by --workers and by systemd/forecaster@.service)"
+        ),
+    ] = None,
 ) -> None:
     """Run the daemon: MQTT readings in, one-step predictions out, metrics on HTTP."""
     import logging
 
-    from forecaster.serve.daemon import Daemon
+    from forecaster.serve import workers as fleet
 
     overrides = {
         "mqtt.host": host,
@@ -594,12 +616,53 @@ def serve(
             "no routes configured: pass --config FILE (example: deploy/forecaster.toml) "
             "or set FORECASTER_ROUTES"
         )
+    try:
+        fleet.check_workers(workers)
+    except ValueError as exc:
+        _fail(str(exc))
+    if workers > 1 and worker_id is not None:
+        _fail("--workers and --worker-id do not go together (--workers sets each worker's id)")
+    if worker_id is not None and worker_id < 0:
+        _fail(f"--worker-id must be 0 or more, got {worker_id}")
     cfg = _load_config(config, overrides)
+    transport = fleet.transport_of(cfg)
+    if (workers > 1 or (worker_id or 0) > 0) and transport != "nats":
+        what = f"--workers {workers}" if workers > 1 else f"--worker-id {worker_id}"
+        _fail(
+            f'{what} needs the NATS transport (transport.kind = "nats"); with {transport} '
+            "every process would receive every stream, and a stream's state must live in "
+            "exactly one process"
+        )
     logging.basicConfig(
         level=cfg.daemon.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if workers > 1:
+        options = [
+            f"--{name.replace('_', '-')}={value}"
+            for name, value in (
+                ("config", config),
+                ("host", host),
+                ("port", port),
+                ("client_id", client_id),
+                ("metrics_port", metrics_port),
+                ("state_dir", state_dir),
+                ("log_level", log_level),
+            )
+            if value is not None
+        ]
+        supervisor = fleet.Supervisor(workers, lambda i: fleet.serve_command(options, i))
+        supervisor.install_signals()
+        raise typer.Exit(supervisor.run())
+    if worker_id is not None:
+        try:
+            fleet.apply_worker_id(cfg, worker_id)
+        except ValueError as exc:
+            _fail(str(exc))
+
+    from forecaster.serve.daemon import Daemon
+
     daemon = Daemon(cfg, config_path=config)
     daemon.install_signals()
     raise typer.Exit(daemon.run())

@@ -17,6 +17,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from annotated_types import MinLen
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -222,6 +223,96 @@ class MetricsConfig(_Section):
     )
 
 
+class TransportConfig(_Section):
+    """Which transport carries readings in and predictions out."""
+
+    kind: Literal["mqtt", "nats"] = Field(
+        default="mqtt",
+        description="'mqtt': one process on an MQTT broker (the [mqtt] section); 'nats': "
+        "partitioned serving on NATS JetStream (the [nats] section, the 'nats' extra).",
+    )
+
+
+class NATSConfig(_Section):
+    """NATS JetStream transport (``transport.kind = "nats"``); see docs/reliability.md."""
+
+    servers: list[Annotated[str, MinLen(1)]] = Field(
+        default_factory=lambda: ["nats://127.0.0.1:4222"],
+        min_length=1,
+        description="Server URLs (nats://host:port); any of a cluster's nodes.",
+    )
+    credentials_file: Path | None = Field(
+        default=None, description="NATS .creds file (JWT + NKey seed) for the connection."
+    )
+    partitions: int = Field(
+        default=12,
+        ge=1,
+        le=1024,
+        description="Partitions N; must equal the N in the server's mapping "
+        "(forecaster.serve.nats.partitions.mappings_for). Changing it moves every stream.",
+    )
+    stream: str = Field(
+        default="FORECASTER_READINGS",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="JetStream stream of readings (subjects part.>), created if missing.",
+    )
+    replicas: int = Field(
+        default=1, ge=1, le=5, description="Replicas of the streams and buckets we create."
+    )
+    max_age: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description="Seconds readings stay in the stream: must exceed the time between "
+        "snapshots by far, since a takeover replays from the last snapshot.",
+    )
+    member: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_-]{0,64}$",
+        description="This process's name in the leases; '' = <hostname>-<pid>. Unique per "
+        "live process.",
+    )
+    lease_bucket: str = Field(
+        default="forecaster_leases",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="KV bucket of partition leases and member heartbeats.",
+    )
+    snapshot_bucket: str = Field(
+        default="forecaster_snapshots",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Object store bucket of per-partition state snapshots.",
+    )
+    lease_ttl: float = Field(
+        default=4.0,
+        ge=1.0,
+        le=300.0,
+        description="Seconds a lease lives without renewal (renewed every ttl/3): the bound on "
+        "how long a dead process's partitions stay unserved.",
+    )
+    publish: Literal["jetstream", "core"] = Field(
+        default="jetstream",
+        description="'jetstream': predictions stored in prediction_stream and readings acked "
+        "after the PubAcks (at-least-once end to end); 'core': acked after the publish is "
+        "flushed (faster; predictions in flight are lost if the server dies).",
+    )
+    prediction_stream: str = Field(
+        default="FORECASTER_PREDICTIONS",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Stream holding predictions when publish = 'jetstream', created if missing.",
+    )
+    prediction_max_age: float = Field(
+        default=86400.0, gt=0, description="Seconds predictions stay in prediction_stream."
+    )
+    pull_batch: int = Field(
+        default=256, ge=1, le=10000, description="Messages asked for per pull request."
+    )
+    max_ack_pending: int = Field(
+        default=4096, ge=1, description="Unacknowledged readings per partition at most."
+    )
+    ack_wait: float = Field(
+        default=30.0, ge=1.0, description="Seconds before an unacknowledged reading is resent."
+    )
+
+
 class RouteConfig(_Section):
     """A set of topics served by one model bundle."""
 
@@ -331,6 +422,29 @@ class Config(_Section):
         default_factory=lambda: MetricsConfig(), description="Prometheus."
     )
     routes: list[RouteConfig] = Field(min_length=1, description="Topic-to-model routes.")
+    transport: TransportConfig = Field(
+        default_factory=lambda: TransportConfig(), description="Transport choice."
+    )
+    nats: NATSConfig = Field(
+        default_factory=lambda: NATSConfig(), description="NATS JetStream transport."
+    )
+
+    @model_validator(mode="after")
+    def _nats_partitionable(self) -> Config:
+        if self.transport.kind != "nats":
+            return self
+        from forecaster.serve.nats.partitions import check_partitionable
+
+        problems = []
+        for i, route in enumerate(self.routes):
+            for f in route.subscribe:
+                try:
+                    check_partitionable(f)
+                except ValueError as exc:
+                    problems.append(f"routes.{i}.subscribe: {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("routes")
     @classmethod
@@ -618,6 +732,14 @@ def config_summary(cfg: Config) -> str:
             + (f", client cert {m.tls.cert_file}" if m.tls.cert_file else "")
             + (", HOSTNAME NOT VERIFIED" if m.tls.insecure else "")
         )
+    if cfg.transport.kind == "nats":
+        n = cfg.nats
+        creds = f", credentials {n.credentials_file}" if n.credentials_file else ""
+        lines = [
+            f"transport: nats {', '.join(n.servers)}{creds} (the [mqtt] section is not used)",
+            f"nats: stream {n.stream}, {n.partitions} partitions, lease ttl {n.lease_ttl} s, "
+            f"publish {n.publish}, replicas {n.replicas}, member {n.member or '<hostname>-<pid>'}",
+        ]
     d = cfg.daemon
     lines.append(
         f"daemon: max_batch {d.max_batch}, max_delay {d.max_delay_ms} ms, queue {d.queue_size} "

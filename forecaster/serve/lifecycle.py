@@ -350,6 +350,11 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until a stop is requested or the worker dies; the process's exit status."""
+        if self.cfg.transport.kind == "nats":
+            # Partitioned serving on NATS JetStream (nats-py, imported only here).
+            from forecaster.serve.nats.worker import run as run_nats
+
+            return run_nats(self.cfg, self.metrics, self._stop)
         self.start()
         last_status = 0.0
         last_count = 0

@@ -1,0 +1,68 @@
+"""One nats-server (JetStream + MQTT + the partition mapping), one forecaster: MQTT readings in,
+predictions out equal to ``forecaster evaluate``'s; bad input costs nothing; a clean restart
+resumes from the snapshot exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from forecaster.harness import DaemonProcess, wait_until
+from forecaster.harness.nats import NatsServer
+from forecaster.serve.nats.partitions import mappings_for, partition_of, split_subject
+
+from .conftest import (
+    FILTER,
+    ROOT,
+    by_stream,
+    check_exact,
+    mqtt_publish,
+    nats_config,
+    needs_nats,
+    read_stream,
+    readings,
+    stream_count,
+)
+
+pytestmark = needs_nats
+
+PARTS = 4
+
+
+def test_mqtt_in_predictions_out_equal_evaluate(
+    tmp_path: Path, reference: dict[float, float], daemons: list[DaemonProcess]
+) -> None:
+    with NatsServer(tmp_path / "nats", mappings=mappings_for([FILTER], PARTS)) as srv:
+        cfg = nats_config([srv.url], tmp_path / "state", PARTS)
+        d = DaemonProcess(cfg, tmp_path, "fc", cwd=ROOT)
+        daemons.append(d)
+        d.start()
+        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        items = readings(streams=12, rows=150)
+        # hostile input on a served topic: counted, acknowledged, costs the others nothing
+        bad = [("sensors/bad/flow", b"{not json"), ("sensors/bad/flow", b'{"value": "x"}')]
+        mqtt_publish(srv.mqtt_port, bad + items)
+        n = len(items)
+        assert wait_until(lambda: stream_count(srv.url) >= n, 120), d.log_text()[-3000:]
+        preds = by_stream(read_stream(srv.url))
+        assert len(preds) == 12
+        check_exact(preds, reference, 150)
+        assert d.wait_metric("forecaster_readings_rejected_total", 2, route="water") == 2
+        # the server put every stream in the partition partition_of computes
+        for subject, _ in read_stream(srv.url, "FORECASTER_READINGS"):
+            k, topic = split_subject(subject)
+            assert k == partition_of(topic, FILTER, PARTS), subject
+        assert d.stop() == 0
+        # a clean restart resumes from the snapshots: new readings continue the states exactly
+        d.start()
+        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        more = readings(streams=12, rows=50, start=150)
+        mqtt_publish(srv.mqtt_port, more)
+        assert wait_until(lambda: stream_count(srv.url) >= n + len(more), 120)
+        preds = by_stream(read_stream(srv.url))
+        check_exact(preds, reference, 200)
+        # nothing was replayed with predictions twice: a clean hand-over acks everything
+        assert d.metric("forecaster_nats_replayed_readings_total", default=0) == 0
+        assert d.stop() == 0
+        payload = json.loads(read_stream(srv.url)[0][1])
+        assert {"stream", "ts", "value", "warm"} <= set(payload)
