@@ -486,7 +486,7 @@ def _forecast_rows(m: Any) -> list[tuple[str, Any]]:
     if m.task != "regress":
         return []
     rows: list[tuple[str, Any]] = [
-        ("format", m.format_version),
+        ("format", f"{m.format_version} ({_GRAPHS[m.graph_kind]})"),
         ("seasonality", ", ".join(str(p) for p in m.seasonality) or "none found"),
     ]
     if m.linear is not None:
@@ -522,6 +522,14 @@ def _forecast_rows(m: Any) -> list[tuple[str, Any]]:
     if m.fallback:
         rows.append(("fallback", f"PERSISTENCE: {m.fallback}"))
     return rows
+
+
+#: What ``inspect`` says each graph kind is.
+_GRAPHS = {
+    "sequence": "sequence graph: several readings per stream per ONNX call",
+    "step": "one-step graph: one reading per stream per ONNX call",
+    "window": "window graph",
+}
 
 
 def _line_kind(loss: str) -> str:

@@ -132,8 +132,29 @@ def unroll(
     )
 
 
+#: Readings per call when a sequence graph runs a segment (the state is carried across calls).
+SEQUENCE_CHUNK = 4096
+
+
 def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
-    """Step the ONNX graph one reading at a time with the state carried, as the daemon does."""
+    """Run the ONNX graph over a segment with the state carried, as the daemon does: a sequence
+    graph (format 3) takes the segment in calls of up to ``SEQUENCE_CHUNK`` readings (the
+    daemon's micro-batches cut it elsewhere; the fused RNN steps the same arithmetic either
+    way); a one-step graph (format 1-2) one reading at a time."""
+    if bundle.sequence:
+
+        def run(values: np.ndarray) -> np.ndarray:
+            state = bundle.zero_state(1)
+            out = np.empty(len(values), dtype=np.float64)
+            x = values.astype(np.float32).reshape(1, -1, 1)
+            for lo in range(0, len(values), SEQUENCE_CHUNK):
+                part = x[:, lo : lo + SEQUENCE_CHUNK]
+                lengths = np.array([part.shape[1]], dtype=np.int64)
+                y, state = bundle.run(part, lengths, state)
+                out[lo : lo + part.shape[1]] = y[0]
+            return out
+
+        return run
 
     def predict(values: np.ndarray) -> np.ndarray:
         state = bundle.zero_state(1)

@@ -1,10 +1,21 @@
-"""The model bundle (``model.onnx`` + ``model.json``) and the one-step contract of the daemon.
+"""The model bundle (``model.onnx`` + ``model.json``) and the graph contract of the daemon.
 
 A bundle is self-contained: the graph takes raw readings and returns raw predictions (scaling is
 inside), so anything that can run ONNX can use it. This module needs only numpy, pydantic and
 ONNX Runtime, never PyTorch.
 
-Contract (format version 2, mode ``stateful``):
+Contract (format version 3, mode ``stateful``, manifest ``graph: "sequence"``): several readings
+per stream in one call.
+
+- inputs ``x`` ``[B, T, F]`` float32 in raw units (stream ``b``'s readings in order, then
+  padding), ``lengths`` ``[B]`` int64 (valid readings per stream, each >= 1), and the states as
+  in format 2 below;
+- outputs ``y`` ``[B, T]`` (``y[b, t]``: the prediction after reading ``t``; padded steps are
+  meaningless) and the states after each stream's last valid step (``h_out``, ``c_out``,
+  ``lags_out``); ``B`` and ``T`` are dynamic. The fused LSTM/GRU nodes take ``lengths`` as their
+  ``sequence_lens``. One step is ``T = 1``, ``lengths = 1`` (:meth:`Bundle.step` does that).
+
+Format version 2 (mode ``stateful``, ``graph`` absent or ``"step"``): one reading per call.
 
 - inputs ``x`` ``[B, F]`` float32 in raw units, ``h`` ``[L, B, H]`` (and ``c`` for LSTM), and,
   when the manifest's ``lag_buffer`` P > 0, ``lags`` ``[1, B, P + 1]``: the stream's last P
@@ -14,9 +25,11 @@ Contract (format version 2, mode ``stateful``):
 - ``B`` is dynamic; a zero state (every tensor) is the start of every stream, so the daemon
   carries the lag buffer like any recurrent state: snapshots, eviction and gap resets included.
 
-Version 1 bundles (no lag buffer, no interval) still load; any other version is refused.
+Versions 1 (no lag buffer, no interval) and 2 still load and are served one reading per call;
+any other version is refused.
 
-Mode ``window`` (same format version; the fields it adds are optional with defaults):
+Mode ``window`` (any readable format version; the fields it adds are optional with defaults;
+``graph`` is ``"window"`` or absent):
 
 - input ``x`` ``[B, W, F]`` float32, the last ``W`` readings of each stream, oldest first; no
   state inputs or outputs: every call starts from a zero state;
@@ -41,9 +54,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from forecaster.errors import BundleError
 
-FORMAT_VERSION = 2
-#: Versions this build reads: 1 is 2 without the optional lag buffer, interval and seasonality.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this build reads: 1 is 2 without the optional lag buffer, interval and seasonality;
+#: 2 has the one-step graph, 3 the sequence graph (``graph`` in the manifest says which).
+READABLE_VERSIONS = (1, 2, 3)
+GraphKind = Literal["step", "sequence", "window"]
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "model.json"
 
@@ -116,6 +131,11 @@ class Manifest(_Strict):
     """``model.json``: what the graph is, what it predicts and how it was checked."""
 
     format_version: int = FORMAT_VERSION
+    graph: GraphKind | None = Field(
+        default=None,
+        description="the graph's signature: 'sequence' (format 3: x [B, T, F] + lengths), "
+        "'step' (format 1-2: x [B, F]) or 'window'; absent = 'step', or 'window' in window mode",
+    )
     name: str
     version: str
     mode: Literal["stateful", "window"] = Field(
@@ -199,7 +219,20 @@ class Manifest(_Strict):
             raise ValueError("regress needs `validation`")
         if self.lag_buffer and self.mode != "stateful":
             raise ValueError("`lag_buffer` is for stateful mode")
+        if (self.graph == "window") != (self.mode == "window") and self.graph is not None:
+            raise ValueError(f"graph {self.graph!r} does not fit mode {self.mode!r}")
+        if self.graph == "sequence" and self.format_version < 3:
+            raise ValueError("graph 'sequence' needs format_version 3")
+        if self.format_version >= 3 and self.mode == "stateful" and self.graph != "sequence":
+            raise ValueError("format_version 3 stateful bundles have graph 'sequence'")
         return self
+
+    @property
+    def graph_kind(self) -> GraphKind:
+        """The graph's signature, with the defaults of older manifests filled in."""
+        if self.graph is not None:
+            return self.graph
+        return "window" if self.mode == "window" else "step"
 
 
 @dataclass(frozen=True)
@@ -237,7 +270,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if version not in READABLE_VERSIONS:
         raise BundleError(
             f"{path}: format_version {version!r} is not supported (this build reads "
-            f"{' and '.join(str(v) for v in READABLE_VERSIONS)}): upgrade forecaster or re-export"
+            f"{', '.join(str(v) for v in READABLE_VERSIONS[:-1])} and {READABLE_VERSIONS[-1]}): "
+            "upgrade forecaster or re-export"
         )
     try:
         return Manifest.model_validate(raw)
@@ -271,6 +305,8 @@ class Bundle:
         self.session = session
         self.states = state_specs(manifest)
         self.mode = manifest.mode
+        #: True for a format-3 sequence graph: :meth:`run` steps many readings per stream.
+        self.sequence = manifest.graph_kind == "sequence"
         self._output_names = ["y", *(s.output for s in self.states)]
         self._check_signature()
 
@@ -336,6 +372,9 @@ class Bundle:
         expected_in: dict[str, list[object]] = {"x": ["B", len(m.features)]}
         if m.mode == "window":
             expected_in["x"] = ["B", self.window, len(m.features)]
+        elif self.sequence:
+            expected_in["x"] = ["B", "T", len(m.features)]
+            expected_in["lengths"] = ["B"]
         for s in self.states:
             expected_in[s.name] = [s.layers, "B", s.hidden]
         if set(inputs) != set(expected_in) or not {"y", *(s.output for s in self.states)} <= set(
@@ -363,13 +402,35 @@ class Bundle:
         """One step for a batch of streams: ``x`` ``[B, F]``, states ``[L, B, H]`` each.
 
         Returns the predictions ``[B]`` (float32, raw units) and the new states. ONNX Runtime
-        releases the GIL while it runs, so the MQTT thread keeps receiving meanwhile.
+        releases the GIL while it runs, so the MQTT thread keeps receiving meanwhile. A sequence
+        graph runs it as ``T = 1``.
         """
+        if self.sequence:
+            xs = np.ascontiguousarray(x, dtype=np.float32)[:, None, :]
+            y, new = self.run(xs, np.ones(xs.shape[0], dtype=np.int64), state)
+            return y[:, 0], new
         feeds = {"x": np.ascontiguousarray(x, dtype=np.float32)}
         for spec, value in zip(self.states, state, strict=True):
             feeds[spec.name] = value
         y, *new_state = self.session.run(self._output_names, feeds)
         return y[:, 0], tuple(new_state)
+
+    def run(
+        self, x: np.ndarray, lengths: np.ndarray, state: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """Sequence graph only: ``x`` ``[B, T, F]`` (stream ``b``'s readings, oldest first, then
+        padding), ``lengths`` ``[B]`` (>= 1), states ``[L, B, H]`` → ``y`` ``[B, T]`` float32
+        (garbage at padded steps) and the states after each stream's last valid step."""
+        if not self.sequence:
+            raise BundleError(f"bundle {self.path}: {self.manifest.graph_kind} graph, not sequence")
+        feeds = {
+            "x": np.ascontiguousarray(x, dtype=np.float32),
+            "lengths": np.ascontiguousarray(lengths, dtype=np.int64),
+        }
+        for spec, value in zip(self.states, state, strict=True):
+            feeds[spec.name] = value
+        y, *new_state = self.session.run(self._output_names, feeds)
+        return y, tuple(new_state)
 
     def predict_windows(self, x: np.ndarray) -> np.ndarray:
         """Window mode: ``x`` ``[B, W, F]`` raw readings, oldest first → ``y`` ``[B]`` float32."""

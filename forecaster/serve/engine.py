@@ -1,10 +1,19 @@
 """Micro-batching: step many streams with one ONNX Runtime call, in order, per stream.
 
 A micro-batch can hold several readings of one stream. They must be stepped one after the other
-(each needs the state the previous one produced), so the batch is split into *waves*: wave k
-holds the k-th reading of every stream in the batch, in arrival order. Each wave is one gather,
-one ONNX call and one scatter. This module holds no I/O: the daemon feeds it readings and turns
-the :class:`Outcome` into MQTT messages and metrics.
+(each needs the state the previous one produced). With a sequence graph (bundle format 3) the
+whole micro-batch is one padded ``[B, T, F]`` batch: one row per run of consecutive readings of
+a stream (streams in first-seen order, each stream's readings in order), one ONNX call, and the
+predictions scattered back to the readings (:meth:`Engine._step_sequence`). A rule that breaks a
+stream's run mid-batch (a gap reset) starts a new row from a zero state in the same call; rows
+of very different lengths are split into a few calls by length (:func:`length_groups`) so one
+busy stream does not pad a thousand quiet ones. The rare batches whose outcome depends on the
+model's intermediate results or on evictions among their own streams (a non-finite state, a
+batch wider than ``max_streams``, the same reading twice with the recent cache on) are stepped
+in *waves* instead, as format 1-2 bundles always are: wave k holds the k-th reading of every
+stream in the batch, in arrival order, and is one gather, one ONNX call and one scatter. Both
+paths apply the same per-reading rules and give the same outcome. This module holds no I/O: the
+daemon feeds it readings and turns the :class:`Outcome` into MQTT messages and metrics.
 
 A window model (see ``window.py``) goes through the same waves: each reading is pushed into its
 stream's buffer of the last W readings and the full buffers of a wave are run as one ``[B, W, F]``
@@ -58,6 +67,41 @@ log = logging.getLogger(__name__)
 _STEP, _RESET, _DUPLICATE, _OUT_OF_ORDER = (
     int(v) for v in (Verdict.STEP, Verdict.RESET, Verdict.DUPLICATE, Verdict.OUT_OF_ORDER)
 )
+
+
+#: A call's padded cells may be at most ``PAD_FACTOR`` × its readings + ``PAD_SLACK`` before its
+#: rows are split into calls by length (one stream with 100 readings beside 999 with one: two
+#: calls, not a ``[1000, 100]`` batch that is 99 % padding).
+PAD_FACTOR = 2
+PAD_SLACK = 64
+
+
+def length_groups(lengths: np.ndarray) -> list[np.ndarray]:
+    """Rows of a padded batch (``lengths`` ``[R]``, each >= 1) grouped into calls, each group's
+    rows in ascending order: one group unless padding would exceed the bound above; then rows
+    are taken longest first, a group growing while its padded size stays within the bound."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    total = int(lengths.sum())
+    if n * int(lengths.max()) <= PAD_FACTOR * total + PAD_SLACK:
+        return [np.arange(n)]
+    order = np.argsort(-lengths, kind="stable")
+    ordered = lengths[order].tolist()
+    groups: list[np.ndarray] = []
+    start = 0
+    while start < n:
+        top = ordered[start]
+        valid = 0
+        end = start
+        while (
+            end < n and (end - start + 1) * top <= PAD_FACTOR * (valid + ordered[end]) + PAD_SLACK
+        ):
+            valid += ordered[end]
+            end += 1
+        groups.append(np.sort(order[start:end]))
+        start = end
+    return groups
 
 
 def waves(streams: Sequence[str]) -> list[list[int]]:
@@ -276,10 +320,345 @@ class Engine:
         return gone
 
     def _step(self, readings: Sequence[Reading], now: float) -> Outcome:
+        bundle = self._bundle
+        if readings and bundle.mode == "stateful" and getattr(bundle, "sequence", False):
+            done = self._step_sequence(readings, now)
+            if done is not None:
+                return done
         out = Outcome(predictions=[None] * len(readings))
         for wave in waves([r.stream for r in readings]):
             self._step_wave([readings[i] for i in wave], wave, now, out)
         return out
+
+    def _step_sequence(self, readings: Sequence[Reading], now: float) -> Outcome | None:
+        """The micro-batch as one padded batch (see the module docstring); None, with nothing
+        changed, when it must go through waves instead.
+
+        Plan first (cache hits, duplicate/out-of-order/gap verdicts per stream, rows), run the
+        model on states gathered read-only, and only when every valid output is finite commit:
+        acquire (first-seen order, as wave 0 does), resets, states, bookkeeping, the LRU order
+        the waves would have left, predictions."""
+        n = len(readings)
+        out = Outcome(predictions=[None] * n)
+        preds = out.predictions
+        recent = self.recent
+        get = recent.get if recent.capacity else None
+        by_stream: dict[str, list[int]] = {}
+        hits = 0
+        for i, r in enumerate(readings):
+            if get is not None:
+                hit = get(r.stream, r.ts)
+                if hit is not None:
+                    preds[i] = hit
+                    hits += 1
+                    continue
+            lst = by_stream.get(r.stream)
+            if lst is None:
+                by_stream[r.stream] = [i]
+            else:
+                lst.append(i)
+        out.repeated = hits
+        if not by_stream:
+            return out
+        if hits and len(recent) + n - hits > recent.capacity:
+            # The waves look a later wave's readings up after earlier waves' predictions went
+            # in, which may push a hit out of a full cache: let them decide.
+            occurrence = self._occurrences(readings)
+            if any(preds[i] is not None and occurrence[i] for i in range(n)):
+                return None
+        store = self.store
+        streams = list(by_stream)
+        slot_of = store.slot_of
+        known = [slot_of(s) for s in streams]
+        excess = len(store) + known.count(None) - store.max_streams
+        if excess > 0:
+            front = store.lru_front(excess)  # the victims, unless the batch touches them first
+            if len(front) < excess or any(s in by_stream for s in front):
+                return None  # the batch would evict one of its own streams
+        # Verdicts, per stream in order, against the last stepped time; rows = runs of steps.
+        last_ts = store.last_ts
+        reset_after = store.reset_after
+        rows: list[list[int]] = []  # reading indices of each row, in order
+        row_stream: list[int] = []  # position in ``streams``
+        row_stored: list[bool] = []  # row starts from the stored state (else from zero)
+        last_row = [-1] * len(streams)
+        last_seen = [-1] * len(streams)  # a stream's last reading not answered from the cache
+        last_kept = [-1] * len(streams)  # the same, when it was stepped
+        reset_streams: list[int] = []
+        # A reading this batch steps twice: the waves answer the second from the cache the
+        # first one filled (with the cache on), so it is not a duplicate.
+        echoes: list[tuple[int, int]] = []
+        dup = ooo = gap = 0
+        for j, stream in enumerate(streams):
+            slot = known[j]
+            last = float(last_ts[slot]) if slot is not None else float("nan")
+            stored = slot is not None
+            cur: list[int] | None = None
+            idxs = by_stream[stream]
+            here: dict[float, int] | None = {} if get is not None and len(idxs) > 1 else None
+            for i in idxs:
+                t = readings[i].ts
+                if here is not None:
+                    first = here.get(t)
+                    if first is not None:
+                        echoes.append((i, first))
+                        continue
+                last_seen[j] = i
+                if last == last:  # not NaN: something was stepped since the (re)start
+                    if t == last:
+                        dup += 1
+                        continue
+                    if t < last:
+                        ooo += 1
+                        continue
+                    if reset_after > 0 and t - last > reset_after:
+                        gap += 1
+                        if not reset_streams or reset_streams[-1] != j:
+                            reset_streams.append(j)
+                        cur = None
+                        stored = False
+                last = t
+                if here is not None:
+                    here[t] = i
+                if cur is None:
+                    cur = [i]
+                    rows.append(cur)
+                    row_stream.append(j)
+                    row_stored.append(stored)
+                    stored = False
+                    last_row[j] = len(rows) - 1
+                else:
+                    cur.append(i)
+            if cur is not None and cur[-1] == last_seen[j]:
+                last_kept[j] = cur[-1]
+        if echoes:
+            hits += len(echoes)
+            out.repeated = hits
+
+        n_rows = len(rows)
+        if n_rows:
+            lens = np.fromiter((len(x) for x in rows), dtype=np.int64, count=n_rows)
+            flat = [i for row in rows for i in row]  # stepped readings, row by row
+            m = len(flat)
+            row_of = np.repeat(np.arange(n_rows), lens)
+            ends = np.cumsum(lens)
+            t_of = np.arange(m) - np.repeat(ends - lens, lens)
+            vals = np.fromiter((readings[i].value for i in flat), dtype=np.float64, count=m)
+            width = int(lens.max())
+            grid = np.empty((n_rows, width), dtype=np.float64)
+            grid[:] = vals[ends - 1][:, None]  # padding repeats the row's last reading
+            grid[row_of, t_of] = vals
+            x = grid.astype(np.float32)[:, :, None]
+            from_store = [k for k in range(n_rows) if row_stored[k]]
+            src = np.array([known[row_stream[k]] for k in from_store], dtype=np.intp)
+            if len(from_store) == n_rows:  # every row continues a stored state: no zeros
+                init = list(store.gather(src))
+            else:
+                init = [np.zeros((la, n_rows, hi), dtype=np.float32) for la, hi in store.shapes]
+                if from_store:
+                    for z, g in zip(init, store.gather(src), strict=True):
+                        z[:, from_store] = g
+            y, new = self._run_rows(x, lens, init, out)
+            y_flat = y[row_of, t_of]
+            if not np.isfinite(y_flat).all() or not finite_rows(new).all():
+                return None  # waves drop and reset exactly the reading that blew up
+
+        # Commit.
+        slots: list[int] = []
+        acquire = store.acquire
+        for stream in streams:
+            slot, evicted = acquire(stream, now)
+            slots.append(slot)
+            if evicted is not None:
+                out.evicted.append(evicted)
+        if dup:
+            out.drops["duplicate"] += dup
+        if ooo:
+            out.drops["out_of_order"] += ooo
+        if len(streams) > 1 and (hits or not n_rows == len(streams) == n):
+            # Not every reading its own stream's only one, all stepped: waves touch in another
+            # order than first-seen.
+            self._touch_in_wave_order(readings, streams, slots, last_seen, last_kept, now)
+        if not n_rows:
+            return out
+
+        slot_arr = np.asarray(slots, dtype=np.intp)
+        row_slot = slot_arr[np.asarray(row_stream, dtype=np.intp)]
+        stored_rows = np.asarray(row_stored, dtype=bool)
+        start = t_of == 0
+        first_slot = row_slot[row_of[start]]
+        first_stored = stored_rows[row_of[start]]
+        y64 = y_flat.astype(np.float64)
+        prev_pred = np.empty(m, dtype=np.float64)
+        prev_pred[1:] = y64[:-1]
+        prev_pred[start] = np.where(first_stored, store.last_pred[first_slot], np.nan)
+        prev_val = np.empty(m, dtype=np.float64)
+        prev_val[1:] = vals[:-1]
+        prev_val[start] = np.where(first_stored, store.last_value[first_slot], np.nan)
+        base_seen = np.where(stored_rows, store.seen[row_slot], 0)
+        prior_seen = base_seen[row_of] + t_of
+        if gap:  # after reading the stored bookkeeping a stream's first row continues from
+            for j in reset_streams:
+                store.reset(slots[j])
+            out.resets["gap"] += gap
+        self._online_errors(readings, flat, vals, y64, prev_pred, prev_val, prior_seen, out)
+
+        done = [j for j in range(len(streams)) if last_row[j] >= 0]
+        ends_rows = np.asarray([last_row[j] for j in done], dtype=np.intp)
+        done_slots = slot_arr[done]
+        if len(ends_rows) == n_rows:  # one row per stream, in order: the states as they are
+            store.scatter(done_slots, new)
+        else:
+            store.scatter(done_slots, [s[:, ends_rows] for s in new])
+        last_flat = ends[ends_rows] - 1
+        store.record_runs(
+            done_slots,
+            lens[ends_rows],
+            np.fromiter((readings[flat[k]].ts for k in last_flat.tolist()), np.float64),
+            vals[last_flat],
+            y64[last_flat],
+            now,
+        )
+        self._publish(readings, flat, y64, prior_seen + 1 >= self.warmup, by_stream, n, hits, out)
+        for i, first in echoes:
+            preds[i] = preds[first]
+        return out
+
+    def _run_rows(
+        self, x: np.ndarray, lens: np.ndarray, init: list[np.ndarray], out: Outcome
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``x`` ``[R, T, 1]`` through the sequence graph: one call, or one per length group."""
+        groups = length_groups(lens)
+        run = self._bundle.run
+        clock = self._clock
+        if len(groups) == 1:
+            started = clock()
+            y, new = run(x, lens, init)
+            out.calls.append((int(lens.sum()), clock() - started))
+            return y, list(new)
+        y_all = np.zeros(x.shape[:2], dtype=np.float32)
+        new_all = [np.empty_like(z) for z in init]
+        for rows in groups:
+            width = int(lens[rows].max())
+            started = clock()
+            y, new = run(x[rows, :width], lens[rows], [z[:, rows] for z in init])
+            out.calls.append((int(lens[rows].sum()), clock() - started))
+            y_all[rows, :width] = y
+            for dst, got in zip(new_all, new, strict=True):
+                dst[:, rows] = got
+        return y_all, new_all
+
+    def _online_errors(
+        self,
+        readings: Sequence[Reading],
+        flat: list[int],
+        vals: np.ndarray,
+        y: np.ndarray,
+        prev_pred: np.ndarray,
+        prev_val: np.ndarray,
+        prior_seen: np.ndarray,
+        out: Outcome,
+    ) -> None:
+        """What ``_step_wave`` counts per wave, for every stepped reading of the batch at once:
+        each reading resolves its stream's previous prediction (errors, interval coverage, or
+        event counts)."""
+        manifest = self.bundle.manifest
+        judged = np.isfinite(prev_pred) & (prior_seen >= self.warmup)
+        if manifest.task == "classify":
+            labels = np.array(
+                [np.nan if readings[i].label is None else readings[i].label for i in flat],
+                dtype=np.float64,
+            )
+            if manifest.horizon == 1:
+                self._judge(prev_pred, labels, judged, out)
+            if manifest.threshold is not None and manifest.horizon == 0:
+                self._judge(y, labels, np.ones(len(flat), dtype=bool), out)
+            return
+        if not judged.any():
+            return
+        actual, judged_pred = vals[judged], prev_pred[judged]
+        out.abs_err.append(np.abs(actual - judged_pred))
+        out.naive_abs_err.append(np.abs(actual - prev_val[judged]))
+        if manifest.interval is not None:
+            lo, hi = manifest.interval.lower, manifest.interval.upper
+            inside = int(
+                np.count_nonzero((actual >= judged_pred + lo) & (actual <= judged_pred + hi))
+            )
+            out.interval_inside += inside
+            out.interval_outside += int(actual.size) - inside
+            out.interval_coverage = manifest.interval.coverage
+
+    def _publish(
+        self,
+        readings: Sequence[Reading],
+        flat: list[int],
+        y: np.ndarray,
+        warm: np.ndarray,
+        by_stream: dict[str, list[int]],
+        n: int,
+        hits: int,
+        out: Outcome,
+    ) -> None:
+        """Predictions for the stepped readings, into the recent cache in the waves' order."""
+        manifest = self.bundle.manifest
+        threshold = manifest.threshold if manifest.task == "classify" else None
+        iv = manifest.interval if threshold is None else None
+        preds = out.predictions
+        made: list[Prediction] = []
+        for i, value, w in zip(flat, y.tolist(), warm.tolist(), strict=True):
+            r = readings[i]
+            if iv is not None:
+                p = Prediction(
+                    r.stream, r.ts, value, w, lower=value + iv.lower, upper=value + iv.upper
+                )
+            elif threshold is None:
+                p = Prediction(r.stream, r.ts, value, w)
+            else:
+                p = Prediction(r.stream, r.ts, value, w, value, value >= threshold)
+            preds[i] = p
+            made.append(p)
+        if not self.recent.capacity:
+            return
+        put = self.recent.put
+        if len(by_stream) == 1 or (not hits and len(by_stream) == n):
+            order = sorted(range(len(flat)), key=flat.__getitem__)
+        else:  # wave k holds the k-th reading of each stream (cache hits included)
+            occurrence = self._occurrences(readings)
+            order = sorted(range(len(flat)), key=lambda k: (occurrence[flat[k]], flat[k]))
+        for k in order:
+            put(made[k])
+
+    @staticmethod
+    def _occurrences(readings: Sequence[Reading]) -> list[int]:
+        """Each reading's wave: how many readings of its stream came before it in the batch."""
+        count: dict[str, int] = {}
+        occ: list[int] = []
+        for r in readings:
+            k = count.get(r.stream, 0)
+            occ.append(k)
+            count[r.stream] = k + 1
+        return occ
+
+    def _touch_in_wave_order(
+        self,
+        readings: Sequence[Reading],
+        streams: list[str],
+        slots: list[int],
+        last_seen: list[int],
+        last_kept: list[int],
+        now: float,
+    ) -> None:
+        """Leave the LRU order as the waves would: a stream's last touch is its last non-hit
+        reading's wave, after that wave's acquires when the reading was stepped (recorded)."""
+        occurrence = self._occurrences(readings)
+        keys = []
+        for j in range(len(streams)):
+            i = last_seen[j]
+            keys.append((occurrence[i], last_kept[j] == i, i, j))
+        keys.sort()
+        touch = self.store.touch
+        for *_, j in keys:
+            touch(slots[j], now)
 
     def _prediction(self, stream: str, ts: float, value: float, warm: bool) -> Prediction:
         manifest = self.bundle.manifest

@@ -408,6 +408,35 @@ class StateStore:
                 raise ValueError(f"slot {slot} holds no stream")
             move(stream)
 
+    def record_runs(
+        self,
+        slots: np.ndarray,
+        counts: np.ndarray,
+        ts: np.ndarray,
+        values: np.ndarray,
+        preds: np.ndarray,
+        now: float,
+    ) -> None:
+        """:meth:`record` for several readings per stream at once (distinct live slots):
+        ``counts[k]`` readings of slot ``k`` were stepped, ``ts``/``values``/``preds`` are those
+        of its last one. Unlike :meth:`record` it leaves the LRU order to the caller
+        (:meth:`touch`), who knows the order the readings came in."""
+        idx = np.asarray(slots, dtype=np.intp)
+        self._last_ts[idx] = ts
+        self._last_value[idx] = values
+        self._last_pred[idx] = preds
+        self._seen[idx] += np.asarray(counts, dtype=np.int64)
+        self._last_used[idx] = now
+
+    def lru_front(self, count: int) -> list[str]:
+        """The ``count`` least recently used streams, the next to be evicted first."""
+        out: list[str] = []
+        for stream in self._lru:
+            if len(out) >= count:
+                break
+            out.append(stream)
+        return out
+
     # ---------------------------------------------------------------- snapshots
 
     def snapshot(

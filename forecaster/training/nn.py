@@ -2,8 +2,9 @@
 
 Everything the ONNX graph does happens in this module, in one place: standardise the reading,
 step the RNN, map the last layer's output to the next reading in raw units. ``forward_seq``
-unrolls a whole sequence (training, validation, the parity reference); ``StepModule`` wraps the
-same weights as the one-step graph that is exported. In window mode ``forward_window`` runs a
+unrolls a whole sequence (training, validation, the parity reference); ``SequenceModule`` wraps the
+same weights as the sequence graph that is exported (format 3: ``x [B, T, F]`` with per-stream
+lengths), ``StepModule`` as the one-step graph of format 2. In window mode ``forward_window`` runs a
 whole window from a zero state and ``WindowModule`` is the exported graph; with ``task="classify"``
 the head's output is a logit and ``y`` its sigmoid, the event probability.
 """
@@ -220,6 +221,57 @@ class StepModule(nn.Module):
         o = m.head(out[0]).squeeze(-1)
         ar, lags = m.step_lags(x[:, 0], state[k])
         return ((ar + o * m.delta_scale).unsqueeze(-1), *rnn_state, lags)
+
+
+class SequenceModule(nn.Module):
+    """Several steps per stream in one call: the graph of bundle format 3.
+
+    ``(x [B, T, F], lengths [B], *states) -> (y [B, T], *new_states)``. Stream ``b`` has
+    ``lengths[b]`` (>= 1) valid readings, then padding. PyTorch's RNN here runs every step; the
+    exporter's fused LSTM/GRU nodes get ``lengths`` as their ``sequence_lens`` afterwards (see
+    ``export.py``), so in the graph the recurrent states out are those after each stream's last
+    valid step. The lag state out is gathered at that step here. ``y`` at padded steps is
+    meaningless (finite for finite inputs); readers ignore it."""
+
+    def __init__(self, model: RNNForecaster) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, lengths: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        m = self.model
+        k = m.n_rnn_states
+        xt = x.transpose(0, 1)  # [T, B, F]
+        xs = (xt - m.mean) / m.std
+        out, rnn_state = m._rnn(xs, tuple(state[:k]))
+        o = m.head(out).squeeze(-1)  # [T, B]
+        x0 = xt[..., 0]
+        if not m.spec.lag_buffer:
+            return (m.output(o, x0).transpose(0, 1), *rnn_state)
+        ar, lags = self._seq_lags(x0, state[k], lengths)
+        return ((ar + o * m.delta_scale).transpose(0, 1), *rnn_state, lags)
+
+    def _seq_lags(self, x0: Tensor, lags: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`RNNForecaster._lags` with gathers instead of ``unfold`` and ``flip`` (a
+        dynamic ``T`` exports; ONNX Runtime's negative-step slice is slow): the window of step
+        ``t`` is ``x_t, x_t-1, …`` from the readings ``x0`` ``[T, B]`` and, before them, the
+        buffer (newest first); the new buffer is the window at each stream's last valid step."""
+        m = self.model
+        p = m.spec.lag_buffer
+        buf = lags[0, :, :p]
+        filled = lags[0, :, p:]
+        buf = torch.where(filled > 0.5, buf, x0[0].unsqueeze(-1).expand_as(buf))
+        n = x0.shape[0]
+        hist = torch.cat([x0, buf.transpose(0, 1)], dim=0)  # [T + P, B]: readings, then buffer
+        steps = torch.arange(n, device=x0.device).unsqueeze(-1)  # [T, 1]
+        back = torch.arange(p, device=x0.device).unsqueeze(0)  # [1, P]
+        # j steps back from t: reading t - j, or buffer entry j - t - 1 (row T + j - t - 1)
+        where = torch.where(back <= steps, steps - back, n + back - steps - 1)  # [T, P]
+        newest_first = hist[where].permute(0, 2, 1)  # [T, B, P]
+        ar = m._line(x0, newest_first)
+        batch = newest_first.shape[1]
+        last = (lengths.to(torch.int64) - 1) * batch + torch.arange(batch, device=x0.device)
+        new_buf = newest_first.reshape(-1, p)[last]  # [B, P]: row (len - 1, b) of [T * B, P]
+        return ar, torch.cat([new_buf, torch.ones_like(filled)], dim=-1).unsqueeze(0)
 
 
 class WindowModule(nn.Module):

@@ -32,7 +32,7 @@ def test_default_recipe_beats_seasonal_references_on_wine(cli, tmp_path: Path) -
     cli("export", run, "--out", bundle, check=True)
     got = json.loads(cli("evaluate", bundle, WINE, "--from", str(CUT), "--json", check=True).stdout)
     manifest = json.loads(cli("inspect", bundle, "--json", check=True).stdout)
-    assert manifest["seasonality"] == [12] and manifest["format_version"] == 2
+    assert manifest["seasonality"] == [12] and manifest["format_version"] == 3
     assert manifest["linear"] is not None and 12 in manifest["linear"]["lags"]
     assert 0 < got["interval_coverage"] <= 1 and got["interval_width"] > 0
 

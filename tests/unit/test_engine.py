@@ -20,7 +20,14 @@ import pytest
 
 from forecaster.model.bundle import Bundle, Interval
 from forecaster.serve.codec import Prediction, Reading
-from forecaster.serve.engine import Engine, RecentPredictions, waves
+from forecaster.serve.engine import (
+    PAD_FACTOR,
+    PAD_SLACK,
+    Engine,
+    RecentPredictions,
+    length_groups,
+    waves,
+)
 from forecaster.serve.journal import journal_prev_path
 from forecaster.serve.snapshot import load_snapshot
 from forecaster.serve.state import StateStore
@@ -455,3 +462,183 @@ def test_without_an_interval_nothing_is_added_or_counted() -> None:
     out = engine().step([r("a", float(i + 1), 1.0) for i in range(5)], now=0.0)
     assert all(p is not None and p.lower is None and p.upper is None for p in out.predictions)
     assert (out.interval_inside, out.interval_outside, out.interval_coverage) == (0, 0, None)
+
+
+# ------------------------------------------------------------------ sequence graph (format 3)
+
+
+@dataclass
+class FakeSeqBundle(FakeBundle):
+    """The fake model as a sequence graph: ``run`` sums each row's readings up to its length;
+    ``step`` (the waves' fallback) is the same model one reading at a time."""
+
+    sequence: bool = True
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (rows, width) of each call
+
+    def run(
+        self, x: np.ndarray, lengths: np.ndarray, state: tuple[np.ndarray, ...]
+    ) -> tuple[np.ndarray, list]:
+        self.runs.append((x.shape[0], x.shape[1]))
+        (h,) = state
+        acc = h[0, :, 0].copy()
+        y = np.empty(x.shape[:2], dtype=np.float32)
+        out = acc.copy()
+        for t in range(x.shape[1]):
+            acc = acc + x[:, t, 0]
+            acc[np.abs(x[:, t, 0]) > 1e20] = np.inf
+            y[:, t] = acc
+            out = np.where(lengths - 1 == t, acc, out)
+        return y, [out.reshape(1, -1, 1)]
+
+
+def seq_engine(
+    max_streams: int = 100, reset_after: float = 0.0, recent: int = 0, **bundle: Any
+) -> Engine:
+    fake = FakeSeqBundle(**bundle)
+    return Engine(
+        cast(Bundle, fake), StateStore(fake.state_shapes, max_streams, reset_after), recent=recent
+    )
+
+
+def test_length_groups_one_call_unless_padding_dominates() -> None:
+    assert [g.tolist() for g in length_groups(np.array([3, 1, 2]))] == [[0, 1, 2]]
+    assert length_groups(np.array([], dtype=np.int64)) == []
+    lens = np.array([1] * 500 + [100] + [1] * 499)
+    groups = length_groups(lens)
+    assert len(groups) == 2 and 500 in groups[0].tolist()
+    assert sorted(np.concatenate(groups).tolist()) == list(range(1000))
+    for g in groups:  # every group within the padding bound
+        assert len(g) * lens[g].max() <= PAD_FACTOR * lens[g].sum() + PAD_SLACK
+
+
+def test_one_call_per_micro_batch_whatever_the_mix() -> None:
+    e = seq_engine()
+    rs = [r("a", 1, 1), r("b", 1, 10), r("a", 2, 2), r("a", 3, 4), r("b", 2, 20)]
+    out = e.step(rs, now=0.0)
+    assert values(out.predictions) == [1, 10, 3, 7, 30]
+    assert [p.warm for p in out.predictions if p] == [False, False, True, True, True]
+    fake = cast(FakeSeqBundle, e.bundle)
+    assert fake.runs == [(2, 3)] and fake.calls == []  # rows a, b padded to 3: one call
+    assert out.calls[0][0] == 5
+    busy = e.step([r("c", t, 1) for t in range(1, 101)], now=1.0)
+    assert values(busy.predictions) == list(range(1, 101))
+    assert fake.runs[-1] == (1, 100) and fake.calls == []
+
+
+def test_gap_reset_mid_batch_splits_the_stream_into_rows_of_one_call() -> None:
+    e = seq_engine(reset_after=60, manifest=FakeManifest(warmup=1))
+    out = e.step([r("a", 0, 5), r("a", 1, 1), r("a", 100, 2), r("a", 101, 3)], now=0.0)
+    assert values(out.predictions) == [5, 6, 2, 5]
+    assert out.resets == {"gap": 1}
+    assert [p.warm for p in out.predictions if p] == [True, True, True, True]
+    assert cast(FakeSeqBundle, e.bundle).runs == [(2, 2)]
+    # 1 against 5, 3 against 2; 2 is not judged against 6 across the reset
+    assert out.abs_err[0].tolist() == [4.0, 1.0]
+    assert values(e.step([r("a", 102, 1)], now=1.0).predictions) == [6]
+
+
+def test_non_finite_batch_falls_back_to_waves() -> None:
+    e = seq_engine()
+    e.step([r("a", 1, 3), r("b", 1, 1)], now=0.0)
+    out = e.step([r("a", 2, BLOW_UP), r("a", 3, 1), r("b", 2, 1)], now=1.0)
+    assert values(out.predictions) == [None, 1, 2]
+    assert out.drops == {"non_finite_state": 1} and out.resets == {"non_finite": 1}
+    assert cast(FakeSeqBundle, e.bundle).calls == [2, 1]  # the waves, after the tried call
+
+
+def random_mix(rng: random.Random, batches: int) -> list[list[Reading]]:
+    """Batches with every rule: duplicates, out-of-order, gaps, blow-ups, redeliveries."""
+    ts = {f"s{i}": 0.0 for i in range(12)}
+    out: list[list[Reading]] = []
+    for _ in range(batches):
+        batch: list[Reading] = []
+        names = sorted(ts)[: rng.randint(1, 12)]
+        for _ in range(rng.randint(1, 30)):
+            s = rng.choice(names)
+            ts[s] += rng.choice([0.0, 1.0, 1.0, 1.0, 2.0, 50.0, -1.0])
+            v = BLOW_UP if rng.random() < 0.01 else float(rng.randint(-3, 9))
+            label = rng.choice([None, 0.0, 1.0])
+            batch.append(Reading(s, v, ts[s], 0.0, s, label))
+        if out and rng.random() < 0.2:  # a redelivery of some of the previous batch
+            batch = rng.sample(out[-1], min(4, len(out[-1]))) + batch
+        if rng.random() < 0.1:
+            batch += rng.sample(batch, min(3, len(batch)))
+        out.append(batch)
+    return out
+
+
+@pytest.mark.parametrize("max_streams", [100, 5])
+@pytest.mark.parametrize("recent", [0, 50, 5000])
+@pytest.mark.parametrize("task", ["interval", "classify-0", "classify-1"])
+def test_sequence_path_gives_exactly_the_waves_outcome(
+    seed: int, max_streams: int, recent: int, task: str
+) -> None:
+    """Same readings through the wave path (format 2 fake) and the sequence path: every
+    prediction, drop, reset, eviction, error, event count, cache entry and the LRU order must
+    agree."""
+    rng = random.Random(seed)
+    if task == "interval":
+        manifest = FakeManifest(interval=Interval(coverage=0.9, lower=-1.0, upper=2.0, n=10))
+    else:  # the fake's running sums as "probabilities": the threshold splits them
+        manifest = FakeManifest(task="classify", horizon=int(task[-1]), threshold=4.0)
+    waves_e = engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
+    seq_e = seq_engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
+    for k, batch in enumerate(random_mix(rng, 150)):
+        a, b = waves_e.step(batch, now=float(k)), seq_e.step(batch, now=float(k))
+        where = f"seed={seed} batch={k}"
+        assert a.predictions == b.predictions, where
+        assert (a.drops, a.resets, a.evicted, a.repeated) == (
+            b.drops,
+            b.resets,
+            b.evicted,
+            b.repeated,
+        ), where
+        for got, want in ((b.abs_err, a.abs_err), (b.naive_abs_err, a.naive_abs_err)):
+            g = np.sort(np.concatenate(got)) if got else np.array([])
+            w = np.sort(np.concatenate(want)) if want else np.array([])
+            np.testing.assert_array_equal(g, w, err_msg=where)
+        assert (a.interval_inside, a.interval_outside) == (b.interval_inside, b.interval_outside)
+        assert a.events == b.events, where
+        # The LRU order (slot numbers may differ: new streams can be acquired in another order)
+        order = [s for s, _ in waves_e.store.streams()]
+        assert order == [s for s, _ in seq_e.store.streams()], where
+        slots_a = np.array([waves_e.store.slot_of(s) for s in order], dtype=np.intp)
+        slots_b = np.array([seq_e.store.slot_of(s) for s in order], dtype=np.intp)
+        for name in ("last_ts", "last_value", "last_pred", "seen", "last_used"):
+            np.testing.assert_array_equal(
+                getattr(waves_e.store, name)[slots_a],
+                getattr(seq_e.store, name)[slots_b],
+                err_msg=f"{where} {name}",
+            )
+        assert states_of(waves_e).keys() == states_of(seq_e).keys(), where
+        for s, st in states_of(waves_e).items():
+            np.testing.assert_array_equal(st[0], states_of(seq_e)[s][0], err_msg=where)
+        wa, wb = waves_e.recent.to_arrays(), seq_e.recent.to_arrays()
+        assert wa[0] == wb[0], where
+        np.testing.assert_array_equal(wa[1]["recent_value"], wb[1]["recent_value"])
+    fake = cast(FakeSeqBundle, seq_e.bundle)
+    # 5 streams: many batches evict their own; a full cache of 50: redeliveries go to waves
+    least = 100 if max_streams == 100 and recent != 50 else 20
+    assert len(fake.runs) >= least, f"seed={seed}: the sequence path was hardly used"
+
+
+def test_real_sequence_bundle_matches_its_one_step_stepping(lstm: Bundle, seed: int) -> None:
+    """The shipped format-3 LSTM through the sequence path and through waves (``T = 1``
+    calls of the same graph): the same predictions and states, to float rounding."""
+    assert lstm.sequence
+    rng = random.Random(seed)
+    batches = random_batches(rng, 60)
+
+    class Waves:
+        def __getattr__(self, name: str) -> Any:
+            return False if name == "sequence" else getattr(lstm, name)
+
+    one = Engine(cast(Bundle, Waves()), StateStore(lstm.state_shapes, 1000), recent=10_000)
+    seq = lstm_engine(lstm, recent=10_000)
+    for k, batch in enumerate(batches):
+        a, b = one.step(batch, now=float(k)), seq.step(batch, now=float(k))
+        assert len(b.calls) <= 2, f"seed={seed} batch={k}"
+        for p, q in zip(a.predictions, b.predictions, strict=True):
+            assert (p is None) == (q is None), f"seed={seed} batch={k}"
+            if p is not None and q is not None:
+                assert p.warm == q.warm and abs(p.value - q.value) <= 1e-5, f"seed={seed} {k}"
