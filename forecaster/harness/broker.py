@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import ClassVar
 
 from forecaster.harness.ports import (
     LOOPBACK,
     HarnessError,
-    OwnedChild,
+    ServerChild,
     child_options,
     free_port,
     wait_port,
@@ -40,7 +38,7 @@ def mosquitto_binary() -> str:
 
 
 @dataclass
-class Broker(OwnedChild):
+class Broker(ServerChild):
     """One mosquitto process; ``port = 0`` picks a free port at the first start."""
 
     what: ClassVar[str] = "broker"
@@ -149,38 +147,3 @@ class Broker(OwnedChild):
                     f"mosquitto did not start on {self.host}:{self.port}; it said:\n{said[-2000:]}"
                 ) from None
         raise AssertionError("unreachable")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        """Send ``sig`` (SIGTERM: a clean stop that saves persistence) and wait; SIGKILL if it
-        does not exit in ``timeout``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def kill(self) -> None:
-        """``kill -9``: the broker loses what it had not saved yet."""
-        self.stop(signal.SIGKILL)
-
-    def restart(self, sig: int = signal.SIGTERM) -> Broker:
-        """Stop with ``sig`` and start again on the same port and persistence directory."""
-        self.stop(sig)
-        return self.start()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> Broker:
-        return self.start() if not self.running else self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.kill()

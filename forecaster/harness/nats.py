@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -35,7 +34,7 @@ from typing import ClassVar
 from forecaster.harness.ports import (
     LOOPBACK,
     HarnessError,
-    OwnedChild,
+    ServerChild,
     child_options,
     free_port,
     wait_port,
@@ -60,7 +59,7 @@ def _mappings_block(mappings: dict[str, str]) -> list[str]:
 
 
 @dataclass
-class NatsServer(OwnedChild):
+class NatsServer(ServerChild):
     """One nats-server with JetStream; ports 0 are picked free at the first start."""
 
     what: ClassVar[str] = "nats-server"
@@ -213,39 +212,6 @@ class NatsServer(OwnedChild):
                 return
             time.sleep(0.1)
         raise HarnessError(f"nats-server {self.name} not healthy after {timeout} s: {said}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        """Send ``sig`` and wait; SIGKILL if it does not exit in ``timeout``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def kill(self) -> None:
-        """``kill -9``."""
-        self.stop(signal.SIGKILL)
-
-    def restart(self, sig: int = signal.SIGTERM) -> NatsServer:
-        self.stop(sig)
-        return self.start()
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> NatsServer:
-        return self.start() if not self.running else self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.kill()
 
 
 @dataclass
