@@ -61,7 +61,6 @@ def to_onnx(model: RNNForecaster, graph: Graph = "sequence") -> bytes:
         return _window_onnx(model)
     if graph == "sequence":
         return _sequence_onnx(model)
-    step = StepModule(model).eval()
     names = state_names(model)
     batch = 2
     args = (torch.zeros(batch, model.spec.n_features), *model.zero_state(batch))
@@ -69,17 +68,29 @@ def to_onnx(model: RNNForecaster, graph: Graph = "sequence") -> bytes:
     for n in names:  # every state tensor is [L, B, H]: batch in the middle
         dynamic[n] = {1: "B"}
         dynamic[f"{n}_out"] = {1: "B"}
+    return _torchscript(StepModule(model), args, ["x", *names], names, dynamic)
+
+
+def _torchscript(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    inputs: list[str],
+    states: list[str],
+    dynamic: dict[str, dict[int, str]],
+) -> bytes:
+    """``module`` as ONNX bytes from the TorchScript exporter; outputs ``y`` and ``<state>_out``.
+
+    The TorchScript exporter is deprecated but emits a single fused LSTM/GRU node, which ONNX
+    Runtime steps far faster than the unrolled graph of the dynamo exporter."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but emits a single fused LSTM/GRU node, which
-        # ONNX Runtime steps far faster than the unrolled graph of the dynamo exporter.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            step,
+            module.eval(),
             args,
             buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to any file object
-            input_names=["x", *names],
-            output_names=["y", *(f"{n}_out" for n in names)],
+            input_names=inputs,
+            output_names=["y", *(f"{n}_out" for n in states)],
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
@@ -91,7 +102,6 @@ def _sequence_onnx(model: RNNForecaster) -> bytes:
     """Export :class:`SequenceModule` over a dynamic ``T``, then give every fused LSTM/GRU node
     ``lengths`` as its ``sequence_lens``: ONNX Runtime then stops each stream's recurrence at
     its last valid step, so ``h_out``/``c_out`` are the states there (``Y_h``/``Y_c``)."""
-    module = SequenceModule(model).eval()
     names = state_names(model)
     batch, steps = 3, 5
     args = (
@@ -107,20 +117,8 @@ def _sequence_onnx(model: RNNForecaster) -> bytes:
     for n in names:
         dynamic[n] = {1: "B"}
         dynamic[f"{n}_out"] = {1: "B"}
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to any file object
-            input_names=["x", "lengths", *names],
-            output_names=["y", *(f"{n}_out" for n in names)],
-            dynamic_axes=dynamic,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return _with_sequence_lens(buf.getvalue(), names)
+    blob = _torchscript(SequenceModule(model), args, ["x", "lengths", *names], names, dynamic)
+    return _with_sequence_lens(blob, names)
 
 
 def _with_sequence_lens(blob: bytes, names: list[str]) -> bytes:
@@ -165,22 +163,8 @@ def state_names(model: RNNForecaster) -> list[str]:
 
 def _window_onnx(model: RNNForecaster) -> bytes:
     """The window graph ``x [B, W, F] -> y [B, 1]``, batch axis dynamic."""
-    module = WindowModule(model).eval()
     x = torch.zeros(2, model.spec.window or 1, model.spec.n_features)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (x,),
-            buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to any file object
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: "B"}, "y": {0: "B"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return buf.getvalue()
+    return _torchscript(WindowModule(model), (x,), ["x"], [], {"x": {0: "B"}, "y": {0: "B"}})
 
 
 def _window_parity(
