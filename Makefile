@@ -29,8 +29,10 @@ broker-deps:
 demo: $(STAMP) broker-deps
 	$(PY) -m forecaster.demo
 
+# Two pytest-xdist workers (a file's tests stay together, so module fixtures are built once):
+# most tests wait on brokers and daemon processes, so two share 2 cores well.
 test: $(STAMP) broker-deps
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-all: $(STAMP) broker-deps
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -76,7 +76,7 @@ def tables(report: dict[str, Any], source: str) -> str:
             f"{mm['streams_added']:,} added streams = {_n(mm['rss_bytes_per_stream'])} B/stream "
             f"({_n(mm['rss_kb_before'] / 1024)} → {_n(mm['rss_kb_after'] / 1024)} MiB).",
         ]
-    lines += ["", "Targets (issue 5):", "", "| target | measured | met |", "|---|---:|---|"]
+    lines += ["", "Targets (issue 13):", "", "| target | measured | met |", "|---|---:|---|"]
     for t in report.get("targets", []):
         met = {True: "yes", False: "**no**", None: "–"}[t.get("met")]
         if t.get("missed_by_pct") is not None:

@@ -272,7 +272,7 @@ def _ratios(result: dict[str, Any]) -> None:
 
 
 def targets(scenarios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and the margin."""
+    """Issue 13's targets, each with the measured value and the margin."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, target: float, higher_is_better: bool = True) -> None:
@@ -290,17 +290,21 @@ def targets(scenarios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
 
-    for name in ("single-q1-1k", "single-q0-1k"):
-        r = scenarios.get(name)
-        if r:
-            add(f"{name}: forecaster/ceiling >= 0.85", r["ratios"].get("forecaster/ceiling"), 0.85)
-            add(f"{name}: forecaster/naive >= 2.5", r["ratios"].get("forecaster/naive"), 2.5)
+    s = scenarios.get("single-q1-1k")
+    if s:
+        add("single-q1-1k: forecaster/ceiling >= 0.9", s["ratios"].get("forecaster/ceiling"), 0.9)
+        add("single-q1-1k: ceiling >= 10,000 messages/s", _rate(s, "ceiling") or None, 10_000)
     b = scenarios.get("batch-q1-1k")
     if b:
         add(
             "batch-q1-1k: forecaster >= 150,000 readings/s", _rate(b, "forecaster") or None, 150_000
         )
-        add("batch-q1-1k: forecaster/naive >= 10", b["ratios"].get("forecaster/naive"), 10)
+        add("batch-q1-1k: forecaster/naive >= 7", b["ratios"].get("forecaster/naive"), 7)
+        cpu = (b.get("contenders", {}).get("forecaster") or {}).get("cpu_s_per_million")
+        add("batch-q1-1k: CPU <= 6 s per 1M readings", cpu, 6.0, higher_is_better=False)
+    one = scenarios.get("single-q1-1")
+    if one:
+        add("single-q1-1: forecaster/naive >= 3", one["ratios"].get("forecaster/naive"), 3)
     for name, r in scenarios.items():
         fc = r.get("contenders", {}).get("forecaster") or {}
         p99 = (fc.get("latency_ms") or {}).get("50%", {}).get("p99")

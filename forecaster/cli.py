@@ -669,10 +669,12 @@ def serve(
         except ValueError as exc:
             _fail(str(exc))
 
+    from forecaster.serve import gcsettings
     from forecaster.serve.daemon import Daemon
 
     daemon = Daemon(cfg, config_path=config)
     daemon.install_signals()
+    gcsettings.settle()  # a process setting, so here and not in Daemon (tests run many)
     raise typer.Exit(daemon.run())
 
 

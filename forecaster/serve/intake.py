@@ -135,7 +135,7 @@ class Intake:
         if not decoded.readings:
             self._ack(mid, qos)
             return
-        self.metrics.readings.labels(route.name).inc(len(decoded.readings))
+        self.metrics.accept(route.name, len(decoded.readings))
         self.put(Work(route, decoded.readings, decoded.batch, topic, mid, qos))
 
     def put(self, work: Work) -> bool:

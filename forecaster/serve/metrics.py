@@ -311,6 +311,16 @@ class Metrics:
         # route -> label values of its current forecaster_model_info series.
         self._model_labels: dict[str, tuple[str, str, str, str]] = {}
         self._model_lock = threading.Lock()
+        # route -> its forecaster_readings_total child (never removed, so safe to keep).
+        self._accepted: dict[str, Counter] = {}
+
+    def accept(self, route: str, n: int) -> None:
+        """Count ``n`` accepted readings: called per message, so the labelled child is looked
+        up once per route instead of through ``labels()`` (a lock and a validation) each time."""
+        child = self._accepted.get(route)
+        if child is None:
+            child = self._accepted[route] = self.readings.labels(route)
+        child.inc(n)
 
     def reject(self, route: str, reason: str, n: int = 1) -> None:
         """Count ``n`` rejected readings; maps an unmatched route ('') to ``none``.
