@@ -89,6 +89,40 @@ def test_installed_unit_verifies(installed: Path, tmp_path: Path) -> None:
     assert (res.stdout + res.stderr).strip() == "", res.stdout + res.stderr
 
 
+def test_installed_worker_template_verifies(installed: Path, tmp_path: Path) -> None:
+    """The NATS workers' template unit is installed beside the single-process one."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is not installed: apt-get install systemd (make test does it)")
+    unit = installed / "etc" / "systemd" / "system" / "forecaster@.service"
+    assert unit.read_text() == (ROOT / "systemd" / "forecaster@.service").read_text()
+    staged = tmp_path / "forecaster@.service"
+    staged.write_text(
+        unit.read_text().replace(
+            "ExecStart=/usr/local/bin/forecaster ",
+            f"ExecStart={installed}/usr/local/bin/forecaster ",
+        )
+    )
+    # An instance of the template, as `systemctl enable forecaster@0` would start.
+    instance = tmp_path / "forecaster@0.service"
+    instance.symlink_to(staged)
+    res = _run(analyze, "verify", str(instance))
+    assert res.returncode == 0, res.stderr
+    assert (res.stdout + res.stderr).strip() == "", res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("workers", ["0", "two", "-1"])
+def test_a_bad_worker_count_is_refused_before_anything_is_installed(
+    workers: str, tmp_path: Path
+) -> None:
+    res = _run(
+        "bash", str(SCRIPT), env={**os.environ, "DESTDIR": str(tmp_path), "WORKERS": workers}
+    )
+    assert res.returncode == 2, res.stderr
+    assert "WORKERS must be a positive number" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_demo_finds_its_files_in_the_installed_package(installed: Path) -> None:
     """From a wheel, outside any clone: models/ and data/ come from <prefix>/share/forecaster."""
     py = installed / "opt" / "forecaster" / "bin" / "python"
