@@ -553,8 +553,14 @@ def random_mix(rng: random.Random, batches: int) -> list[list[Reading]]:
     for _ in range(batches):
         batch: list[Reading] = []
         names = sorted(ts)[: rng.randint(1, 12)]
-        for _ in range(rng.randint(1, 30)):
-            s = rng.choice(names)
+        # A third of the batches are gateway-like: each stream at most once.
+        singles = rng.random() < 0.35
+        picks = (
+            rng.sample(names, rng.randint(1, len(names)))
+            if singles
+            else [rng.choice(names) for _ in range(rng.randint(1, 30))]
+        )
+        for s in picks:
             ts[s] += rng.choice([0.0, 1.0, 1.0, 1.0, 2.0, 50.0, -1.0])
             v = BLOW_UP if rng.random() < 0.01 else float(rng.randint(-3, 9))
             label = rng.choice([None, 0.0, 1.0])
