@@ -87,13 +87,15 @@ def bench_config(port: int, client_id: str, bundle: Path, qos: int, state_dir: P
 
 #: Suffix of a contender run with ``mqtt.buffered_reads = false`` (paho's own socket reads).
 PLAIN = "-plain"
+#: The daemon with ``daemon.gc_tuning = false`` (CPython's default garbage-collector settings).
+DEFAULT_GC = "forecaster-defaultgc"
 
 
 @dataclass
 class Contender:
     """One contender process for one scenario."""
 
-    kind: str  # ceiling | naive | forecaster | gmqtt, and ceiling-plain | forecaster-plain
+    kind: str  # ceiling | naive | forecaster | gmqtt, ceiling-plain | forecaster-plain, DEFAULT_GC
     workdir: Path
     port: int
     bundle: Path
@@ -107,7 +109,9 @@ class Contender:
         cfg = bench_config(self.port, self.client_id, self.bundle, self.qos, self.workdir / "state")
         if self.kind.endswith(PLAIN):  # the same contender on paho's own per-packet reads
             cfg.mqtt.buffered_reads = False
-        if self.kind.removesuffix(PLAIN) == "forecaster":
+        if self.kind == DEFAULT_GC:
+            cfg.daemon.gc_tuning = False
+        if self.kind.removesuffix(PLAIN) == "forecaster" or self.kind == DEFAULT_GC:
             # the real daemon: started and waited for (/readyz) by the shared harness
             daemon = DaemonProcess(cfg, self.workdir, "contender", cwd=ROOT, python=PY)
             daemon.start()

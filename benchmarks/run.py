@@ -60,7 +60,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "single",
         1,
         1000,
-        contenders=(*MAIN, "gmqtt", "ceiling-plain", "forecaster-plain"),
+        contenders=(*MAIN, "gmqtt", "ceiling-plain", "forecaster-plain", "forecaster-defaultgc"),
         profile=True,
         note="main scenario; gmqtt = the ceiling with gmqtt instead of paho; -plain = paho's "
         "own socket reads (mqtt.buffered_reads = false)",
@@ -268,6 +268,9 @@ def _ratios(result: dict[str, Any]) -> None:
         buffered, plain = _rate(result, kind), _rate(result, f"{kind}-plain")
         if buffered and plain:
             ratios[f"{kind}: buffered/plain reads"] = buffered / plain
+    d = _rate(result, "forecaster-defaultgc")
+    if f and d:
+        ratios["forecaster: tuned/default gc"] = f / d
     result["ratios"] = ratios
 
 

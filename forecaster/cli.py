@@ -674,7 +674,8 @@ def serve(
 
     daemon = Daemon(cfg, config_path=config)
     daemon.install_signals()
-    gcsettings.settle()  # a process setting, so here and not in Daemon (tests run many)
+    if cfg.daemon.gc_tuning:  # a process setting, so here and not in Daemon (tests run many)
+        gcsettings.settle()
     raise typer.Exit(daemon.run())
 
 

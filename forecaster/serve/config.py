@@ -208,6 +208,12 @@ class DaemonConfig(_Section):
     intra_op_threads: int = Field(
         default=1, ge=1, le=64, description="ONNX Runtime intra-op threads."
     )
+    gc_tuning: bool = Field(
+        default=True,
+        description="At start, freeze the objects that exist and collect Python's young "
+        "generation every 50,000 allocations instead of 700, so no full garbage collection "
+        "stalls the readings (forecaster/serve/gcsettings.py); false keeps CPython's defaults.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level."
     )
