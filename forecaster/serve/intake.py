@@ -85,6 +85,8 @@ class Intake:
         self._readings = 0
         #: Producers waiting for room (``block``); tests wait on it instead of sleeping.
         self.waiting = 0
+        #: Readings the worker waits for (0: it is not waiting): 1 while idle, then a full batch.
+        self._want = 0
         #: Messages are taken only while True; before start and after stop they are left
         #: unacknowledged so the broker redelivers them to the next run.
         self.accepting = False
@@ -171,7 +173,7 @@ class Intake:
             if queued:
                 self._items.append(work)
                 self._readings += n
-                self._cond.notify_all()
+                self._wake()
         for w in dropped:
             self._drop(w)
         return queued
@@ -199,31 +201,50 @@ class Intake:
 
         Messages are never split, so a batch can exceed ``max_readings`` by less than one
         message. Returns [] if nothing arrived in time.
+
+        The worker is woken twice per batch at most, not once per message: by the message that
+        ends an idle wait, and by the one that fills the batch (see :meth:`_wake`). Each wake-up
+        is a thread hand-off (a futex and the GIL changing hands) that single-reading messages
+        would otherwise pay one by one while a batch fills.
         """
         with self._cond:
             if not self._items:
-                self._cond.wait(first_timeout)
+                self._want = 1
+                try:
+                    self._cond.wait(first_timeout)
+                finally:
+                    self._want = 0
                 if not self._items:
                     return []
+            deadline = self._clock() + max_delay
+            # A queue smaller than a batch wakes the worker when full, not at the deadline.
+            want = min(max_readings, self.capacity)
+            while self._readings < want:
+                left = deadline - self._clock()
+                if left <= 0:
+                    break
+                self._want = want
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._want = 0
             items = [self._pop()]
             n = len(items[0].readings)
-            deadline = self._clock() + max_delay
-            while n < max_readings:
-                if not self._items:
-                    left = deadline - self._clock()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                    if not self._items:
-                        break
+            while n < max_readings and self._items:
                 item = self._pop()
                 items.append(item)
                 n += len(item.readings)
         return items
 
+    def _wake(self) -> None:
+        # Caller holds the lock. Wake the worker only when what it waits for is here.
+        if self._want and self._readings >= self._want:
+            self._cond.notify_all()
+
     def _pop(self) -> Work:
         # Caller holds the lock.
         work = self._items.popleft()
         self._readings -= len(work.readings)
-        self._cond.notify_all()  # room for producers blocked under ``block``
+        if self.waiting:
+            self._cond.notify_all()  # room for producers blocked under ``block``
         return work

@@ -205,3 +205,53 @@ def test_take_includes_a_message_that_arrives_within_max_delay(route: Route) -> 
 def test_take_on_an_empty_queue_returns_nothing(route: Route) -> None:
     rig = Rig(route)
     assert rig.intake.take(0.0, 10, 0.0) == []
+
+
+class CountingCondition(threading.Condition):
+    """A condition that counts its ``notify_all`` calls (the worker's wake-ups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakes = 0
+
+    def notify_all(self) -> None:
+        self.wakes += 1
+        super().notify_all()
+
+
+def test_the_worker_is_woken_once_to_start_and_once_when_the_batch_is_full(route: Route) -> None:
+    """Not once per message: each wake-up is a thread hand-off."""
+    rig = Rig(route, capacity=100, policy="drop_newest")  # a clock that stands still
+    cond = CountingCondition()
+    rig.intake._cond = cond
+    got: list[list[int]] = []
+    worker = threading.Thread(
+        target=lambda: got.append([w.mid for w in rig.intake.take(30.0, 10, 30.0)])
+    )
+    worker.start()
+    try:
+        for mid in range(1, 11):
+            want = 1 if mid == 1 else 10  # what the worker waits for before this message
+            assert wait_until(lambda w=want: rig.intake._want == w, 10), (mid, rig.intake._want)
+            rig.intake.put(rig.work(mid))
+        worker.join(timeout=10)
+        assert got == [list(range(1, 11))]
+        assert cond.wakes == 2
+    finally:
+        rig.intake.stop_accepting()
+        worker.join(timeout=10)
+
+
+def test_a_queue_smaller_than_a_batch_wakes_the_worker_when_full(route: Route) -> None:
+    rig = Rig(route, capacity=3, policy="drop_newest")  # a clock that stands still
+    got: list[list[int]] = []
+    worker = threading.Thread(
+        target=lambda: got.append([w.mid for w in rig.intake.take(30.0, 256, 30.0)])
+    )
+    worker.start()
+    assert wait_until(lambda: rig.intake._want == 1, 10)
+    for mid in (1, 2, 3):
+        rig.intake.put(rig.work(mid))
+    worker.join(timeout=10)  # well before the 30 s deadline: the queue is full at 3
+    assert got == [[1, 2, 3]]
+    assert rig.rejected("queue_full") == 0
