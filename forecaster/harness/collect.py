@@ -34,16 +34,19 @@ def mqtt_client(
     auth: tuple[str, str] | None = None,
     host: str = LOOPBACK,
     keepalive: int = 10,
+    v311: bool = False,
 ) -> paho.Client:
     """An MQTT 5 client set up for loopback tests (``connect_async``: call ``loop_start()``).
 
     Fast reconnects and a large in-flight window; ``persistent`` asks for a one-hour session so
-    the broker queues QoS 1 messages while the client is away.
+    the broker queues QoS 1 messages while the client is away. ``v311`` speaks MQTT 3.1.1
+    instead (nats-server's MQTT listener knows no other).
     """
     c = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id or f"harness-{os.getpid()}-{next(_ids)}",
-        protocol=paho.MQTTv5,
+        protocol=paho.MQTTv311 if v311 else paho.MQTTv5,
+        clean_session=not persistent if v311 else None,  # MQTT 5 says it in connect
     )
     if auth:
         c.username_pw_set(*auth)
@@ -53,7 +56,12 @@ def mqtt_client(
     if persistent:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
-    c.connect_async(host, port, keepalive=keepalive, clean_start=not persistent, properties=props)
+    if v311:
+        c.connect_async(host, port, keepalive=keepalive)
+    else:
+        c.connect_async(
+            host, port, keepalive=keepalive, clean_start=not persistent, properties=props
+        )
     return c
 
 
@@ -80,13 +88,16 @@ class Collector:
         auth: tuple[str, str] | None = None,
         host: str = LOOPBACK,
         timeout: float = 30.0,
+        v311: bool = False,
     ) -> None:
         self.port = port
         self.topics = [t for t in topics.split(",") if t]
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt_client(port, client_id, persistent=persistent, auth=auth, host=host)
+        self.client = mqtt_client(
+            port, client_id, persistent=persistent, auth=auth, host=host, v311=v311
+        )
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.on_message = self._on_message
