@@ -15,8 +15,10 @@ it learns any other line's.
 
 The weights are the filter's impulse response (a zero state fed a single 1), truncated where the
 dropped weight mass falls under :data:`TAIL` of the total (at most ``cap`` readings). The infinite
-filter's weights sum to one (a constant series is forecast exactly); the truncated one is made to
-as well, the dropped mass going to the newest reading, so constants stay exact in float32 too.
+filter's weights sum to one (a constant series is forecast exactly); the truncated one keeps that:
+the weight of readings beyond the buffer is folded onto the oldest kept reading of the same season
+phase (:func:`folded`), and any rounding goes to the newest reading, so constants stay exact in
+float32 too.
 
 The smoothing parameters are fitted by minimising the one-step squared error of the recursion on
 the training segments (heuristic initial state from the first cycles; the first cycle's errors
@@ -51,6 +53,10 @@ INIT_CYCLES = 4
 #: Readings (the most recent of the training part) the parameters are fitted on: bounds the cost
 #: on long series (a smoothing model adapts; its parameters need a few thousand readings at most).
 FIT_READINGS = 3000
+#: How far back (in buffer lengths) the weights folded into a cut filter reach at least (in the
+#: population search, exactly), and at most in readings.
+FOLD_HORIZON = 4
+MAX_HORIZON = 100_000
 
 
 @dataclass(frozen=True)
@@ -239,11 +245,8 @@ def weights_many(form: Form, u: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def fit_filter(
-    form: Form, segments: Sequence[np.ndarray], cap: int, exact: bool = False
-) -> np.ndarray:
-    """The weights of ``form`` (sum one, at most ``cap`` of them, exactly ``cap`` if ``exact``:
-    a refit must keep the buffer's size) for the daemon's filter.
+def fit_filter(form: Form, segments: Sequence[np.ndarray], cap: int) -> np.ndarray:
+    """The weights of ``form`` (sum one, at most ``cap`` of them) for the daemon's filter.
 
     The recursion's parameters first; when truncating their filter at ``cap`` drops more than
     :data:`TAIL` of its mass (a slow season: ``gamma`` small), the parameters are searched again
@@ -251,9 +254,9 @@ def fit_filter(
     optimum is in the population, so the result is never worse on training than it)."""
     u, _ = _fit_u(form, segments)
     first = truncated(form, _params(form, u), cap)
-    full = weights(form, _params(form, u), max(4 * cap, 64))
+    full = long_weights(form, _params(form, u), cap)
     if len(first) < cap or np.abs(full[cap:]).sum() < TAIL * np.abs(full).sum():
-        return np.concatenate([first, np.zeros(cap - len(first))]) if exact else first
+        return first
     xs, ys = [], []
     for seg in recent(segments, FIT_READINGS + cap):
         v = np.asarray(seg, dtype=np.float64)
@@ -268,12 +271,12 @@ def fit_filter(
     y = np.concatenate(ys)
 
     def objective(pop: np.ndarray) -> np.ndarray:
-        w = weights_many(form, pop, cap)
+        w = folded(weights_many(form, pop, FOLD_HORIZON * cap), cap, form.period)
         w[:, 0] += 1.0 - w.sum(axis=1)
         return ((x @ w.T - y[:, None]) ** 2).sum(axis=0)
 
     best, _ = _search(objective, form.dims, start=u)
-    return sized(weights(form, _params(form, best), cap))
+    return sized(folded(long_weights(form, _params(form, best), cap), cap, form.period))
 
 
 def weights(form: Form, params: Params, n: int) -> np.ndarray:
@@ -300,15 +303,49 @@ def weights(form: Form, params: Params, n: int) -> np.ndarray:
 
 def truncated(form: Form, params: Params, cap: int, tail: float = TAIL) -> np.ndarray:
     """The weights up to where the dropped mass is under ``tail`` of the total (at most ``cap``
-    of them), made to sum to one by adding the dropped sum to the newest reading's weight."""
-    horizon = max(4 * cap, 64)
-    c = weights(form, params, horizon)
+    of them), the rest folded onto the kept ones (:func:`folded`), summing to one."""
+    c = long_weights(form, params, cap, tail)
     mass = np.abs(c)
     rest = np.cumsum(mass[::-1])[::-1]  # rest[j] = mass from j on
     total = float(rest[0]) if rest.size else 0.0
     small = np.flatnonzero(rest < tail * max(total, 1e-300))
-    size = int(small[0]) if small.size else horizon
-    return sized(c[: max(1, min(size, cap))])
+    size = int(small[0]) if small.size else len(c)
+    return sized(folded(c, max(1, min(size, cap)), form.period))
+
+
+def long_weights(form: Form, params: Params, cap: int, tail: float = TAIL) -> np.ndarray:
+    """:func:`weights` far enough back that what lies beyond is under ``tail`` of their mass
+    (doubling from ``FOLD_HORIZON * cap``, at most :data:`MAX_HORIZON`): what
+    :func:`folded` folds into a buffer of ``cap``."""
+    horizon = max(FOLD_HORIZON * cap, 64)
+    c = weights(form, params, horizon)
+    while horizon < MAX_HORIZON:
+        half = np.abs(c[horizon // 2 :]).sum()
+        if half < tail * max(float(np.abs(c).sum()), 1e-300):
+            break
+        horizon = min(2 * horizon, MAX_HORIZON)
+        c = weights(form, params, horizon)
+    return c
+
+
+def folded(c: np.ndarray, size: int, period: int) -> np.ndarray:
+    """The first ``size`` weights of ``c`` (``[..., n]``), with the weight of every reading
+    further back added to the oldest kept reading of the same season phase (``period`` 0: the
+    oldest kept reading).
+
+    A reading one whole number of seasons back is the best stand-in the buffer holds for an
+    older reading of the same phase: a slow seasonal filter (small ``gamma``) cut at ``size``
+    then keeps its seasonal memory, where putting the dropped mass on the newest reading turned
+    part of it into persistence (yahoo.csv, season 24, statsmodels' fitted ETS(A,Ad,A 24)
+    parameters: held-out skill +0.51 folded into 578 readings, +0.42 cut even at 1,156)."""
+    c = np.asarray(c, dtype=np.float64)
+    out = c[..., :size].copy()
+    m = min(max(period, 1), size)
+    tail = c[..., size:]
+    if tail.shape[-1]:
+        phase = size - m + (np.arange(tail.shape[-1]) % m)
+        np.add.at(out.T, phase, tail.T)
+    return out
 
 
 def sized(c: np.ndarray) -> np.ndarray:

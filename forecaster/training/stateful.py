@@ -19,7 +19,8 @@ it leaves, by truncated BPTT over long contiguous sequences, the way the daemon 
    becomes persistence (head at zero, no line) and the report says so; split-conformal interval
    offsets at ``--coverage`` come from the validation residuals.
 5. **Refit**: the chosen lag set is refitted on every reading before ``--until`` (training and
-   validation parts), as a least-squares baseline fitted on the same data would be; the reported
+   validation parts), as a least-squares baseline fitted on the same data would be (a smoothing
+   filter's buffer may grow or shrink with its refitted parameters); the reported
    validation figures and the interval are those of the model before the refit (honest ones).
 """
 
@@ -207,7 +208,7 @@ def train_one(
 
 def with_line(model: RNNForecaster, line: linear.LinearAR) -> RNNForecaster:
     """The same network on another fit of the same lag set."""
-    spec = replace(model.spec, ar_coef=line.coef, ar_bias=line.bias)
+    spec = replace(model.spec, ar_coef=line.coef, ar_bias=line.bias, ar_lags=line.lags)
     out = RNNForecaster(spec)
     state = model.state_dict()
     state["ar_coef"] = torch.tensor(line.coef, dtype=torch.float32)
@@ -267,7 +268,12 @@ def finish(
             model.spec.ar_loss,
         )
         refit = {"readings": int(sum(len(s) for s in prep.series)), "bias": line.bias}
+        size = model.spec.lag_buffer
         model = with_line(model, line)
+        if model.spec.lag_buffer != size and cfg.warmup is None:
+            # A refitted smoothing filter may keep more readings: the stream needs them first.
+            warmup = max(warmup, measure_warmup(model, prep.tape))
+            refit["lag_buffer"] = model.spec.lag_buffer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

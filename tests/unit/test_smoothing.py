@@ -114,22 +114,62 @@ def test_labels_round_trip() -> None:
     assert linear.lags_text([5]) == "5"
 
 
-def test_refit_keeps_the_size_and_the_kind() -> None:
-    """``linear.fit`` with an ETS or a combination's ``loss`` refits it over the same buffer:
-    what the run's final refit on training + validation relies on."""
+def test_refit_keeps_the_kind_and_sizes_the_filter_anew() -> None:
+    """``linear.fit`` with an ETS or a combination's ``loss`` refits it (what the run's final
+    refit on training + validation relies on): the same kind, and an ETS filter cut where its
+    *refitted* weights become negligible, not at the first fit's buffer (a slower refitted
+    filter would otherwise lose its tail)."""
     y = seasonal_series(1, 600)
-    ets = linear.fit_ets([y[:400]], Form("Ad", 12))
+    form = Form("Ad", 12)
+    ets = linear.fit_ets([y[:400]], form)
     assert ets.loss == "ETS(A,Ad,A 12)" and ets.lags == tuple(range(1, ets.size + 1))
     again = linear.fit([y], ets.lags, ets.loss)
-    assert again.size == ets.size and again.loss == ets.loss
+    assert again.loss == ets.loss and again.lags == tuple(range(1, again.size + 1))
+    assert again.coef == linear.fit_ets([y], form).coef
     assert abs(again.coef[0]) < 1e-12 and again.bias == 0.0  # weights sum to one, no bias
     ols = linear.fit([y[:400]], [1, 2, 12, 13], "huber")
     mixed = linear.combine([ols, ets])
     assert mixed.size == max(ols.size, ets.size)
     refit = linear.fit([y], mixed.lags, mixed.loss)
-    assert refit.loss == mixed.loss and refit.size == mixed.size
     parts = [linear.fit([y], ols.lags, "huber"), linear.fit([y], ets.lags, ets.loss)]
+    assert refit.loss == linear.combine(parts).loss
+    assert refit.size == max(p.size for p in parts)
     assert np.allclose(refit.coef, linear.combine(parts).coef)
+
+
+def recursion_forecasts(y: np.ndarray, params: Params, m: int) -> np.ndarray:
+    """ETS(A,N,A m)'s one-step forecasts by its recursion from a zero state: ``out[t]``
+    forecasts ``y[t]`` (the infinite filter, once the start has decayed)."""
+    level, season = 0.0, np.zeros(m)
+    out = np.empty(len(y))
+    for t, v in enumerate(y.tolist()):
+        out[t] = level + season[t % m]
+        e = v - out[t]
+        level += params.alpha * e
+        season[t % m] += params.gamma * e
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_folding_keeps_a_slow_season_that_cutting_loses(seed: int) -> None:
+    """A slow seasonal filter cut short keeps its seasonal memory: on a strictly periodic
+    series (any level), the folded filter forecasts what the recursion (the uncut filter)
+    does, and the filter with the dropped weight put on the newest reading does not."""
+    rng = np.random.default_rng(seed)
+    m = 12
+    pattern = rng.normal(0.0, 10.0, size=m)
+    y = 1000.0 + np.tile(pattern, 2000)  # 24,000 readings: the recursion's start has decayed
+    form, params = Form("N", m), Params(0.05, 0.0, 0.02)
+    cap = 3 * m + 1
+    c = smoothing.truncated(form, params, cap=cap, tail=1e-10)  # fold (nearly) all of it
+    assert len(c) == cap and abs(c.sum() - 1.0) < 1e-12, f"{seed=}"
+    tail = y[-(cap + 100) :]
+    want = recursion_forecasts(y, params, m)[-99:]
+    got = filter_predictions(tail, c)[-99:]
+    cut = filter_predictions(tail, smoothing.sized(smoothing.weights(form, params, cap)))[-99:]
+    scale = float(np.std(pattern))
+    assert np.max(np.abs(got - want)) < 1e-6 * scale, f"{seed=}"
+    assert np.max(np.abs(cut - want)) > 0.1 * scale, f"{seed=}"
 
 
 def test_combination_is_the_average_of_the_forecasts() -> None:
@@ -155,5 +195,11 @@ def test_extend_adds_smoothing_candidates_that_beat_persistence(seed: int) -> No
     assert {"ETS", "mean", "squared", "huber"} <= kinds, f"{seed=}: {kinds}"
     persistence = next(c for c in ranked if c.ar.size == 0)
     assert ranked[0].val_rmse < 0.8 * persistence.val_rmse, f"{seed=}: {ranked[0]}"
+    # one average of the best line, the best seasonal and the best plain ETS filter
+    triples = [linear._parts(c.ar.loss) for c in ranked if c.ar.loss.count("[") == 3]
+    assert len(triples) == 1, f"{seed=}: {triples}"
+    (ols, _), (seasonal, _), (plain, _) = triples[0]
+    assert ols in linear.LOSSES, f"{seed=}: {triples}"
+    assert Form.parse(seasonal).period == 12 and Form.parse(plain).period == 0, f"{seed=}"
     losses = [c.val_loss for c in ranked]
     assert losses == sorted(losses)

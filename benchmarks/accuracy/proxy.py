@@ -1,0 +1,138 @@
+"""``python -m benchmarks.accuracy.proxy [--statsmodels] [--data DIR]``: the linear path alone.
+
+A quick check of the training's candidate family and selection on more series than ``data/``
+holds, in seconds rather than minutes: for each series, the protocol's split (first 80 %), the
+candidates of :func:`forecaster.training.stateful.prepare` and
+:func:`forecaster.training.run.with_smoothing` ranked on the validation part, the best one
+refitted on the whole training part, scored one step ahead on the last 20 % against the same
+references as the full benchmark. No network is trained: this is what ships whenever the
+network's validation gain is not significant (most series here), not the full benchmark.
+
+``--statsmodels`` first writes seven public-domain series that statsmodels ships offline (weekly
+CO2 at Mauna Loa, monthly Euro-area electrical equipment orders, monthly El Niño sea surface
+temperature, yearly sunspots, yearly Nile flow, quarterly US unemployment and inflation) into
+``--data`` (default: a temporary folder), then runs on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.accuracy.discover import SeriesSpec, discover
+from benchmarks.accuracy.references import is_random_walk, references, rmse, skill
+from benchmarks.accuracy.run import ROOT, TRAIN_FRACTION
+from forecaster.data import cut_index, load_csv
+from forecaster.training import linear
+from forecaster.training.config import TrainConfig
+from forecaster.training.run import with_smoothing
+from forecaster.training.seasonality import detect_periods
+from forecaster.training.stateful import prepare
+from forecaster.training.tape import train_segments
+
+
+def write_statsmodels_series(folder: Path) -> None:
+    """The seven statsmodels series as CSVs (``time,value`` where they have dates)."""
+    import pandas as pd
+    from statsmodels import datasets
+    from statsmodels.datasets import elec_equip
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dated(name: str, index: pd.Index, values: np.ndarray) -> None:
+        frame = pd.DataFrame({"time": pd.DatetimeIndex(index).strftime("%Y-%m-%d"), name: values})
+        frame.to_csv(folder / f"{name}.csv", index=False)
+
+    co2 = datasets.co2.load_pandas().data["co2"].interpolate()  # 59 missing weeks
+    dated("co2", co2.index, co2.to_numpy())
+    equip = elec_equip.load().data.iloc[:, 0]
+    dated("elec_equip", equip.index, equip.to_numpy())
+    nino = datasets.elnino.load_pandas().data.iloc[:, 1:13].to_numpy().ravel()
+    dated("elnino", pd.date_range("1950-01-01", periods=nino.size, freq="MS"), nino)
+    macro = datasets.macrodata.load_pandas().data
+    quarters = pd.period_range("1959Q1", periods=len(macro), freq="Q").to_timestamp()
+    for column in ("unemp", "infl"):
+        dated(column, quarters, macro[column].to_numpy())
+    sun = datasets.sunspots.load_pandas().data["SUNACTIVITY"].to_numpy()
+    pd.DataFrame({"sunactivity": sun}).to_csv(folder / "sunspots.csv", index=False)
+    nile = datasets.nile.load_pandas().data["volume"].to_numpy()
+    pd.DataFrame({"nile": nile}).to_csv(folder / "nile.csv", index=False)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One series: the shipped line's held-out skill and the best reference's."""
+
+    series: str
+    line: str
+    skill: float
+    best_reference: str
+    best_reference_skill: float
+    random_walk: bool
+
+    @property
+    def beats(self) -> bool:
+        return self.skill >= self.best_reference_skill
+
+
+def linear_only(spec: SeriesSpec) -> Row:
+    """The best validated line, refitted on the training part, and the references' skills."""
+    data = load_csv(spec.path, [spec.column], spec.time_column, header=spec.header)
+    series = data.series[0]
+    values = series.values
+    until = str(int(TRAIN_FRACTION * spec.rows))
+    cut = cut_index(series, until)
+    prep = prepare(data, TrainConfig(until=until), lambda _m: None)
+    with_smoothing(prep, lambda _m: None)
+    best = prep.candidates[0].ar
+    if best.size:
+        whole = train_segments(prep.series, [len(s) for s in prep.series])
+        best = linear.fit(whole, best.lags, best.loss)
+    targets = np.arange(cut, len(values))
+    naive = rmse(values[targets], values[targets - 1])
+    pred = linear.ar_segment(values, best)[cut - 1 : -1]
+    times = None if series.times is None else series.times[:cut]
+    refs = {
+        r.name: skill(rmse(values[targets], r.predicted), naive)
+        for r in references(values, cut, targets, detect_periods(values[:cut], times))
+        if r.predicted is not None
+    }
+    name = max((k for k in refs if k != "persistence"), key=lambda k: refs[k])
+    return Row(
+        spec.name,
+        f"{best.loss or 'persistence'} [{linear.lags_text(best.lags)}]",
+        skill(rmse(values[targets], pred), naive),
+        name,
+        refs[name],
+        is_random_walk(refs),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.proxy", description=__doc__)
+    p.add_argument("--data", type=Path, default=None, help="folder of CSV series")
+    p.add_argument("--statsmodels", action="store_true", help="write statsmodels' series first")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="proxy-") as tmp:
+        folder = args.data or (Path(tmp) if args.statsmodels else ROOT / "data")
+        if args.statsmodels:
+            write_statsmodels_series(folder)
+        rows = [linear_only(spec) for spec in discover(folder)]
+    counted = [r for r in rows if not r.random_walk]
+    for r in rows:
+        print(
+            f"{r.series:<28} {r.skill:+.4f}  {r.best_reference} {r.best_reference_skill:+.4f}  "
+            f"{'beats' if r.beats else 'loses'}{'  (random walk)' if r.random_walk else ''}  "
+            f"{r.line[:60]}"
+        )
+    wins = sum(r.beats for r in counted)
+    print(f"≥ the best reference on {wins} of {len(counted)} non-random-walk series")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
