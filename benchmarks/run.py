@@ -66,14 +66,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         "own socket reads (mqtt.buffered_reads = false)",
     ),
     Scenario("single-q0-1k", "single", 0, 1000),
-    Scenario("batch-q1-1k", "batch", 1, 1000, profile=True),
+    Scenario(
+        "batch-q1-1k",
+        "batch",
+        1,
+        1000,
+        contenders=(*MAIN, "forecaster-defaultgc"),
+        profile=True,
+        note="forecaster-defaultgc = the daemon with daemon.gc_tuning = false",
+    ),
     Scenario(
         "single-q1-1",
         "single",
         1,
         1,
-        contenders=("naive", "forecaster"),
-        note="one stream: every reading of a micro-batch is its own wave (batch size 1)",
+        contenders=("naive", "forecaster", "forecaster-defaultgc"),
+        note="one stream: one padded row per micro-batch (sequence graph)",
     ),
     Scenario(
         "batch-q1-100k", "batch", 1, 100_000, contenders=("naive", "forecaster"), preload=True
