@@ -65,12 +65,16 @@ class Reason(StrEnum):
     DUPLICATE_KEY = "duplicate_key"
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Reading:
     """One accepted observation; ``value`` is always finite so the model never sees NaN.
 
     ``label`` is the reading's 0/1 event label when the payload carried one (an event
-    classifier's online accuracy is counted from it), else None."""
+    classifier's online accuracy is counted from it), else None.
+
+    Not ``frozen``, though nothing changes one after decoding: a frozen dataclass sets each
+    field through ``object.__setattr__``, which made creating a reading (one per reading on the
+    hot path) three times slower (about 1 µs against 0.35 µs here)."""
 
     stream: str
     value: float
@@ -117,9 +121,10 @@ class Decoded:
         return sum(r.readings for r in self.rejects)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Prediction:
     """One forecast for the next reading of ``stream``; ``warm`` is False while state is young.
+    Never changed once made; not ``frozen`` for the reason :class:`Reading` gives.
 
     An event classifier's prediction also carries ``probability`` (= ``value``) and ``event``
     (probability ≥ the model's threshold); both stay None, and out of the JSON, otherwise.

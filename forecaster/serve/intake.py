@@ -223,11 +223,14 @@ class Intake:
                 left = deadline - self._clock()
                 if left <= 0:
                     break
+                had = self._readings
                 self._want = want
                 try:
                     self._cond.wait(left)
                 finally:
                     self._want = 0
+                if self._readings == had:
+                    break  # timed out (or woken by a stop): go with what is here
             items = [self._pop()]
             n = len(items[0].readings)
             while n < max_readings and self._items:
