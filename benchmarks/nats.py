@@ -14,15 +14,27 @@ Contenders, one after the other, each on a fresh private server on 127.0.0.1:
   core NATS subscriber on ``forecast.>``;
 - ``nats-2``: the same with ``forecaster serve --workers 2`` (two processes sharing the
   partitions), measured once both own their share;
-- ``nats-1-mqtt-in`` (unless ``--no-mqtt-in``): ``nats-1`` with the readings sent by the raw MQTT
-  publisher into nats-server's MQTT listener at QoS 1 (what sensors do), predictions still read
-  over core NATS.
+- ``nats-1-mqtt-in``: ``nats-1`` with the readings sent by the raw MQTT publisher into
+  nats-server's MQTT listener at QoS 1 (what sensors do), predictions still read over core NATS;
+- ``-core`` variants (``nats-1-core``, ``nats-2-core``): ``nats.publish = "core"``, a batch
+  acknowledged once its predictions are flushed to the server (readings at-least-once,
+  predictions at-most-once; no PubAck per prediction, nothing stored);
+- ``-base`` variants (``nats-1-base``, ...): the same with ``forecaster/serve/nats`` as it was
+  at git revision ``--baseline-rev`` (the rest of the package from this working tree, so the
+  config and the shared modules are the same), to compare two versions of the transport in one
+  run.
+
+Names compose: ``nats-<1|2>[-core][-mqtt-in][-base]``. Ratios are computed for every NATS
+contender against ``paho``, 2 processes against 1 of the same variant, and each variant against
+its ``-base``. ``--profile`` records a py-spy profile of each NATS contender's first trial.
 
 Measure: after a warm-up (every stream created), ``--repeats`` closed-loop trials of
 ``--duration`` s each with at most ``--window`` readings published and not yet answered; the
 figure is the delivered readings/s in the steady part of each trial (``benchmarks.harness``'s
 analysis), median over the repeats; nothing may be lost. CPU seconds of the contender, the server
-and both generators are recorded per trial. Results go to
+and both generators are recorded per trial; their sum per million readings says
+how fast the whole loop could go if it had every core of the machine ("cores' ceiling"): on a
+small machine the load generators and the server share the cores with the forecaster. Results go to
 ``benchmarks/results/nats-<time>.{json,md}`` with the load average before and after every
 contender. The machine is shared: compare the ratios of one run, not absolute figures across runs.
 
@@ -43,6 +55,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -176,6 +189,7 @@ def run_pub(a: argparse.Namespace) -> None:
     started = time.time()
     end = started + a.duration
     limit = a.count if a.count > 0 else None
+    cpu0 = time.process_time()  # the interpreter's start-up is not the load's cost
     while True:
         now = time.time()
         if limit is None and now >= end:
@@ -206,9 +220,9 @@ def run_pub(a: argparse.Namespace) -> None:
     # A PING round trip: everything before it has been processed by the server.
     sock.sendall(b"PING\r\n")
     time.sleep(0.05)
-    Path(a.done).write_text(
-        json.dumps({"sent": sent, "sent_msgs": sent, "t_start": started, "t_end": finished})
-    )
+    info = {"sent": sent, "sent_msgs": sent, "t_start": started, "t_end": finished}
+    info["cpu_s"] = time.process_time() - cpu0
+    Path(a.done).write_text(json.dumps(info))
     sock.close()
 
 
@@ -230,6 +244,7 @@ def run_sub(a: argparse.Namespace) -> None:
     floor = time.time()  # answers to readings of an earlier trial are not counted
     last_recv = floor
     last_check = 0.0
+    cpu0 = time.process_time()
     Path(a.ready).write_text("ready")
     while True:
         try:
@@ -287,6 +302,7 @@ def run_sub(a: argparse.Namespace) -> None:
         received=np.array(received),
         messages=np.array(received),
         unique=np.array(len(seen)),
+        cpu_s=np.array(time.process_time() - cpu0),
     )
 
 
@@ -352,6 +368,9 @@ class NatsContender:
     partitions: int
     publish: str = "jetstream"
     lease_ttl: float | None = None
+    pull_batch: int | None = None
+    #: the source tree the forecaster runs from (another checkout for a ``-base`` contender)
+    src: Path = ROOT
     server: NatsServer | None = None
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
@@ -373,6 +392,7 @@ class NatsContender:
                     "partitions": self.partitions,
                     "publish": self.publish,
                     **({"lease_ttl": self.lease_ttl} if self.lease_ttl else {}),
+                    **({"pull_batch": self.pull_batch} if self.pull_batch else {}),
                 },
                 "daemon": {
                     "state_dir": str(self.workdir / "state"),
@@ -394,8 +414,9 @@ class NatsContender:
         cmd = [PY, "-m", "forecaster", "serve", "--config", str(path)]
         if self.workers > 1:
             cmd += ["--workers", str(self.workers)]
+        env = {**os.environ, "PYTHONPATH": str(self.src)}
         with (self.workdir / "forecaster.log").open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=self.src, env=env)
         ports = [self.metrics_port + i for i in range(self.workers)]
         if not wait_until(lambda: self._alive() and all(_ready(p) for p in ports), 120, 0.2):
             raise RuntimeError(f"{self.name} not ready: {self._log_tail()}")
@@ -493,6 +514,9 @@ def nats_trial(
         info = json.loads(done.read_text())
         rec = np.load(out)
         trial = _analyse(kind, 0.0, info, rec)
+        # the generators' own count, without their interpreters' start-up
+        pcpu = float(info.get("cpu_s", pcpu))
+        sub_cpu = float(rec["cpu_s"]) if "cpu_s" in rec.files else sub_cpu
     trial.cpu_s = cpu1 - cpu0
     trial.broker_cpu_s = scpu1 - scpu0
     trial.cpu_s_per_million = trial.cpu_s / trial.received * 1e6 if trial.received else 0.0
@@ -500,6 +524,9 @@ def nats_trial(
     summary = trial.summary()
     summary["publisher_cpu_s"] = pcpu
     summary["subscriber_cpu_s_at_end"] = sub_cpu
+    if trial.received:
+        everything = trial.cpu_s + trial.broker_cpu_s + pcpu + sub_cpu
+        summary["all_cpu_s_per_million"] = everything / trial.received * 1e6
     return summary
 
 
@@ -526,6 +553,14 @@ class Settings:
     takeover_rate: float = 1000.0
     takeover_duration: float = 20.0
     contenders: tuple[str, ...] = ("paho", "nats-1", "nats-2", "nats-1-mqtt-in")
+    pull_batch: int | None = None  # None: the config default
+    baseline_tree: Path | None = None
+    #: py-spy the first trial of every NATS contender into <this stem>-profile-<name>.txt
+    profile_to: Path | None = None
+
+
+#: contender names: paho, or nats-<workers>[-core][-mqtt-in][-base]
+CONTENDER = re.compile(r"^(paho|nats-[12](-core)?(-mqtt-in)?(-base)?)$")
 
 
 def _median(trials: list[dict[str, Any]], key: str) -> float:
@@ -550,6 +585,12 @@ def _summarise(name: str, trials: list[dict[str, Any]], extra: dict[str, Any]) -
         "p50_ms": _median([t for t in trials if t["latency_ms"]], "latency_ms_p50"),
         "p99_ms": _median([t for t in trials if t["latency_ms"]], "latency_ms_p99"),
         "rss_kb": max((t["rss_kb"] for t in trials), default=0),
+        # the whole loop on this machine (forecaster, server, publisher, subscriber): what
+        # bounds the rate when they all share the same cores
+        "all_cpu_s_per_million": _median(
+            [t for t in trials if "publisher_cpu_s" in t and t["received"]], "all_cpu_s_per_million"
+        )
+        or None,
         "trials": trials,
         **extra,
     }
@@ -599,10 +640,28 @@ class NatsRunner:
 
     def __init__(self, workdir: Path, name: str, s: Settings) -> None:
         self.name = name
-        self.mqtt_in = name.endswith("mqtt-in")
-        workers = 2 if name == "nats-2" else 1
-        self.c = NatsContender(name, workdir / name, workers, s.partitions, lease_ttl=s.lease_ttl)
-        self.extra: dict[str, Any] = {"workers": workers, "partitions": s.partitions}
+        self.mqtt_in = "-mqtt-in" in name
+        workers = 2 if name.startswith("nats-2") else 1
+        publish = "core" if "-core" in name else "jetstream"
+        base = name.endswith("-base")
+        if base and s.baseline_tree is None:
+            raise ValueError(f"{name} needs --baseline-rev")
+        self.c = NatsContender(
+            name,
+            workdir / name,
+            workers,
+            s.partitions,
+            publish=publish,
+            lease_ttl=s.lease_ttl,
+            pull_batch=s.pull_batch,
+            src=s.baseline_tree if base and s.baseline_tree else ROOT,
+        )
+        self.extra: dict[str, Any] = {
+            "workers": workers,
+            "partitions": s.partitions,
+            "publish": publish,
+            "source_tree": str(self.c.src),
+        }
 
     def start(self) -> None:
         started = time.monotonic()
@@ -611,14 +670,35 @@ class NatsRunner:
         self.extra["owned_at_start"] = self.c.owned
 
     def trial(self, s: Settings, duration: float, kind: str) -> dict[str, Any]:
-        return nats_trial(
-            self.c,
-            streams=s.streams,
-            duration=duration,
-            window=s.window,
-            mqtt_in=self.mqtt_in,
-            kind=kind,
-        )
+        spy = None
+        if s.profile_to is not None and kind == "probe" and "profile" not in self.extra:
+            out = s.profile_to.with_name(f"{s.profile_to.stem}-profile-{self.name}.txt")
+            self.extra["profile"] = out.name
+            spy = subprocess.Popen(
+                [
+                    *(str(Path(PY).parent / "py-spy"), "record", "-o", str(out), "-f", "raw"),
+                    *("-r", "100", "-d", str(max(1, int(duration))), "--subprocesses"),
+                    *("--pid", str(self.c.pid)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        try:
+            return nats_trial(
+                self.c,
+                streams=s.streams,
+                duration=duration,
+                window=s.window,
+                mqtt_in=self.mqtt_in,
+                kind=kind,
+            )
+        finally:
+            if spy is not None:
+                try:
+                    spy.wait(timeout=duration + 30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait()
 
     def stop(self) -> None:
         if "exit_status" in self.extra:
@@ -894,12 +974,18 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
         return float((results.get(k) or {}).get("readings_per_s") or 0.0)
 
     out: dict[str, float] = {}
-    if rate("nats-1") and rate("paho"):
-        out["nats-1 / paho"] = rate("nats-1") / rate("paho")
-    if rate("nats-2") and rate("nats-1"):
-        out["nats-2 / nats-1"] = rate("nats-2") / rate("nats-1")
-    if rate("nats-1-mqtt-in") and rate("paho"):
-        out["nats-1-mqtt-in / paho"] = rate("nats-1-mqtt-in") / rate("paho")
+    names = [n for n in results if n.startswith("nats-") and rate(n)]
+    for n in names:  # every NATS variant against paho
+        if rate("paho"):
+            out[f"{n} / paho"] = rate(n) / rate("paho")
+    for n in names:  # 2 processes against 1, same variant
+        one = n.replace("nats-2", "nats-1", 1)
+        if n.startswith("nats-2") and rate(one):
+            out[f"{n} / {one}"] = rate(n) / rate(one)
+    for n in names:  # this tree against the baseline tree, same variant
+        base = f"{n}-base"
+        if rate(base):
+            out[f"{n} / {base}"] = rate(n) / rate(base)
     return out
 
 
@@ -940,23 +1026,30 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Unanswered at end: readings without a prediction when the subscriber gave up (8 s "
         "without any prediction, or 30 s after publishing ended): lost, or later than that.",
+        "CPU s per 1M (all four): forecaster + nats-server + publisher + subscriber, per million "
+        "readings; cores' ceiling: the rate at which they would use every core of this machine "
+        "(NATS contenders; everything runs on the same cores).",
         "",
         "| contender | readings/s (median) | trials | unanswered at end | p50 / p99 ms "
         "| CPU s per 1M "
-        "(forecaster) | CPU s per 1M (server) | load avg before → after |",
-        "|---|---:|---|---:|---|---:|---:|---|",
+        "(forecaster) | CPU s per 1M (server) | CPU s per 1M (all four) | cores' ceiling "
+        "| load avg before → after |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for name, r in report["contenders"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
         la = r.get("load_average", {})
         each = ", ".join(f"{x:,.0f}" for x in r["readings_per_s_each"])
         server = r.get("server_cpu_s_per_million")
+        every = r.get("all_cpu_s_per_million")
+        ceiling = f"{m['cores'] * 1e6 / every:,.0f}" if every else ""
         lines.append(
             f"| {name} | {r['readings_per_s']:,.0f} | {each} | {r['lost']} | "
             f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['cpu_s_per_million']:.0f} | "
             f"{'' if server is None else f'{server:.0f}'} | "
+            f"{'' if every is None else f'{every:.0f}'} | {ceiling} | "
             f"{la.get('before', [0])[0]:.2f} → {la.get('after', [0])[0]:.2f} |"
         )
     health = [
@@ -1010,6 +1103,19 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def baseline_tree(rev: str, dest: Path) -> Path:
+    """This working tree's ``forecaster`` package with ``forecaster/serve/nats`` from ``rev``."""
+    shutil.copytree(
+        ROOT / "forecaster", dest / "forecaster", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.rmtree(dest / "forecaster" / "serve" / "nats")
+    archive = subprocess.run(
+        ["git", "archive", rev, "forecaster/serve/nats"], cwd=ROOT, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("pub", "sub"):
@@ -1037,6 +1143,20 @@ def main(argv: list[str] | None = None) -> int:
         "--no-takeover", action="store_true", help="skip the kill -9 takeover measurement"
     )
     p.add_argument("--takeover-rate", type=float, default=1000.0, help="readings/s offered")
+    p.add_argument(
+        "--pull-batch", type=int, default=None, help="nats.pull_batch (default: the config's)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the first trial of each NATS contender (raw stacks beside the results)",
+    )
+    p.add_argument(
+        "--baseline-rev",
+        default=None,
+        help="git revision whose forecaster/serve/nats the `-base` contenders run (on this "
+        "working tree's other modules), to compare two versions of the transport in one run",
+    )
     p.add_argument("--quick", action="store_true", help="1 trial of 3 s each (a smoke run)")
     p.add_argument("--out", type=Path, default=None, help="result JSON path (.md beside it)")
     a = p.parse_args(args)
@@ -1051,16 +1171,23 @@ def main(argv: list[str] | None = None) -> int:
         interleave=a.interleave,
         takeover=not a.no_takeover,
         takeover_rate=a.takeover_rate,
+        pull_batch=a.pull_batch,
     )
     if a.quick:
         s.duration, s.repeats, s.warmup = 3.0, 1, 1.5
-    unknown = set(s.contenders) - set(Settings().contenders)
+    unknown = {c for c in s.contenders if not CONTENDER.match(c)}
+    if any(c.endswith("-base") for c in s.contenders) and a.baseline_rev is None:
+        p.error("-base contenders need --baseline-rev")
     if unknown:
         p.error(f"unknown contender(s): {', '.join(sorted(unknown))}")
     nats_server_binary()  # fail early, with the install hint
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = a.out or RESULTS / f"nats-{stamp}.json"
+    if a.profile:
+        if not (Path(PY).parent / "py-spy").exists():
+            p.error(f"--profile needs py-spy beside {PY} (pip install py-spy)")
+        s.profile_to = out
     version = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True)
     report: dict[str, Any] = {
         "command": " ".join([".venv/bin/python -m benchmarks.nats", *args]).strip(),
@@ -1083,7 +1210,13 @@ def main(argv: list[str] | None = None) -> int:
                 "paho": "QoS 1 in and out; a reading acked after its prediction's PUBACK",
                 "nats": "nats.publish = 'jetstream': a batch acked (AckPolicy ALL) after its "
                 "predictions' PubAcks",
+                "nats-*-core": "nats.publish = 'core': a batch acked after its predictions were "
+                "flushed to the server (readings at-least-once, predictions at-most-once)",
             },
+            "pull_batch": s.pull_batch or NATSConfig().pull_batch,
+            "baseline": f"forecaster/serve/nats at {a.baseline_rev}, the rest of this tree"
+            if a.baseline_rev
+            else None,
         },
         "contenders": {},
     }
@@ -1093,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="forecaster-bench-nats-") as tmp:
+        if a.baseline_rev:
+            s.baseline_tree = baseline_tree(a.baseline_rev, Path(tmp) / "baseline")
         report["contenders"] = run_rounds(s, Path(tmp), log)
         if s.takeover:
             log("takeover: two workers, kill -9 of one under load")

@@ -136,7 +136,7 @@ def test_fleet_config_matches_the_servers_mapping() -> None:
 
 def _exported_names() -> set[str]:
     """Every sample name a process can expose: the daemon's metrics and the NATS ones."""
-    from forecaster.serve.nats.worker import NatsMetrics
+    from forecaster.serve.nats.metrics import NatsMetrics
 
     suffixes = {
         "counter": ("_total", "_created"),

@@ -116,8 +116,8 @@ def test_relay_ready_once_all_ready() -> None:
 
 
 def test_relay_a_worker_that_ignores_sighup_leaves_the_group_ready() -> None:
-    """The supervisor says RELOADING=1 only when a worker does (the NATS transport ignores
-    SIGHUP): otherwise the unit would stay "reloading" forever."""
+    """The supervisor says RELOADING=1 only when a worker does (one that did not start a
+    reload says nothing): otherwise the unit would stay "reloading" forever."""
     r = NotifyRelay(2)
     r.feed(0, b"READY=1")
     r.feed(1, b"READY=1")

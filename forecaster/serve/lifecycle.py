@@ -354,7 +354,8 @@ class Daemon:
             # Partitioned serving on NATS JetStream (nats-py, imported only here).
             from forecaster.serve.nats.worker import run as run_nats
 
-            return run_nats(self.cfg, self.metrics, self._stop)
+            # SIGHUP sets _reload; the worker reloads between its turns
+            return run_nats(self.cfg, self.metrics, self._stop, self._reload, self.config_path)
         self.start()
         last_status = 0.0
         last_count = 0

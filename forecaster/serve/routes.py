@@ -64,6 +64,36 @@ def new_store(rc: RouteConfig, shapes: list[tuple[int, int]]) -> StateStore:
     return StateStore(shapes, rc.max_streams, rc.reset_after, rc.idle_ttl)
 
 
+def swap_bundle(route: Route, bundle: Bundle, metrics: Metrics) -> bool:
+    """Serve ``route`` with ``bundle`` from now on; False if it already does (same sha256).
+
+    States carry over when the shapes agree (:func:`compatible`); otherwise the route's streams
+    start afresh, counted as ``model_changed`` resets. Shared by the MQTT daemon's reload and
+    the NATS worker's (which holds one engine per route in every partition it serves).
+    """
+    old = route.engine.bundle
+    if bundle.sha256 == old.sha256:
+        return False
+    if not compatible(old, bundle):
+        n = len(route.engine.store)
+        route.engine.store = new_store(route.cfg, bundle.state_shapes)
+        metrics.state_resets.labels(route.name, "model_changed").inc(n)
+        log.warning(
+            "reload: route %s: new model has other state shapes; %d streams reset", route.name, n
+        )
+    route.engine.bundle = bundle
+    return True
+
+
+def forget_idle(route: Route, now: float, metrics: Metrics) -> int:
+    """Forget ``route``'s streams idle past its ``idle_ttl`` (journaled, so a replay forgets
+    them too), counted as ``idle`` evictions; how many. Shared by both transports."""
+    gone = route.engine.expire(now)
+    if gone:
+        metrics.streams_evicted.labels(route.name, "idle").inc(len(gone))
+    return len(gone)
+
+
 class RouteSet:
     """Every route of the configuration, loaded; the worker owns it."""
 
@@ -191,9 +221,7 @@ class RouteSet:
     def expire(self, now: float) -> None:
         """Forget idle streams (``idle_ttl``) and refresh the per-route stream gauges."""
         for route in self.routes:
-            gone = route.engine.expire(now)  # journaled, so a replay forgets them too
-            if gone:
-                self.metrics.streams_evicted.labels(route.name, "idle").inc(len(gone))
+            forget_idle(route, now, self.metrics)
             self.metrics.streams.labels(route.name).set(len(route.engine.store))
             journal = route.engine.journal
             self.metrics.journal_bytes.labels(route.name).set(journal.size if journal else 0)
@@ -261,23 +289,11 @@ class RouteSet:
                     exc,
                 )
                 continue
-            old = route.engine.bundle
             route.cfg = rc
             route.spec = rc.payload_spec()
-            if bundle.sha256 == old.sha256:
-                continue
-            if not compatible(old, bundle):
-                n = len(route.engine.store)
-                route.engine.store = new_store(rc, bundle.state_shapes)
-                self.metrics.state_resets.labels(rc.name, "model_changed").inc(n)
-                log.warning(
-                    "reload: route %s: new model has other state shapes; %d streams reset",
-                    rc.name,
-                    n,
-                )
-            route.engine.bundle = bundle
-            m = bundle.manifest
-            self.metrics.set_model(rc.name, m.name, m.version, m.onnx_sha256)
-            log.info("reload: route %s now serves %s %s", rc.name, m.name, m.version)
+            if swap_bundle(route, bundle, self.metrics):
+                m = bundle.manifest
+                self.metrics.set_model(rc.name, m.name, m.version, m.onnx_sha256)
+                log.info("reload: route %s now serves %s %s", rc.name, m.name, m.version)
         self.metrics.reloads.labels("ok" if ok else "failed").inc()
         return ok

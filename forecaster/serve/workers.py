@@ -166,8 +166,9 @@ class NotifyRelay:
             self.status[worker] = fields["STATUS"]
         if fields.get("RELOADING") == "1":
             # A worker reloads (it says READY=1 when done): the group reloads until all are
-            # ready again. Said only when a worker says so: a worker that ignores SIGHUP (the
-            # NATS transport does) must not leave the unit "reloading" forever.
+            # ready again. Said only when a worker says so: a worker that did not start a
+            # reload (a SIGHUP that arrived while it was starting) must not leave the unit
+            # "reloading" forever.
             self.ready.discard(worker)
             if self.announced_ready:
                 self.announced_ready = False

@@ -4,12 +4,19 @@ configuration; and that MQTT serving imports and configures without nats-py."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from forecaster.errors import ConfigError
+from forecaster.logs import RateLimitedLog
 from forecaster.serve.config import Config, config_summary, load_config
 from forecaster.serve.nats import leases, partitions, snapshots, source
 from forecaster.serve.nats.partitions import (
@@ -120,6 +127,41 @@ def test_pulls_keep_two_batches_outstanding_and_forget_expired_ones() -> None:
     assert p.want(1.0 + source.PULL_EXPIRES + 2) == 100  # presumed expired
 
 
+def test_delivery_facts_from_the_reply_subject() -> None:
+    # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>
+    v1 = "$JS.ACK.READINGS.fc-p3-7.1.4521.17.1764633600123456789.42"
+    assert source.delivery(v1) == (4521, 1764633600123456789, 42)
+    # v2 adds the domain and the account hash in front, and a random token at the end
+    v2 = "$JS.ACK.hub.ACCHASH.READINGS.fc-p3-7.2.4521.17.1764633600123456789.0.xyz"
+    assert source.delivery(v2) == (4521, 1764633600123456789, 0)
+    for bad in ("", "_INBOX.abc.1", "$JS.ACK.READINGS.c.1.2", "$JS.API.X.A.1.2.3.4.5"):
+        with pytest.raises(ValueError):
+            source.delivery(bad)
+
+
+def test_pulls_count_a_batch_received_at_once() -> None:
+    p = source.Pulls(batch=100)
+    p.sent(100, 0.0)
+    p.sent(100, 0.0)
+    p.received(150)
+    assert p.owed == 50 and p.want(0.1) == 100
+    p.received(500)
+    assert p.owed == 0
+
+
+@pytest.mark.parametrize(
+    ("topic", "subject"),
+    [
+        ("forecast/sensors/s1/flow", "forecast.sensors.s1.flow"),
+        ("sensors/+/flow", "sensors.*.flow"),
+        ("sensors/#", "sensors.>"),
+        ("a+b/c#d", "a+b.c#d"),  # not wildcards: levels kept as they are
+    ],
+)
+def test_topic_to_subject(topic: str, subject: str) -> None:
+    assert partitions.topic_to_subject(topic) == subject
+
+
 # ---------------------------------------------------------------- snapshots
 
 
@@ -186,3 +228,46 @@ def test_serving_imports_and_mqtt_config_work_without_nats_py() -> None:
         [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=120
     )
     assert 'pip install "forecaster[nats]"' in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- predictions out
+
+
+class _FakeNats:
+    """Answers every publish with a PubAck, refusing the first attempt at payload ``b"b"``."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, str]] = []
+        self.cb: Any = None
+
+    def new_inbox(self) -> str:
+        return "_INBOX.t"
+
+    async def subscribe(self, subject: str, cb: Any) -> None:
+        self.cb = cb
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        self.sent.append((subject, payload, reply))
+        first_b = payload == b"b" and sum(1 for s in self.sent if s[1] == b"b") == 1
+        data = b'{"error":{"code":503}}' if first_b else b'{"stream":"P","seq":1}'
+        asyncio.get_running_loop().call_soon(
+            lambda: asyncio.ensure_future(self.cb(SimpleNamespace(subject=reply, data=data)))
+        )
+
+
+def test_jetstream_out_confirms_once_stored_and_republishes_what_was_refused() -> None:
+    from forecaster.serve.metrics import Metrics
+    from forecaster.serve.nats.publish import JetStreamOut
+
+    async def scenario() -> tuple[bool, list[bytes], int]:
+        nc = _FakeNats()
+        out = JetStreamOut(nc, Metrics(CollectorRegistry()), RateLimitedLog(logging.getLogger()))
+        await out.start()
+        part = SimpleNamespace(lost=False, lease=leases.Lease(0, 1, time.monotonic(), 60.0))
+        ok = await out.confirm(part, [("p.a", b"a"), ("p.b", b"b"), ("p.c", b"c")])  # type: ignore[arg-type]
+        return ok, [s[1] for s in nc.sent], len(out.waiting)
+
+    ok, sent, waiting = asyncio.run(scenario())
+    assert ok
+    assert sent == [b"a", b"b", b"c", b"b"]  # only the refused one again
+    assert waiting == 0  # nothing left behind

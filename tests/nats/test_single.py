@@ -4,6 +4,7 @@ resumes from the snapshot exactly."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -66,3 +67,46 @@ def test_mqtt_in_predictions_out_equal_evaluate(
         assert d.stop() == 0
         payload = json.loads(read_stream(srv.url)[0][1])
         assert {"stream", "ts", "value", "warm"} <= set(payload)
+
+
+async def _observe(url: str, subjects: list[str]) -> None:
+    """A stream of our own on the prediction subjects: in ``publish = "core"`` mode the worker
+    creates none, and a stream is the test's way to see every core publish that reached the
+    server."""
+    import nats
+    from nats.js.api import StreamConfig
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_stream(StreamConfig(name="OBSERVED", subjects=subjects))
+    finally:
+        await nc.close()
+
+
+def test_core_publish_answers_everything_exactly_and_acknowledges_it(
+    tmp_path: Path, reference: dict[float, float], daemons: list[DaemonProcess]
+) -> None:
+    with NatsServer(tmp_path / "nats", mappings=mappings_for([FILTER], PARTS)) as srv:
+        asyncio.run(_observe(srv.url, ["forecast.>"]))
+        cfg = nats_config([srv.url], tmp_path / "state", PARTS, nats={"publish": "core"})
+        d = DaemonProcess(cfg, tmp_path, "fc", cwd=ROOT)
+        daemons.append(d)
+        d.start()
+        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        items = readings(streams=12, rows=150)
+        mqtt_publish(srv.mqtt_port, items)
+        n = len(items)
+        assert wait_until(lambda: stream_count(srv.url, "OBSERVED") >= n, 120), d.log_text()[-3000:]
+        assert stream_count(srv.url, "FORECASTER_PREDICTIONS") == 0  # core: no stream made
+        check_exact(by_stream(read_stream(srv.url, "OBSERVED")), reference, 150)
+        assert d.stop() == 0
+        # every reading was acknowledged: after a restart only the new ones are answered
+        d.start()
+        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        more = readings(streams=12, rows=50, start=150)
+        mqtt_publish(srv.mqtt_port, more)
+        assert wait_until(lambda: stream_count(srv.url, "OBSERVED") >= n + len(more), 120)
+        assert d.stop() == 0
+        preds = read_stream(srv.url, "OBSERVED")
+        assert len(preds) == n + len(more)  # no reading answered twice
+        check_exact(by_stream(preds), reference, 200)

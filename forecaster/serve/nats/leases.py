@@ -14,6 +14,7 @@ the KV calls (nats-py, imported by the caller).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -97,19 +98,19 @@ class LeaseBook:
         return max(1, len({key for key in keys if key.startswith("m.")}))
 
     async def free(self) -> list[int]:
-        """Partitions nobody holds now (no live key)."""
+        """Partitions nobody holds now (no live key); the keys are read concurrently (one
+        round trip, not N)."""
         from nats.js.errors import KeyNotFoundError
 
-        out = []
-        for k in range(self.partitions):
+        async def is_free(k: int) -> bool:
             try:
                 entry = await self.kv.get(lease_key(k))
             except KeyNotFoundError:
-                out.append(k)
-                continue
-            if entry.value is None or entry.operation is not None:
-                out.append(k)  # a delete or purge marker
-        return out
+                return True
+            return entry.value is None or entry.operation is not None  # delete/purge marker
+
+        found = await asyncio.gather(*(is_free(k) for k in range(self.partitions)))
+        return [k for k, free in enumerate(found) if free]
 
     async def claim(self, k: int, now: float) -> Lease | None:
         """Take partition ``k`` if nobody holds it; None if someone does (or the call fails)."""

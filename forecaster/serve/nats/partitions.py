@@ -29,6 +29,8 @@ def fnv1a32(data: bytes) -> int:
 
 def topic_to_subject(topic: str) -> str:
     """An MQTT topic or filter as a NATS subject (``+`` → ``*``, ``#`` → ``>``)."""
+    if "+" not in topic and "#" not in topic:
+        return topic.replace("/", ".")  # a plain topic (every prediction): one call
     levels = topic.split("/")
     out = []
     for level in levels:

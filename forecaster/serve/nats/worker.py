@@ -5,212 +5,65 @@ The loop (one asyncio thread; the model steps on it between awaits, so no lock g
 - **leases** (:mod:`.leases`): every TTL/3 renew ours (a failed renewal, or TTL·0.75 without a
   successful one, stops that partition at once), write our heartbeat, count live members, claim
   free partitions up to ``ceil(N / live)`` and hand back extras one at a time;
-- **takeover** of partition k: restore its snapshot (object store), read the previous
-  consumers' ack floor, create this epoch's consumer from ``min(S, F) + 1`` and step readings up
-  to F without publishing (:mod:`.source`);
-- **serve**: pull requests straight to ``$JS.API.CONSUMER.MSG.NEXT``; each message goes
-  through the MQTT daemon's own :class:`~forecaster.serve.intake.Intake` (route, decode, reject
-  counting) and :class:`~forecaster.serve.responder.Responder` (step, encode, error isolation);
-  the predictions are published (``publish = "jetstream"``: awaited PubAcks, retried until
-  stored; ``"core"``: a flush), then the batch's last reading is acknowledged (AckPolicy ALL);
-- **snapshots** every ``daemon.snapshot_interval`` and at every hand-over or stop.
+- **takeover** of partition k (:mod:`.takeover`): restore its snapshot, read the previous
+  consumers' ack floor, create this epoch's consumer and step readings up to F without
+  publishing (:mod:`.source`);
+- **serve**: pull requests straight to ``$JS.API.CONSUMER.MSG.NEXT``; what a turn received for a
+  partition becomes one micro-batch (:meth:`.partition.Partition.take`), stepped, confirmed and
+  acknowledged in order by :mod:`.answering` (predictions out: :mod:`.publish`);
+- **snapshots** every ``daemon.snapshot_interval`` and at every hand-over or stop;
+- **upkeep** about once a second, between turns: streams idle past their route's ``idle_ttl``
+  forgotten in every partition served (as the MQTT daemon's housekeeping does);
+- **reload** on SIGHUP, between turns (:mod:`.reload`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import shutil
-import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from forecaster.errors import ForecasterError
 from forecaster.logs import RateLimitedLog
 from forecaster.model.bundle import Bundle
-from forecaster.serve.codec import topic_matches
-from forecaster.serve.config import Config, RouteConfig
-from forecaster.serve.engine import Engine
+from forecaster.serve.config import Config, load_config
 from forecaster.serve.http import Liveness, MetricsServer
-from forecaster.serve.intake import Intake, Work
 from forecaster.serve.metrics import Metrics
-from forecaster.serve.mqtt import Ack, PublishResult
-from forecaster.serve.nats import leases, snapshots, source
-from forecaster.serve.nats.partitions import partition_subject, split_subject, topic_to_subject
+from forecaster.serve.nats import connection, leases, reload, snapshots, source
+from forecaster.serve.nats.answering import Answerer
+from forecaster.serve.nats.metrics import NatsMetrics
+from forecaster.serve.nats.partition import Partition
+from forecaster.serve.nats.publish import CoreOut, JetStreamOut, Out
+from forecaster.serve.nats.takeover import Takeover
 from forecaster.serve.notify import Notifier
-from forecaster.serve.responder import Responder
-from forecaster.serve.routes import Route, new_store
+from forecaster.serve.routes import forget_idle, swap_bundle
 
 log = logging.getLogger("forecaster.serve.nats")
 
 HEALTH_TIMEOUT = 30.0
-TURN = 0.02  # seconds the loop sleeps when nothing arrived
-PUBACK_TIMEOUT = 5.0
+TURN = 0.02  # seconds the loop waits when nothing arrived
 STOP_TIMEOUT = 8.0
-
-
-class NatsMetrics:
-    """The per-partition metrics (names on the board and in docs/reliability.md)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.connected = Gauge(
-            "forecaster_nats_connected", "1 while connected to a NATS server", registry=registry
-        )
-        self.owned = Gauge(
-            "forecaster_nats_partitions_owned", "Partitions this process serves", registry=registry
-        )
-        self.owned_by = Gauge(
-            "forecaster_nats_partition_owned",
-            "1 if this process serves the partition",
-            ["partition"],
-            registry=registry,
-        )
-        self.takeovers = Counter(
-            "forecaster_nats_takeovers",
-            "Partitions taken (restored from snapshot and stream)",
-            registry=registry,
-        )
-        self.released = Counter(
-            "forecaster_nats_partitions_released",
-            "Partitions handed back cleanly (rebalance or stop)",
-            registry=registry,
-        )
-        self.lost = Counter(
-            "forecaster_nats_partitions_lost",
-            "Partitions dropped because the lease could not be renewed in time (fencing)",
-            registry=registry,
-        )
-        self.renew_failures = Counter(
-            "forecaster_nats_lease_renew_failures",
-            "Lease renewals that failed",
-            registry=registry,
-        )
-        self.replayed = Counter(
-            "forecaster_nats_replayed_readings",
-            "Readings stepped without publishing after a takeover (already answered before)",
-            ["partition"],
-            registry=registry,
-        )
-        self.lag = Gauge(
-            "forecaster_nats_consumer_lag",
-            "Readings in the partition's stream not yet delivered to us",
-            ["partition"],
-            registry=registry,
-        )
-        self.members = Gauge(
-            "forecaster_nats_live_members", "Live forecaster processes seen", registry=registry
-        )
-
-
-class _Sink:
-    """The responder's publisher: collects one partition's predictions for the async publish,
-    drops those of readings the previous owner already answered (``quiet``)."""
-
-    def __init__(self) -> None:
-        self.out: list[tuple[str, bytes]] = []
-        self.quiet = 0
-
-    def begin(self, quiet: int) -> None:
-        self.out = []
-        self.quiet = quiet
-
-    def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
-    ) -> PublishResult:
-        if acks and acks[0][0] <= self.quiet:
-            return PublishResult.STOPPING  # replay: state only, no message
-        self.out.append((topic_to_subject(topic), payload))
-        return PublishResult.SENT
-
-    def ack(self, mid: int, qos: int) -> None:
-        """Acknowledgement is per batch (AckPolicy ALL), after the publishes: nothing here."""
-
-
-@dataclass
-class Partition:
-    k: int
-    lease: leases.Lease
-    routes: list[Route]
-    intake: Intake
-    consumer: str
-    quiet_until: int
-    scratch: Path
-    pulls: source.Pulls
-    inbox: str = ""
-    sub: Any = None
-    #: the newest message received (and its stream sequence), acknowledged after its batch
-    last_msg: Any = None
-    last_seq: int = 0
-    #: stream sequence of the newest reading the states include
-    stepped_seq: int = 0
-    acked_seq: int = 0
-    wall: float = 0.0
-    releasing: bool = False
-    lost: bool = False
-    next_snapshot: float = 0.0
-    _cache: dict[str, Route | None] = field(default_factory=dict)
-
-    def route_for(self, topic: str) -> Route | None:
-        try:
-            return self._cache[topic]
-        except KeyError:
-            pass
-        found = next(
-            (r for r in self.routes if any(topic_matches(f, topic) for f in r.cfg.subscribe)), None
-        )
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[topic] = found
-        return found
-
-
-@dataclass
-class _Answer:
-    """One partition's stepped batch: predictions to publish, then the message to ack."""
-
-    part: Partition
-    out: list[tuple[str, bytes]]
-    cut_msg: Any
-    cut_seq: int
-
-
-def prediction_subjects(routes: list[RouteConfig]) -> list[str]:
-    """Subjects the prediction stream captures: each template up to ``{topic}``, then ``>``."""
-    out: list[str] = []
-    for rc in routes:
-        levels = rc.prediction_topic.split("/")
-        head = []
-        for level in levels:
-            if "{topic}" in level:
-                break
-            head.append(level)
-        subject = ".".join([*head, ">"]) if head else ">"
-        if subject not in out:
-            out.append(subject)
-    return out
-
-
-def default_member() -> str:
-    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())
-    return f"{host[:40]}-{os.getpid()}"
+UPKEEP = 1.0  # seconds between idle-stream sweeps (the MQTT daemon's housekeeping period)
 
 
 class NatsWorker:
+    """The process: its connection, the leases it holds, the partitions it serves."""
+
     def __init__(
         self,
         cfg: Config,
         metrics: Metrics | None = None,
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
+        reload_event: threading.Event | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.n = cfg.nats
@@ -218,11 +71,12 @@ class NatsWorker:
         self.registry = self.metrics.registry
         self.nm = NatsMetrics(self.registry)
         self.stop_event = stop or threading.Event()
+        #: set by SIGHUP (``Daemon.install_signals``); the serve loop reloads between turns
+        self.reload_event = reload_event or threading.Event()
+        self.config_path = config_path
         self.clock = clock
-        self.member = self.n.member or default_member()
+        self.member = self.n.member or connection.default_member()
         self.rl = RateLimitedLog(log)
-        self.sink = _Sink()
-        self.responder = Responder(self.sink, self.metrics, rl=self.rl)
         self.parts: dict[int, Partition] = {}
         #: every lease we hold, also those of partitions still being taken over
         self.held: dict[int, leases.Lease] = {}
@@ -234,6 +88,8 @@ class NatsWorker:
         self.js: Any = None
         self.book: leases.LeaseBook | None = None
         self.objects: Any = None
+        self.answerer: Answerer | None = None
+        self.takeover: Takeover | None = None
         self.ready_flag = False
         self.failed = False
 
@@ -241,8 +97,7 @@ class NatsWorker:
 
     def load(self) -> None:
         for rc in self.cfg.routes:
-            bundle = Bundle.load(rc.bundle, intra_op_threads=self.cfg.daemon.intra_op_threads)
-            bundle.warm_up()
+            bundle = reload.load_bundle(rc, self.cfg.daemon.intra_op_threads)
             self.bundles[rc.name] = bundle
             m = bundle.manifest
             self.metrics.set_model(rc.name, m.name, m.version, m.onnx_sha256)
@@ -265,46 +120,40 @@ class NatsWorker:
             return False, "setting up streams and buckets"
         return True, f"ready, {len(self.parts)} partition(s)"
 
+    def _connected(self, up: bool) -> None:
+        self.nm.connected.set(1 if up else 0)
+
     async def connect(self) -> None:
-        import nats
+        stopping = self.stop_event.is_set
+        self.nc = await connection.connect(
+            self.n, self.member, self.rl, self._connected, stopping, self.clock
+        )
+        self.js = self.nc.jetstream()
 
-        async def disconnected() -> None:
-            self.nm.connected.set(0)
-            log.warning("disconnected from NATS")
+        async def ensure() -> tuple[leases.LeaseBook, Any]:
+            return await connection.ensure(self.js, self.cfg, self.member)
 
-        async def reconnected() -> None:
-            self.nm.connected.set(1)
-            log.info("reconnected to NATS %s", self.nc.connected_url.netloc)
-
-        async def error(exc: Exception) -> None:
-            self.rl.warning("nats:error", "NATS: %s: %s", type(exc).__name__, exc)
-
-        opts: dict[str, Any] = {
-            "name": f"forecaster-{self.member}",
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.5,
-            "disconnected_cb": disconnected,
-            "reconnected_cb": reconnected,
-            "error_cb": error,
-            "allow_reconnect": True,
-        }
-        if self.n.credentials_file is not None:
-            opts["user_credentials"] = str(self.n.credentials_file)
-        deadline = self.clock() + 60.0
-        while True:
-            try:
-                self.nc = await nats.connect(self.n.servers, **opts)
-                break
-            except Exception as exc:  # no server up yet: keep trying until the deadline
-                if self.clock() > deadline or self.stop_event.is_set():
-                    raise ForecasterError(
-                        f"cannot connect to NATS {self.n.servers}: {exc}"
-                    ) from exc
-                self.rl.warning("nats:connect", "NATS not reachable yet: %s", exc)
-                await asyncio.sleep(0.5)
-        self.nm.connected.set(1)
-        self.js = self.nc.jetstream(publish_async_max_pending=20000)
-        await self._retry("streams and buckets", self._ensure)
+        self.book, self.objects = await connection.retry(
+            "streams and buckets", ensure, self.rl, stopping, self.clock
+        )
+        out: Out = (
+            JetStreamOut(self.nc, self.metrics, self.rl, self.clock)
+            if self.n.publish == "jetstream"
+            else CoreOut(self.nc, self.rl)
+        )
+        await out.start()
+        self.answerer = Answerer(self.nc, out, self.metrics, self.rl)
+        self.takeover = Takeover(
+            self.cfg,
+            self.nc,
+            self.js,
+            self.objects,
+            self.bundles,
+            self.metrics,
+            self.nm,
+            self.rl,
+            self.clock,
+        )
         self.ready_flag = True
         log.info(
             "connected to %s as %s: %d partitions of stream %s",
@@ -314,82 +163,20 @@ class NatsWorker:
             self.n.stream,
         )
 
-    async def _retry(self, what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-        deadline = self.clock() + timeout
-        while True:
-            try:
-                return await fn()
-            except Exception as exc:
-                if self.clock() > deadline or self.stop_event.is_set():
-                    raise
-                self.rl.warning(
-                    f"retry:{what}", "%s: %s: %s (retrying)", what, type(exc).__name__, exc
-                )
-                await asyncio.sleep(0.5)
-
-    async def _ensure(self) -> None:
-        from nats.js.api import (
-            KeyValueConfig,
-            ObjectStoreConfig,
-            RetentionPolicy,
-            StorageType,
-            StreamConfig,
-        )
-        from nats.js.errors import BadRequestError
-
-        n = self.n
-        wanted = [
-            StreamConfig(
-                name=n.stream,
-                subjects=["part.>"],
-                retention=RetentionPolicy.LIMITS,
-                max_age=n.max_age,
-                storage=StorageType.FILE,
-                num_replicas=n.replicas,
-                duplicate_window=120.0,
-            )
-        ]
-        if n.publish == "jetstream":
-            wanted.append(
-                StreamConfig(
-                    name=n.prediction_stream,
-                    subjects=prediction_subjects(self.cfg.routes),
-                    retention=RetentionPolicy.LIMITS,
-                    max_age=n.prediction_max_age,
-                    storage=StorageType.FILE,
-                    num_replicas=n.replicas,
-                )
-            )
-        for sc in wanted:
-            try:
-                await self.js.add_stream(sc)
-            except BadRequestError:
-                await self.js.stream_info(sc.name)  # exists with other settings: use it as is
-        try:
-            kv = await self.js.key_value(n.lease_bucket)
-        except Exception:
-            kv = await self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=n.lease_bucket, history=1, ttl=n.lease_ttl, replicas=n.replicas
-                )
-            )
-        self.book = leases.LeaseBook(kv, self.member, n.partitions, n.lease_ttl)
-        try:
-            self.objects = await self.js.object_store(n.snapshot_bucket)
-        except Exception:
-            self.objects = await self.js.create_object_store(
-                n.snapshot_bucket, ObjectStoreConfig(bucket=n.snapshot_bucket, replicas=n.replicas)
-            )
-
     def _book(self) -> leases.LeaseBook:
         if self.book is None:
             raise RuntimeError("not connected: call connect() first")
         return self.book
 
-    def _store(self) -> Any:
-        if self.objects is None:
+    def _answerer(self) -> Answerer:
+        if self.answerer is None:
             raise RuntimeError("not connected: call connect() first")
-        return self.objects
+        return self.answerer
+
+    def _takeover(self) -> Takeover:
+        if self.takeover is None:
+            raise RuntimeError("not connected: call connect() first")
+        return self.takeover
 
     # ------------------------------------------------------------------ ownership
 
@@ -441,7 +228,9 @@ class NatsWorker:
         if self.stop_event.is_set():
             return False
         owned = {k for k, p in self.parts.items() if not p.lost and not p.releasing}
-        free = await book.free()
+        # at our share already: nothing to claim, so no need to read every lease
+        full = len(owned) >= leases.target(self.n.partitions, live)
+        free = [] if full else await book.free()
         claim, release = leases.plan(owned, free, self.n.partitions, live)
         for k in release:
             self.parts[k].releasing = True
@@ -454,7 +243,7 @@ class NatsWorker:
             return len(claim) > 1
         self.held[k] = lease
         try:
-            part = await self._take(k, lease)
+            part = await self._takeover().take(k, lease)
         except Exception as exc:
             log.error("partition %d: takeover failed: %s: %s", k, type(exc).__name__, exc)
             self.held.pop(k, None)
@@ -465,6 +254,7 @@ class NatsWorker:
             self.held.pop(k, None)
             await self._drop(part, "dropped (lease lost during the takeover)")
             return False
+        self._refresh(part)  # a reload may have swapped a model during the takeover
         self.parts[k] = part
         self._gauge()
         return len(claim) > 1
@@ -473,180 +263,6 @@ class NatsWorker:
         self.nm.owned.set(sum(1 for p in self.parts.values() if not p.lost))
         for k in range(self.n.partitions):
             self.nm.owned_by.labels(str(k)).set(1 if k in self.parts else 0)
-
-    async def _consumer_names(self) -> list[str]:
-        """Every consumer name of the readings stream ($JS.API.CONSUMER.NAMES, paged)."""
-        names: list[str] = []
-        while True:
-            body = json.dumps({"offset": len(names)}).encode()
-            msg = await self.nc.request(
-                f"$JS.API.CONSUMER.NAMES.{self.n.stream}", body, timeout=5.0
-            )
-            resp = json.loads(msg.data)
-            if "error" in resp:
-                raise ForecasterError(f"consumer names: {resp['error']}")
-            page = resp.get("consumers") or []
-            names.extend(page)
-            if not page or len(names) >= int(resp.get("total", 0)):
-                return names
-
-    async def _take(self, k: int, lease: leases.Lease) -> Partition:
-        """Restore partition ``k`` and start its consumer (see :mod:`.source`)."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        started = self.clock()
-        scratch = self.cfg.daemon.state_dir / "nats" / f"p{k}"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True, exist_ok=True)
-        self._store()
-        snap: snapshots.PartitionSnapshot | None
-        try:
-            snap = await snapshots.load(self.objects, k)
-        except snapshots.EnvelopeError as exc:
-            log.warning("partition %d: snapshot unusable (%s); fresh states", k, exc)
-            snap = None
-        routes: list[Route] = []
-        complete = snap is not None
-        for rc in self.cfg.routes:
-            bundle = self.bundles[rc.name]
-            engine = Engine(
-                bundle, new_store(rc, bundle.state_shapes), recent=rc.recent_predictions
-            )
-            path = scratch / f"{rc.name}.npz"
-            if snap is not None and rc.name in snap.routes:
-                path.write_bytes(snap.routes[rc.name])
-            rec = engine.recover(path, None, now=self.clock())
-            self.metrics.snapshot_restores.labels(rec.snapshot).inc()
-            if rec.snapshot != "ok" and snap is not None:
-                complete = False
-                log.warning(
-                    "partition %d route %s: snapshot %s; replaying the stream from its start",
-                    k,
-                    rc.name,
-                    rec.snapshot,
-                )
-            routes.append(Route(rc, engine))
-        snap_seq = snap.seq if snap is not None and complete else 0
-        if not complete and snap is not None:
-            for r in routes:  # every route from zero, so all agree with the stream
-                r.engine.store = new_store(r.cfg, r.engine.bundle.state_shapes)
-                r.engine.recent.clear()
-        floor: int | None = None
-        stale: list[str] = []
-        # By name, then INFO of our partition's old consumers only: nats-server 2.9.10 was
-        # measured delivering to a pull consumer at a crawl for the rest of its life once a
-        # CONSUMER.LIST (the info of every consumer, the live ones of other partitions too)
-        # had run (4 x 5,000 readings: 1 s without a LIST, ~1,000 per consumer in 20 s after).
-        for name in await self._consumer_names():
-            if not name.startswith(source.consumer_prefix(k)):
-                continue
-            stale.append(name)
-            info = await self.js.consumer_info(self.n.stream, name)
-            f = info.ack_floor.stream_seq if info.ack_floor else 0
-            if info.config.opt_start_seq:
-                f = max(f or 0, info.config.opt_start_seq - 1)
-            floor = max(floor or 0, f or 0)
-        start, quiet = source.resume_point(snap_seq, floor)
-        name = source.consumer_name(k, lease.revision)
-        cc = ConsumerConfig(
-            durable_name=name,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if start > 1 else DeliverPolicy.ALL,
-            opt_start_seq=start if start > 1 else None,
-            ack_policy=AckPolicy.ALL,
-            ack_wait=self.n.ack_wait,
-            max_ack_pending=self.n.max_ack_pending,
-            filter_subject=partition_subject(k),
-            num_replicas=self.n.replicas,
-        )
-        await self.js.add_consumer(self.n.stream, cc)
-        for old in stale:
-            if old != name:
-                with contextlib.suppress(Exception):
-                    await self.js.delete_consumer(self.n.stream, old)
-        holder: dict[str, Partition] = {}
-
-        def wall() -> float:
-            return holder["p"].wall
-
-        def route_for(topic: str) -> Route | None:
-            return holder["p"].route_for(topic)
-
-        intake = Intake(
-            1 << 60,
-            "block",
-            self.metrics,
-            route_for,
-            ack=lambda mid, qos: None,
-            wall=wall,
-            clock=self.clock,
-            rl=self.rl,
-        )
-        part = holder["p"] = Partition(
-            k=k,
-            lease=lease,
-            routes=routes,
-            intake=intake,
-            consumer=name,
-            quiet_until=quiet,
-            scratch=scratch,
-            pulls=source.Pulls(self.n.pull_batch),
-            stepped_seq=start - 1,
-            acked_seq=start - 1,
-            next_snapshot=self.clock() + self.cfg.daemon.snapshot_interval,
-        )
-        part.intake.accepting = True
-        part.inbox = self.nc.new_inbox()
-        # one reply subject per request: nats-server 2.9 lets a new request from the same reply
-        # subject replace a waiting one, which leaves the old one's messages owed forever
-        part.sub = await self.nc.subscribe(part.inbox + ".*", cb=self._on_message(part))
-        self.nm.takeovers.inc()
-        log.info(
-            "partition %d: taken (lease rev %d) in %.2f s: snapshot seq %d, ack floor %s, "
-            "reading from %d, quiet up to %d",
-            k,
-            lease.revision,
-            self.clock() - started,
-            snap_seq,
-            floor,
-            start,
-            quiet,
-        )
-        return part
-
-    def _on_message(self, part: Partition) -> Callable[[Any], Any]:
-        k = str(part.k)
-        lag = self.nm.lag.labels(k)
-        replayed = self.nm.replayed.labels(k)
-
-        async def on_msg(msg: Any) -> None:
-            if part.lost:
-                return
-            hdr = msg.headers
-            if hdr and hdr.get("Status"):
-                pending = hdr.get("Nats-Pending-Messages")
-                part.pulls.ended(int(pending) if pending and pending.isdigit() else None)
-                return
-            part.pulls.received()
-            try:
-                meta = msg.metadata
-                seq = meta.sequence.stream
-                part.wall = meta.timestamp.timestamp() if meta.timestamp else time.time()
-                lag.set(meta.num_pending)
-                _, topic = split_subject(msg.subject)
-            except Exception as exc:  # not a reading of ours: acknowledged with the batch
-                self.rl.warning("nats:foreign", "unexpected message %r: %s", msg.subject[:200], exc)
-                return
-            if seq <= part.quiet_until:
-                replayed.inc()
-            if seq > part.last_seq:
-                part.last_msg, part.last_seq = msg, seq
-            try:
-                part.intake.on_message(topic, msg.data, seq, 1)
-            except Exception as exc:  # never let one message take the worker down
-                self.metrics.callback_errors.labels("on_message").inc()
-                self.rl.warning("nats:intake", "intake failed on %r: %s", topic[:200], exc)
-
-        return on_msg
 
     # ------------------------------------------------------------------ serving
 
@@ -660,87 +276,7 @@ class NatsWorker:
                 reply=f"{part.inbox}.{part.pulls.requests}",
             )
 
-    def _step_part(self, part: Partition) -> _Answer | None:
-        """Step what the partition has received (no await: the states and the cut agree);
-        None if there is nothing to answer or acknowledge."""
-        items: list[Work] = []
-        while True:
-            got = part.intake.take(0, 1 << 30, 0)
-            if not got:
-                break
-            items.extend(got)
-        cut_msg, cut_seq = part.last_msg, part.last_seq
-        if not items and (cut_msg is None or cut_seq <= part.acked_seq):
-            return None
-        out: list[tuple[str, bytes]] = []
-        if items:
-            self.sink.begin(part.quiet_until)
-            try:
-                self.responder.respond(items)
-            except Exception as exc:
-                self.metrics.callback_errors.labels("worker").inc()
-                self.rl.warning("error:worker", "unexpected error answering a batch: %s", exc)
-                self.responder.settle_unanswered(items, "internal_error")
-            out = self.sink.out
-            self.sink.out = []
-        part.stepped_seq = max(part.stepped_seq, cut_seq)
-        return _Answer(part, out, cut_msg, cut_seq)
-
-    async def _finish(self, answer: _Answer) -> None:
-        """Publish and confirm the predictions, then acknowledge the batch (AckPolicy ALL)."""
-        part = answer.part
-        if answer.out and not await self._publish(part, answer.out):
-            return  # not acknowledged: redelivered (the recent cache answers it again)
-        if answer.cut_msg is not None and answer.cut_seq > part.acked_seq and not part.lost:
-            await answer.cut_msg.ack()
-            part.acked_seq = answer.cut_seq
-
-    async def _serve_part(self, part: Partition) -> bool:
-        """Answer what the partition has received; True if it did anything."""
-        answer = self._step_part(part)
-        if answer is None:
-            return False
-        await self._finish(answer)
-        return True
-
-    async def _publish(self, part: Partition, out: list[tuple[str, bytes]]) -> bool:
-        """Publish and confirm; False if the partition was lost before confirmation."""
-        if self.n.publish == "core":
-            for subject, payload in out:
-                await self.nc.publish(subject, payload)
-            try:
-                await self.nc.flush(timeout=PUBACK_TIMEOUT)
-            except Exception as exc:
-                # not acknowledged, and no later batch may acknowledge past it (AckPolicy ALL):
-                # give the partition up, its next owner answers these readings again
-                self.rl.warning("nats:flush", "flush failed: %s; giving the partition up", exc)
-                part.lost = True
-                return False
-            return True
-        todo = out
-        while todo:
-            futs = [await self.js.publish_async(s, p) for s, p in todo]
-            done, _ = await asyncio.wait(futs, timeout=PUBACK_TIMEOUT)
-            failed = []
-            for (s, p), fut in zip(todo, futs, strict=True):
-                if fut in done and fut.exception() is None:
-                    continue
-                if fut not in done:
-                    fut.cancel()
-                failed.append((s, p))
-            if failed:
-                self.metrics.callback_errors.labels("publish").inc()
-                self.rl.warning(
-                    "nats:puback", "%d prediction(s) not confirmed; publishing again", len(failed)
-                )
-                if part.lost or not part.lease.valid(self.clock()):
-                    return False
-                await asyncio.sleep(0.2)
-            todo = failed
-        return True
-
     async def _snapshot(self, part: Partition) -> bool:
-        self._store()
         snap = snapshots.PartitionSnapshot(part.stepped_seq)
         try:
             for r in part.routes:
@@ -776,7 +312,7 @@ class NatsWorker:
             with contextlib.suppress(Exception):
                 await part.sub.unsubscribe()
             part.sub = None
-        await self._serve_part(part)
+        await self._answerer().settle(part)
         if not part.lost and part.lease.valid(self.clock()):
             await self._snapshot(part)
             self.held.pop(part.k, None)  # no renewal may race the release
@@ -784,29 +320,24 @@ class NatsWorker:
             self.nm.released.inc()
         await self._drop(part, "handed back")
 
-    async def _guarded(self, part: Partition, work: Awaitable[Any]) -> None:
-        """Run ``work`` for ``part``; an error (an ack or a request while the connection is
-        down) gives the partition up: whoever takes it next (us, maybe) restores it exactly
-        and answers what was not acknowledged."""
-        try:
-            await work
-        except Exception as exc:
-            self.metrics.callback_errors.labels("nats").inc()
-            log.warning("partition %d: %s: %s; giving it up", part.k, type(exc).__name__, exc)
-            part.lost = True
-
     async def serve_loop(self) -> None:
+        answerer = self._answerer()
         interval = self.cfg.daemon.snapshot_interval
         watchdog = self.notifier.watchdog_interval()
-        last_ping = self.clock()
+        last_ping = last_upkeep = self.clock()
         while not self.stop_event.is_set():
             now = self.clock()
             self.liveness.beat(now, f"{len(self.parts)} partition(s)")
             if watchdog and now - last_ping >= watchdog / 2:
                 self.notifier.watchdog()
                 last_ping = now
-            busy = False
-            answers: list[_Answer] = []
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                await self.reload()
+            if now - last_upkeep >= UPKEEP:
+                self.expire(now)
+                last_upkeep = now
+            stepped = False
             for part in list(self.parts.values()):
                 if part.lost or not part.lease.valid(self.clock()):
                     if not part.lost:
@@ -815,26 +346,110 @@ class NatsWorker:
                     await self._drop(part, "lost (lease not renewed in time): stopped serving")
                     continue
                 if part.releasing:
-                    await self._guarded(part, self._hand_back(part))
+                    await part.guarded(self._hand_back(part))
                     continue
-                answer = self._step_part(part)
-                if answer is not None:
-                    answers.append(answer)
-            # every partition's confirmations awaited together: one round trip per turn
-            if answers:
-                busy = True
-                await asyncio.gather(*(self._guarded(a.part, self._finish(a)) for a in answers))
+                if answerer.due(part) and answerer.step(part):
+                    stepped = True
+                    # let the lease renewals and the socket in between partitions: on a
+                    # starved machine a whole turn can take seconds (leases were lost so)
+                    await asyncio.sleep(0)
             for part in list(self.parts.values()):
                 if part.lost or part.releasing:
                     continue
                 if interval > 0 and self.clock() >= part.next_snapshot:
-                    await self._guarded(part, self._snapshot(part))
+                    await part.guarded(self._snapshot(part))
                     part.next_snapshot = self.clock() + interval
-                await self._guarded(part, self._pull(part))
-            if not busy:
-                await asyncio.sleep(TURN)
-            else:
+                await part.guarded(self._pull(part))
+            if stepped:
                 await asyncio.sleep(0)
+                continue
+            flying = [p.finishing for p in self.parts.values() if p.in_flight]
+            if flying:  # woken by a confirmation (room for the next batch) or the next turn
+                await asyncio.wait(flying, timeout=TURN, return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(TURN)
+
+    # ------------------------------------------------------------------ upkeep and reload
+
+    def expire(self, now: float) -> None:
+        """Forget streams idle past ``idle_ttl`` in every partition served (each has its own
+        engines), counted per route as under MQTT; ``forecaster_streams`` is the sum over them.
+
+        Not journaled (the NATS transport has no journal): a stream forgotten since the
+        partition's last snapshot is back in the states a takeover restores, and forgotten
+        again once it has been idle for ``idle_ttl`` there.
+        """
+        streams = dict.fromkeys(self.bundles, 0)
+        for part in self.parts.values():
+            if part.lost or part.releasing:
+                continue
+            for r in part.routes:
+                forget_idle(r, now, self.metrics)
+                streams[r.name] = streams.get(r.name, 0) + len(r.engine.store)
+        for name, n in streams.items():
+            self.metrics.streams.labels(name).set(n)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply its routes' models and options (see
+        :mod:`.reload` for what is refused); systemd hears RELOADING=1, then READY=1."""
+        self.notifier.reloading()
+        try:
+            ok = await self._reload()
+        except Exception as exc:  # a reload must never take the worker down
+            ok = False
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        self.metrics.reloads.labels("ok" if ok else "failed").inc()
+        self.notifier.ready()
+
+    async def _reload(self) -> bool:
+        """True if every route took the new file. Bundles load in a thread (the leases are
+        renewed meanwhile); the swap happens on the loop, between two turns."""
+        if self.config_path is None:
+            log.warning("reload: no configuration file to re-read (started without --config)")
+            return False
+        try:
+            new = load_config(self.config_path)
+            reload.check(self.cfg, new)
+        except ForecasterError as exc:
+            log.error("reload: configuration refused, keeping the running one: %s", exc)
+            return False
+        ok = True
+        threads = self.cfg.daemon.intra_op_threads
+        routes = []
+        for old_rc, rc in zip(self.cfg.routes, new.routes, strict=True):
+            try:
+                bundle = await asyncio.to_thread(reload.load_bundle, rc, threads)
+            except ForecasterError as exc:
+                ok = False
+                running = self.bundles[rc.name].manifest
+                log.error(
+                    "reload: route %s keeps %s %s: %s", rc.name, running.name, running.version, exc
+                )
+                routes.append(old_rc)
+                continue
+            routes.append(rc)
+            if bundle.sha256 != self.bundles[rc.name].sha256:
+                self.bundles[rc.name] = bundle
+                m = bundle.manifest
+                self.metrics.set_model(rc.name, m.name, m.version, m.onnx_sha256)
+                log.info("reload: route %s now serves %s %s", rc.name, m.name, m.version)
+        self.cfg.routes = routes  # what takeovers from now on build their engines from
+        for part in self.parts.values():
+            self._refresh(part)
+        return ok
+
+    def _refresh(self, part: Partition) -> None:
+        """Bring ``part``'s routes to the running models and options; a partition whose model
+        changed is snapshotted at the next turn, so a takeover restores it under that model."""
+        by_name = {rc.name: rc for rc in self.cfg.routes}
+        for r in part.routes:
+            rc = by_name.get(r.name)
+            if rc is None:
+                continue
+            r.cfg = rc
+            r.spec = rc.payload_spec()
+            if swap_bundle(r, self.bundles[r.name], self.metrics):
+                part.next_snapshot = self.clock()
 
     async def run_async(self) -> int:
         await self.connect()
@@ -883,15 +498,22 @@ class NatsWorker:
             await self._hand_back(part)
 
 
-def run(cfg: Config, metrics: Metrics | None = None, stop: threading.Event | None = None) -> int:
-    """``forecaster serve`` with ``transport.kind = "nats"``: the process's exit status."""
+def run(
+    cfg: Config,
+    metrics: Metrics | None = None,
+    stop: threading.Event | None = None,
+    reload_event: threading.Event | None = None,
+    config_path: Path | None = None,
+) -> int:
+    """``forecaster serve`` with ``transport.kind = "nats"``: the process's exit status.
+    ``reload_event`` (SIGHUP) re-reads ``config_path``."""
     try:
         import nats  # noqa: F401
     except ImportError:
         raise ForecasterError(
             'transport.kind = "nats" needs nats-py: pip install "forecaster[nats]"'
         ) from None
-    worker = NatsWorker(cfg, metrics, stop)
+    worker = NatsWorker(cfg, metrics, stop, reload_event=reload_event, config_path=config_path)
     worker.load()
     try:
         return asyncio.run(worker.run_async())
