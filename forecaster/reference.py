@@ -17,6 +17,7 @@ from pydantic_core import PydanticUndefined
 from forecaster.serve.config import DaemonConfig, MetricsConfig, MQTTConfig, RouteConfig, TLSConfig
 from forecaster.serve.histogram import BulkHistogram
 from forecaster.serve.metrics import Metrics
+from forecaster.serve.nats.metrics import NatsMetrics
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("mqtt", MQTTConfig, "FORECASTER_MQTT__"),
@@ -71,20 +72,8 @@ def configuration_md() -> str:
     return "\n".join(lines)
 
 
-def metrics_md() -> str:
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
-    lines = [
-        "# Metrics reference",
-        "",
-        "Generated from `forecaster/serve/metrics.py` by `python -m forecaster.reference`; "
-        "do not edit.",
-        "Served at `http://127.0.0.1:18090/metrics` by default (`metrics.bind`, `metrics.port`).",
-        "No metric carries a stream id: a flood of new topics must not become a flood of series.",
-        "",
-        "| metric | type | labels | meaning |",
-        "|---|---|---|---|",
-    ]
+def _metric_rows(metrics: object) -> list[str]:
+    """One table row per Prometheus metric held as an attribute of ``metrics``, sorted."""
     rows = []
     for value in vars(metrics).values():
         if isinstance(value, BulkHistogram):
@@ -99,8 +88,29 @@ def metrics_md() -> str:
         labels = ", ".join(f"`{k}`" for k in value._labelnames) or "—"
         doc = value._documentation.replace("|", "\\|")
         rows.append(f"| `{name}` | {kind} | {labels} | {doc} |")
-    lines += sorted(rows)
-    lines += [
+    return sorted(rows)
+
+
+def metrics_md() -> str:
+    header = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    lines = [
+        "# Metrics reference",
+        "",
+        "Generated from `forecaster/serve/metrics.py` and `forecaster/serve/nats/metrics.py` by "
+        "`python -m forecaster.reference`; do not edit.",
+        "Served at `http://127.0.0.1:18090/metrics` by default (`metrics.bind`, `metrics.port`).",
+        "No metric carries a stream id: a flood of new topics must not become a flood of series.",
+        "",
+        *header,
+        *_metric_rows(Metrics(CollectorRegistry())),
+        "",
+        "## With the NATS transport",
+        "",
+        'A process with `transport.kind = "nats"` (docs/scale-out.md) exports these as well, '
+        "beside the ones above:",
+        "",
+        *header,
+        *_metric_rows(NatsMetrics(CollectorRegistry())),
         "",
         "Process metrics (`process_resident_memory_bytes`, `process_cpu_seconds_total`, …) and",
         "`python_info` are exported too.",
