@@ -71,42 +71,28 @@ def test_config_and_credential_files(installed: Path) -> None:
     )
 
 
-def test_installed_unit_verifies(installed: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["forecaster.service", "forecaster@.service"])
+def test_installed_units_verify(installed: Path, tmp_path: Path, name: str) -> None:
+    """The single-process unit and the NATS workers' template, each as the repository has it;
+    the template verified through an instance, as `systemctl enable forecaster@0` starts it."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.fail("systemd-analyze is not installed: apt-get install systemd (make test does it)")
-    unit = installed / "etc" / "systemd" / "system" / "forecaster.service"
-    assert unit.read_text() == (ROOT / "systemd" / "forecaster.service").read_text()
+    unit = installed / "etc" / "systemd" / "system" / name
+    assert unit.read_text() == (ROOT / "systemd" / name).read_text()
     # verify checks that ExecStart's binary is executable: point it at the staged one.
-    staged = tmp_path / "forecaster.service"
-    text = unit.read_text().replace(
-        "ExecStart=/usr/local/bin/forecaster ",
-        f"ExecStart={installed}/usr/local/bin/forecaster ",
-    )
-    staged.write_text(text)
-    res = _run(analyze, "verify", str(staged))
-    assert res.returncode == 0, res.stderr
-    assert (res.stdout + res.stderr).strip() == "", res.stdout + res.stderr
-
-
-def test_installed_worker_template_verifies(installed: Path, tmp_path: Path) -> None:
-    """The NATS workers' template unit is installed beside the single-process one."""
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.fail("systemd-analyze is not installed: apt-get install systemd (make test does it)")
-    unit = installed / "etc" / "systemd" / "system" / "forecaster@.service"
-    assert unit.read_text() == (ROOT / "systemd" / "forecaster@.service").read_text()
-    staged = tmp_path / "forecaster@.service"
+    staged = tmp_path / name
     staged.write_text(
         unit.read_text().replace(
             "ExecStart=/usr/local/bin/forecaster ",
             f"ExecStart={installed}/usr/local/bin/forecaster ",
         )
     )
-    # An instance of the template, as `systemctl enable forecaster@0` would start.
-    instance = tmp_path / "forecaster@0.service"
-    instance.symlink_to(staged)
-    res = _run(analyze, "verify", str(instance))
+    target = staged
+    if name.endswith("@.service"):
+        target = tmp_path / name.replace("@.", "@0.")
+        target.symlink_to(staged)
+    res = _run(analyze, "verify", str(target))
     assert res.returncode == 0, res.stderr
     assert (res.stdout + res.stderr).strip() == "", res.stdout + res.stderr
 

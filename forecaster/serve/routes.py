@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from forecaster.errors import ForecasterError
@@ -62,6 +62,21 @@ def compatible(a: Bundle, b: Bundle) -> bool:
 
 def new_store(rc: RouteConfig, shapes: list[tuple[int, int]]) -> StateStore:
     return StateStore(shapes, rc.max_streams, rc.reset_after, rc.idle_ttl)
+
+
+def route_for(routes: Sequence[Route], cache: dict[str, Route | None], topic: str) -> Route | None:
+    """The route whose filters match ``topic`` (first in configuration order), remembered in
+    ``cache``, which is emptied at ``TOPIC_CACHE_MAX`` topics so a flood of new topics cannot
+    grow it. Shared by the MQTT daemon's routes and each NATS partition's."""
+    try:
+        return cache[topic]
+    except KeyError:
+        pass
+    found = next((r for r in routes if any(topic_matches(f, topic) for f in r.cfg.subscribe)), None)
+    if len(cache) >= TOPIC_CACHE_MAX:
+        cache.clear()
+    cache[topic] = found
+    return found
 
 
 def swap_bundle(route: Route, bundle: Bundle, metrics: Metrics) -> bool:
@@ -204,17 +219,7 @@ class RouteSet:
 
     def route_for(self, topic: str) -> Route | None:
         """The route whose filters match ``topic`` (first in configuration order), cached."""
-        try:
-            return self._topic_route[topic]
-        except KeyError:
-            pass
-        found = next(
-            (r for r in self.routes if any(topic_matches(f, topic) for f in r.cfg.subscribe)), None
-        )
-        if len(self._topic_route) >= TOPIC_CACHE_MAX:
-            self._topic_route.clear()
-        self._topic_route[topic] = found
-        return found
+        return route_for(self.routes, self._topic_route, topic)
 
     # ------------------------------------------------------------------ worker-side upkeep
 

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from forecaster.logs import RateLimitedLog
-from forecaster.serve.codec import topic_matches
 from forecaster.serve.intake import Intake, Work
 from forecaster.serve.metrics import Metrics
 from forecaster.serve.nats import leases, source
 from forecaster.serve.nats.partitions import split_subject
-from forecaster.serve.routes import Route
+from forecaster.serve.routes import Route, route_for
 
 log = logging.getLogger("forecaster.serve.nats")
 
@@ -108,17 +107,7 @@ class Partition:
         return self.wall
 
     def route_for(self, topic: str) -> Route | None:
-        try:
-            return self._cache[topic]
-        except KeyError:
-            pass
-        found = next(
-            (r for r in self.routes if any(topic_matches(f, topic) for f in r.cfg.subscribe)), None
-        )
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[topic] = found
-        return found
+        return route_for(self.routes, self._cache, topic)
 
     async def on_message(self, msg: Any) -> None:
         """The reply inbox's callback: keep a delivery for the next turn; a status message
