@@ -183,27 +183,95 @@ def run_pub(a: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------- subscriber
 
 
+class Tally:
+    """What a prediction subscriber records and when it stops; shared by the MQTT subscriber here
+    and the NATS one (``benchmarks.nats sub``), so both write the same record.
+
+    It counts answers to readings published after it started (``floor``: replies to an earlier
+    trial's readings are not counted), their latency (receive time − echoed ``ts``) and arrivals
+    per received chunk. It stops once every reading the publisher reports (``--done`` file) is
+    answered, ``grace`` seconds after publishing ended, ``quiet`` seconds without an answer after
+    publishing ended, or at ``--timeout``.
+    """
+
+    def __init__(self, a: argparse.Namespace, quiet: float) -> None:
+        self.counter = Counter(Path(a.counter)) if a.counter else None
+        self.done_path = Path(a.done)
+        self.grace = a.grace
+        self.quiet = quiet
+        self.chunk_t, self.chunk_n = array("d"), array("q")
+        self.lat_t, self.lat = array("d"), array("d")
+        self.received = 0
+        self.messages = 0
+        self.sent: int | None = None
+        self.t_end_pub = 0.0
+        self.hard_deadline = time.time() + a.timeout
+        self.floor = time.time()
+        self.last_recv = self.floor
+        self.last_check = 0.0
+
+    def answer(self, now: float, ts: float) -> bool:
+        """One answered reading; False when it answers a reading of an earlier trial."""
+        if ts < self.floor:
+            return False
+        self.lat_t.append(now)
+        self.lat.append(now - ts)
+        return True
+
+    def chunk(self, now: float, readings: int, messages: int) -> None:
+        """What one received chunk answered."""
+        if not readings:
+            return
+        self.last_recv = now
+        self.received += readings
+        self.messages += messages
+        self.chunk_t.append(now)
+        self.chunk_n.append(readings)
+        if self.counter is not None:
+            self.counter.set(self.received)
+
+    def finished(self, now: float) -> bool:
+        """Time to stop (checked every 50 ms at most)."""
+        if now - self.last_check <= 0.05:
+            return False
+        self.last_check = now
+        if self.sent is None and self.done_path.exists():
+            try:
+                info = json.loads(self.done_path.read_text())
+            except ValueError:
+                info = None  # being written; read again next time
+            if info is not None:
+                self.sent = int(info["sent"])
+                self.t_end_pub = float(info["t_end"])
+        if self.sent is not None and (
+            self.received >= self.sent
+            or now > self.t_end_pub + self.grace
+            or (now > self.t_end_pub + 1.5 and now - self.last_recv > self.quiet)
+        ):
+            return True
+        return now > self.hard_deadline
+
+    def save(self, out: str, **extra: np.ndarray) -> None:
+        np.savez(
+            out,
+            chunk_t=np.frombuffer(self.chunk_t, dtype=np.float64),
+            chunk_n=np.frombuffer(self.chunk_n, dtype=np.int64),
+            lat_t=np.frombuffer(self.lat_t, dtype=np.float64),
+            lat=np.frombuffer(self.lat, dtype=np.float64),
+            received=np.array(self.received),
+            messages=np.array(self.messages),
+            **extra,
+        )
+
+
 def run_sub(a: argparse.Namespace) -> None:
     sock = open_connection(a.port, f"bench-sub-{os.getpid()}")
     sock.sendall(subscribe_packet("forecast/#", 1))
     reader = PacketReader()
-    counter = Counter(Path(a.counter)) if a.counter else None
-    done_path = Path(a.done)
     sock.settimeout(0.05)
     subscribed = False
-    chunk_t = array("d")
-    chunk_n = array("q")
-    lat_t = array("d")
-    lat = array("d")
-    received = 0
-    messages = 0
-    sent: int | None = None
-    t_end_pub = 0.0
-    hard_deadline = time.time() + a.timeout
     ready = Path(a.ready)
-    last_check = 0.0
-    floor = time.time()  # replies to readings of an earlier trial are not counted
-    last_recv = floor
+    tally = Tally(a, quiet=1.5)
     while True:
         try:
             data = sock.recv(1 << 20)
@@ -214,20 +282,14 @@ def run_sub(a: argparse.Namespace) -> None:
         now = time.time()
         if data:
             acks: list[bytes] = []
-            n = 0
+            n = messages = 0
             for header, body in reader.feed(data):
                 kind = header >> 4
                 if kind == 3:
                     _topic, mid, payload = parse_publish(header, body)
                     if mid is not None:
                         acks.append(puback_packet(mid))
-                    fresh = 0
-                    for s in _TS.findall(payload):
-                        ts = float(s)
-                        if ts >= floor:
-                            fresh += 1
-                            lat_t.append(now)
-                            lat.append(now - ts)
+                    fresh = sum(tally.answer(now, float(t)) for t in _TS.findall(payload))
                     if fresh:
                         n += fresh
                         messages += 1
@@ -236,41 +298,11 @@ def run_sub(a: argparse.Namespace) -> None:
                     ready.write_text("ready")
             if acks:
                 sock.sendall(b"".join(acks))
-            if n:
-                last_recv = now
-                received += n
-                chunk_t.append(now)
-                chunk_n.append(n)
-                if counter is not None:
-                    counter.set(received)
-        if now - last_check > 0.05:
-            last_check = now
-            if sent is None and done_path.exists():
-                try:
-                    info = json.loads(done_path.read_text())
-                except ValueError:
-                    info = None  # being written; read again next time
-                if info is not None:
-                    sent = int(info["sent"])
-                    t_end_pub = float(info["t_end"])
-            if sent is not None and (
-                received >= sent
-                or now > t_end_pub + a.grace
-                or (now > t_end_pub + 1.5 and now - last_recv > 1.5)
-            ):
-                break
-            if now > hard_deadline:
-                break
+            tally.chunk(now, n, messages)
+        if tally.finished(now):
+            break
     sock.close()
-    np.savez(
-        a.out,
-        chunk_t=np.frombuffer(chunk_t, dtype=np.float64),
-        chunk_n=np.frombuffer(chunk_n, dtype=np.int64),
-        lat_t=np.frombuffer(lat_t, dtype=np.float64),
-        lat=np.frombuffer(lat, dtype=np.float64),
-        received=np.array(received),
-        messages=np.array(messages),
-    )
+    tally.save(a.out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -64,7 +64,6 @@ import sys
 import tempfile
 import threading
 import time
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness import ROOT, Broker, Contender, Load, _analyse, run_trial
-from benchmarks.loadgen import _VALUES, Counter, _Stamp
+from benchmarks.loadgen import _VALUES, Counter, Tally, _Stamp
 from benchmarks.procstat import cpu_seconds, host_info, memory_kb
 from benchmarks.rawmqtt import HOST
 from forecaster.harness import free_port, wait_file, wait_until, write_config
@@ -228,22 +227,16 @@ def run_pub(a: argparse.Namespace) -> None:
 
 def run_sub(a: argparse.Namespace) -> None:
     """Count predictions on ``forecast.>`` and their latency (receive time − echoed ``ts``);
-    the record has the format ``benchmarks.loadgen sub`` writes, for the same analysis."""
+    the record has the format ``benchmarks.loadgen sub`` writes (the same :class:`Tally`), for
+    the same analysis, plus the distinct readings answered and the subscriber's own CPU."""
     sock = nats_open(a.port, f"bench-sub-{os.getpid()}")
     sock.sendall(b"SUB forecast.> 1\r\nPING\r\n")
     reader = MsgReader()
-    counter = Counter(Path(a.counter)) if a.counter else None
-    done_path = Path(a.done)
     sock.settimeout(0.05)
-    chunk_t, chunk_n, lat_t, lat = array("d"), array("q"), array("d"), array("d")
-    received = 0
     seen: set[bytes] = set()  # distinct readings answered (a ts is unique per reading)
-    sent: int | None = None
-    t_end_pub = 0.0
-    hard_deadline = time.time() + a.timeout
-    floor = time.time()  # answers to readings of an earlier trial are not counted
-    last_recv = floor
-    last_check = 0.0
+    # Every reading must be answered: wait for the last prediction (a slow tail is not a loss),
+    # up to `grace` after publishing or 8 s without any prediction.
+    tally = Tally(a, quiet=8.0)
     cpu0 = time.process_time()
     Path(a.ready).write_text("ready")
     while True:
@@ -261,49 +254,14 @@ def run_sub(a: argparse.Namespace) -> None:
             n = 0
             for _subject, payload in msgs:
                 m = _TS.search(payload)
-                if m is None:
-                    continue
-                ts = float(m.group(1))
-                if ts >= floor:
+                if m is not None and tally.answer(now, float(m.group(1))):
                     n += 1
                     seen.add(m.group(1))
-                    lat_t.append(now)
-                    lat.append(now - ts)
-            if n:
-                last_recv = now
-                received += n
-                chunk_t.append(now)
-                chunk_n.append(n)
-                if counter is not None:
-                    counter.set(received)
-        if now - last_check > 0.05:
-            last_check = now
-            if sent is None and done_path.exists():
-                with contextlib.suppress(ValueError):
-                    info = json.loads(done_path.read_text())
-                    sent, t_end_pub = int(info["sent"]), float(info["t_end"])
-            # Every reading must be answered: wait for the last prediction (a slow tail is
-            # not a loss), up to `grace` after publishing or 8 s without any prediction.
-            if sent is not None and (
-                received >= sent
-                or now > t_end_pub + a.grace
-                or (now > t_end_pub + 1.5 and now - last_recv > 8.0)
-            ):
-                break
-            if now > hard_deadline:
-                break
+            tally.chunk(now, n, n)  # one prediction per message
+        if tally.finished(now):
+            break
     sock.close()
-    np.savez(
-        a.out,
-        chunk_t=np.frombuffer(chunk_t, dtype=np.float64),
-        chunk_n=np.frombuffer(chunk_n, dtype=np.int64),
-        lat_t=np.frombuffer(lat_t, dtype=np.float64),
-        lat=np.frombuffer(lat, dtype=np.float64),
-        received=np.array(received),
-        messages=np.array(received),
-        unique=np.array(len(seen)),
-        cpu_s=np.array(time.process_time() - cpu0),
-    )
+    tally.save(a.out, unique=np.array(len(seen)), cpu_s=np.array(time.process_time() - cpu0))
 
 
 # ------------------------------------------------------------------------------ processes

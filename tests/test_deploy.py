@@ -437,6 +437,22 @@ _GRAFANA_VARS = {"$__rate_interval": "5m", "$__range": "1h", "$window": "15m",
                  "$instance": ".*", "$route": ".*"}  # fmt: skip
 
 
+def check_promql(exprs: list[str], variables: dict[str, str], tmp_path: Path) -> None:
+    """Every dashboard expression is valid PromQL: promtool parses them as recording rules once
+    Grafana's ``variables`` are substituted (and none is left)."""
+    promtool = _tool("promtool", "prometheus")
+    lines = ["groups:", "  - name: dashboard", "    rules:"]
+    for i, expr in enumerate(exprs):
+        for var, value in variables.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, expr
+        lines += [f"      - record: dashboard:expr_{i}", f"        expr: {json.dumps(expr)}"]
+    rules = tmp_path / "dashboard-rules.yml"
+    rules.write_text("\n".join(lines) + "\n")
+    res = _run(promtool, "check", "rules", str(rules))
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def _metric_names(expr: str) -> set[str]:
     """Metric names in a PromQL expression: identifiers that are not functions, labels, keywords."""
     e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
@@ -486,19 +502,7 @@ def test_grafana_dashboard(tmp_path: Path) -> None:
             metric = re.match(r"label_values\((\w+)", var["definition"])
             assert metric and metric.group(1) in exported, var["definition"]
 
-    # Every expression is valid PromQL: promtool parses them as recording rules once Grafana's
-    # variables are substituted.
-    promtool = _tool("promtool", "prometheus")
-    lines = ["groups:", "  - name: dashboard", "    rules:"]
-    for i, expr in enumerate(exprs):
-        for var, value in _GRAFANA_VARS.items():
-            expr = expr.replace(var, value)
-        assert "$" not in expr, expr
-        lines += [f"      - record: dashboard:expr_{i}", f"        expr: {json.dumps(expr)}"]
-    rules = tmp_path / "dashboard-rules.yml"
-    rules.write_text("\n".join(lines) + "\n")
-    res = _run(promtool, "check", "rules", str(rules))
-    assert res.returncode == 0, res.stdout + res.stderr
+    check_promql(exprs, _GRAFANA_VARS, tmp_path)
 
 
 def test_metric_name_parser() -> None:

@@ -17,7 +17,7 @@ from forecaster.serve.config import load_config
 from forecaster.serve.metrics import Metrics
 from forecaster.serve.nats.partitions import mappings_for
 from forecaster.serve.workers import WORKER_DIR_PREFIX, worker_metrics_port
-from tests.test_deploy import MAX_EXPOSURE, _metric_names, _panels, _run, _tool
+from tests.test_deploy import MAX_EXPOSURE, _metric_names, _panels, _run, _tool, check_promql
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "systemd" / "forecaster@.service"
@@ -233,14 +233,4 @@ def test_fleet_dashboard(tmp_path: Path) -> None:
         metric = re.match(r"label_values\((\w+)", var["definition"])
         assert metric and metric.group(1) in exported, var["definition"]
 
-    promtool = _tool("promtool", "prometheus")
-    lines = ["groups:", "  - name: dashboard", "    rules:"]
-    for i, expr in enumerate(exprs):
-        for var_name, value in _VARS.items():
-            expr = expr.replace(var_name, value)
-        assert "$" not in expr, expr
-        lines += [f"      - record: dashboard:expr_{i}", f"        expr: {json.dumps(expr)}"]
-    rules = tmp_path / "dashboard-rules.yml"
-    rules.write_text("\n".join(lines) + "\n")
-    res = _run(promtool, "check", "rules", str(rules))
-    assert res.returncode == 0, res.stdout + res.stderr
+    check_promql(exprs, _VARS, tmp_path)

@@ -11,7 +11,6 @@ broker restart looks like to its clients.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +22,14 @@ from forecaster.harness.ports import (
     ServerChild,
     child_options,
     free_port,
+    server_binary,
     wait_port,
 )
 
 
 def mosquitto_binary() -> str:
     """The mosquitto executable; a one-line error that says how to install it otherwise."""
-    path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(path):
-        raise HarnessError(
-            "mosquitto is not installed: apt-get install mosquitto (make test does it)"
-        )
-    return path
+    return server_binary("mosquitto", "make test does it")
 
 
 @dataclass

@@ -20,8 +20,6 @@ server restart looks like to clients.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -37,19 +35,14 @@ from forecaster.harness.ports import (
     ServerChild,
     child_options,
     free_port,
+    server_binary,
     wait_port,
 )
 
 
 def nats_server_binary() -> str:
     """The nats-server executable; a one-line error that says how to install it otherwise."""
-    path = shutil.which("nats-server") or "/usr/sbin/nats-server"
-    if not os.path.exists(path):
-        raise HarnessError(
-            "nats-server is not installed: apt-get install nats-server "
-            "(scripts/system-deps.sh does it)"
-        )
-    return path
+    return server_binary("nats-server", "scripts/system-deps.sh does it")
 
 
 def _mappings_block(mappings: dict[str, str]) -> list[str]:

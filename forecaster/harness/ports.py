@@ -7,6 +7,8 @@ was waiting for when the deadline passes.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +24,15 @@ LOOPBACK = "127.0.0.1"
 
 class HarnessError(RuntimeError):
     """A broker or daemon the harness started did not come up or behave as it must."""
+
+
+def server_binary(name: str, hint: str) -> str:
+    """A server's executable (PATH, else /usr/sbin); otherwise one line that says how to install
+    it (``hint``)."""
+    path = shutil.which(name) or f"/usr/sbin/{name}"
+    if not os.path.exists(path):
+        raise HarnessError(f"{name} is not installed: apt-get install {name} ({hint})")
+    return path
 
 
 def free_port(host: str = LOOPBACK) -> int:
