@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forecaster.model.bundle import Bundle
+from forecaster.model.bundle import Bundle, Interval
 from forecaster.model.classify import counts
 from forecaster.serve.codec import Prediction, Reading
 from forecaster.serve.journal import (
@@ -141,6 +141,17 @@ class Outcome:
     repeated: int = 0  # readings answered from the recent-predictions cache (redeliveries)
     journal_error: str | None = None  # why the journal append failed, if it did
     snapshot: str | None = None  # "ok"/"failed" when this step forced a snapshot (bound, rescue)
+
+
+def count_interval(out: Outcome, interval: Interval, actual: np.ndarray, pred: np.ndarray) -> None:
+    """Readings ``actual`` against the bounds published with their previous predictions ``pred``
+    (prediction + offset, so live coverage counts exactly what a consumer saw)."""
+    inside = int(
+        np.count_nonzero((actual >= pred + interval.lower) & (actual <= pred + interval.upper))
+    )
+    out.interval_inside += inside
+    out.interval_outside += int(actual.size) - inside
+    out.interval_coverage = interval.coverage
 
 
 _WARM_FLAG = 1
@@ -580,13 +591,7 @@ class Engine:
         out.abs_err.append(np.abs(actual - judged_pred))
         out.naive_abs_err.append(np.abs(actual - prev_val[judged]))
         if manifest.interval is not None:
-            lo, hi = manifest.interval.lower, manifest.interval.upper
-            inside = int(
-                np.count_nonzero((actual >= judged_pred + lo) & (actual <= judged_pred + hi))
-            )
-            out.interval_inside += inside
-            out.interval_outside += int(actual.size) - inside
-            out.interval_coverage = manifest.interval.coverage
+            count_interval(out, manifest.interval, actual, judged_pred)
 
     def _publish(
         self,
@@ -747,16 +752,7 @@ class Engine:
             out.abs_err.append(np.abs(values[judged] - last_pred[judged]))
             out.naive_abs_err.append(np.abs(values[judged] - store.last_value[slots][judged]))
             if manifest.interval is not None:
-                # The bounds as published (prediction + offset), so live coverage counts exactly
-                # what a consumer saw.
-                judged_pred, actual = last_pred[judged], values[judged]
-                lo, hi = manifest.interval.lower, manifest.interval.upper
-                inside = int(
-                    np.count_nonzero((actual >= judged_pred + lo) & (actual <= judged_pred + hi))
-                )
-                out.interval_inside += inside
-                out.interval_outside += int(actual.size) - inside
-                out.interval_coverage = manifest.interval.coverage
+                count_interval(out, manifest.interval, values[judged], last_pred[judged])
 
         x = values.astype(np.float32).reshape(-1, 1)
         state = store.gather(slots)

@@ -255,18 +255,9 @@ def select(
 
     ``val_runs`` are ``(segment, first)``: the whole segment is unrolled (the buffer fills from
     its start, as in the daemon) and targets from index ``first`` on are scored."""
-    out: list[Candidate] = []
     fits = [fit(train_segments, lags, loss) for lags in lag_sets for loss in LOSSES if lags]
-    for ar in [PERSISTENCE, *fits]:
-        err: list[np.ndarray] = []
-        for seg, first in val_runs:
-            if len(seg) - 1 <= first:
-                continue
-            pred = ar_segment(seg, ar)[:-1]
-            err.append((pred - seg[1:])[max(first - 1, 0) :])
-        e = np.concatenate(err) if err else np.array([np.nan])
-        out.append(Candidate(ar, float(np.sqrt(np.mean(e**2))), robust_loss(e, scale)))
-    out.sort(key=lambda c: (not np.isfinite(c.val_loss), c.val_loss, c.ar.size))
+    out = [score(ar, val_runs, scale) for ar in [PERSISTENCE, *fits]]
+    out.sort(key=_rank)
     return out
 
 

@@ -47,7 +47,11 @@ def owned(d: DaemonProcess) -> float:
         return -1
 
 
-def start_pair(tmp_path: Path, cluster: NatsCluster, daemons: list[DaemonProcess]) -> None:
+def start_pair(
+    tmp_path: Path, cluster: NatsCluster, daemons: list[DaemonProcess]
+) -> list[tuple[str, bytes]]:
+    """Two forecasters sharing the partitions evenly, with the first 100 rows of every stream
+    published and predicted; returns those readings."""
     for i in range(2):
         cfg = nats_config(
             cluster.urls,
@@ -63,6 +67,10 @@ def start_pair(tmp_path: Path, cluster: NatsCluster, daemons: list[DaemonProcess
     assert wait_until(lambda: [owned(d) for d in daemons] == [PARTS / 2] * 2, 90), [
         owned(d) for d in daemons
     ]
+    first = readings(STREAMS, 100)
+    mqtt_publish(cluster.nodes[0].mqtt_port, first)
+    assert all_predicted(cluster.urls, len(first), 120)
+    return first
 
 
 def distinct(url: str) -> int:
@@ -89,10 +97,7 @@ def test_kill_a_forecaster_partitions_move_nothing_lost(
     daemons: list[DaemonProcess],
     reference: dict[float, float],
 ) -> None:
-    start_pair(tmp_path, cluster, daemons)
-    first = readings(STREAMS, 100)
-    mqtt_publish(cluster.nodes[0].mqtt_port, first)
-    assert all_predicted(cluster.urls, len(first), 120)
+    first = start_pair(tmp_path, cluster, daemons)
     victim, survivor = daemons
     victim.kill()
     killed = time.monotonic()
@@ -139,10 +144,7 @@ def test_kill_a_nats_server_nothing_lost(
     daemons: list[DaemonProcess],
     reference: dict[float, float],
 ) -> None:
-    start_pair(tmp_path, cluster, daemons)
-    first = readings(STREAMS, 100)
-    mqtt_publish(cluster.nodes[0].mqtt_port, first)
-    assert all_predicted(cluster.urls, len(first), 120)
+    first = start_pair(tmp_path, cluster, daemons)
     leader = leader_of(cluster.urls[0])
     assert leader
     victim = next(n for n in cluster.nodes if n.name == leader)
