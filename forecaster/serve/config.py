@@ -211,7 +211,7 @@ class DaemonConfig(_Section):
     gc_tuning: bool = Field(
         default=True,
         description="At start, freeze the objects that exist and collect Python's young "
-        "generation every 50,000 allocations instead of 700, so no full garbage collection "
+        "generation every 5,000 allocations instead of 700, so no long garbage collection "
         "stalls the readings (forecaster/serve/gcsettings.py); false keeps CPython's defaults.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

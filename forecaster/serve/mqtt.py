@@ -18,6 +18,9 @@ project's original design notes:
   thread while ``is_connected()`` keeps saying True.
 - A window on in-flight QoS ≥ 1 publishes: paho's message ids wrap past 65,535 unacknowledged
   messages and the client stalls.
+- paho's per-message topic matcher is replaced by one that leaves no reference cycle
+  (:mod:`forecaster.serve.matcher`): paho's left one per received message, and collecting them
+  was the largest stall in the single-reading latency.
 - Reconnects use exponential backoff with full jitter (paho's own has none, so a fleet of
   gateways would reconnect in lockstep after a broker restart).
 """
@@ -38,6 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from forecaster.serve import matcher
 from forecaster.serve.config import MQTTConfig
 from forecaster.serve.probe import tls_context, why_unreachable
 from forecaster.serve.sockbuf import BufferedClient
@@ -253,6 +257,7 @@ class _Link:
             clean_session=None if v5 else not persistent,
             manual_ack=persistent,
         )
+        matcher.install(self.client)  # no reference cycle per received message
         if cfg.username:
             self.client.username_pw_set(cfg.username, password)
         if cfg.tls.enabled:

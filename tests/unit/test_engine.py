@@ -9,6 +9,7 @@ because bit-exact replay through ONNX Runtime is the point there.
 
 from __future__ import annotations
 
+import gc
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -185,11 +186,22 @@ def test_recent_predictions_keep_classifier_fields() -> None:
     cache = RecentPredictions(3)
     p = Prediction("s", 1.0, 0.75, True, 0.75, True)
     cache.put(p)
-    assert cache.get("s", 1.0) is p
+    assert cache.get("s", 1.0) == p
     ids, arrays = cache.to_arrays()
     assert ids == ["s"] and arrays["recent_value"].tolist() == [0.75]
     with pytest.raises(ValueError):
         RecentPredictions(-1)
+
+
+def test_recent_predictions_leave_the_garbage_collector_nothing_to_track() -> None:
+    """A filled cache must not be walked by every collection (pauses in the hot path)."""
+    cache = RecentPredictions(100)
+    for i in range(100):
+        cache.put(Prediction(f"s{i}", float(i), 1.5, True, lower=1.0, upper=2.0))
+    gc.collect()
+    entries = [obj for item in cache._map.items() for obj in item]
+    assert entries and not any(gc.is_tracked(obj) for obj in entries)
+    assert cache.get("s7", 7.0) == Prediction("s7", 7.0, 1.5, True, lower=1.0, upper=2.0)
 
 
 # ------------------------------------------------------------------ journal and recovery (fake)
