@@ -15,6 +15,13 @@
 - ``gmqtt``: the ceiling with gmqtt instead of paho, with the daemon's semantics: MQTT 5,
   persistent session, QoS 1, the incoming PUBACK sent only after the broker acknowledged the
   reply (``optimistic_acknowledgement=False`` + an async ``on_message`` that awaits it).
+- ``ceiling-raw``: what the transport could reach with another client *architecture*, not
+  another library: one thread, both connections on one ``select``, every read as large as the
+  kernel has, every packet that read produces answered in one write per connection. Same
+  semantics (persistent session, QoS 1 in and out, a reading's PUBACK only after its reply's
+  PUBACK, at most ``mqtt.max_inflight`` replies in flight), MQTT 3.1.1 through the benchmark's
+  own packet helpers (:mod:`benchmarks.rawmqtt`): an upper bound to size a transport by, not
+  a client to ship (no TLS, keep-alive or reconnects).
 """
 
 from __future__ import annotations
@@ -149,6 +156,107 @@ def run_naive(cfg: Config, ready: Path) -> None:
     client.loop_stop()
 
 
+# ---------------------------------------------------------------------------------- ceiling-raw
+
+
+def run_ceiling_raw(cfg: Config, ready: Path) -> None:
+    import selectors
+
+    from benchmarks import rawmqtt as raw
+
+    m = cfg.mqtt
+    qos_out = cfg.routes[0].qos
+    sub = raw.open_connection(m.port, m.client_id, clean=False)
+    pub = raw.open_connection(m.port, f"{m.client_id}-pub")
+    for k, f in enumerate(_filters(cfg), start=1):
+        sub.sendall(raw.subscribe_packet(f, 1, k))
+    sub.setblocking(False)
+    pub.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(sub, selectors.EVENT_READ, "sub")
+    sel.register(pub, selectors.EVENT_READ, "pub")
+    sub_reader, pub_reader = raw.PacketReader(), raw.PacketReader()
+    prefixes: dict[bytes, bytes] = {}
+    waiting: dict[int, int] = {}  # reply mid -> reading mid (0: a QoS 0 reading)
+    backlog: list[tuple[bytes, int | None, bytes]] = []  # readings beyond the window
+    out_mid = 0
+    unsent = {"sub": bytearray(), "pub": bytearray()}
+    socks = {"sub": sub, "pub": pub}
+    stop = _wait_for_term()
+    subscribed = False
+
+    def flush(name: str) -> None:
+        buf = unsent[name]
+        while buf:
+            try:
+                n = socks[name].send(buf)
+            except BlockingIOError:
+                select_writable(name, True)
+                return
+            del buf[:n]
+        select_writable(name, False)
+
+    def select_writable(name: str, on: bool) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        sel.modify(socks[name], events, name)
+
+    def reply(topic: bytes, in_mid: int | None, payload: bytes) -> None:
+        nonlocal out_mid
+        out_mid = out_mid % 65535 + 1
+        prefix = prefixes.get(topic)
+        if prefix is None:
+            prefix = prefixes[topic] = raw.topic_prefix(REPLY_PREFIX + topic.decode())
+        unsent["pub"] += raw.publish_packet(prefix, payload, qos_out, out_mid)
+        if qos_out:
+            waiting[out_mid] = in_mid or 0
+        elif in_mid:
+            unsent["sub"] += raw.puback_packet(in_mid)
+
+    while not stop.is_set():
+        for key, events in sel.select(0.05):
+            name = key.data
+            if events & selectors.EVENT_WRITE:
+                flush(name)
+            if not events & selectors.EVENT_READ:
+                continue
+            try:
+                data = socks[name].recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not data:
+                return
+            if name == "sub":
+                for header, body in sub_reader.feed(data):
+                    kind = header >> 4
+                    if kind == 3:
+                        backlog.append(raw.parse_publish(header, body))
+                    elif kind == 9:
+                        subscribed = True
+            else:
+                for header, body in pub_reader.feed(data):
+                    if header >> 4 == 4:
+                        in_mid = waiting.pop(int.from_bytes(body[:2], "big"), 0)
+                        if in_mid:
+                            unsent["sub"] += raw.puback_packet(in_mid)
+        room = m.max_inflight - len(waiting)
+        if backlog and room > 0:
+            take, backlog = backlog[:room], backlog[room:]
+            for topic, in_mid, payload in take:
+                reply(topic, in_mid, payload)
+        for name in ("pub", "sub"):
+            if unsent[name]:
+                flush(name)
+        if subscribed and not ready.exists():
+            ready.write_text("ready")
+    for s_ in (sub, pub):
+        try:
+            s_.setblocking(True)
+            s_.sendall(b"\xe0\x00")  # DISCONNECT
+            s_.close()
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------------------------- gmqtt
 
 
@@ -223,13 +331,14 @@ def run_gmqtt(cfg: Config, ready: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.contenders")
-    p.add_argument("kind", choices=["ceiling", "ceiling-plain", "naive", "gmqtt"])
+    p.add_argument("kind", choices=["ceiling", "ceiling-plain", "ceiling-raw", "naive", "gmqtt"])
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--ready", type=Path, required=True)
     a = p.parse_args(argv)
     cfg = load_config(a.config, env={})
     runs = {"ceiling": run_ceiling, "ceiling-plain": run_ceiling, "naive": run_naive}
     runs["gmqtt"] = run_gmqtt
+    runs["ceiling-raw"] = run_ceiling_raw
     runs[a.kind](cfg, a.ready)  # ceiling-plain: the config says buffered_reads = false
 
 

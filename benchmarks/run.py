@@ -60,7 +60,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         "single",
         1,
         1000,
-        contenders=(*MAIN, "gmqtt", "ceiling-plain", "forecaster-plain", "forecaster-defaultgc"),
+        contenders=(
+            *MAIN,
+            "gmqtt",
+            "ceiling-raw",
+            "ceiling-plain",
+            "forecaster-plain",
+            "forecaster-defaultgc",
+        ),
         profile=True,
         note="main scenario; gmqtt = the ceiling with gmqtt instead of paho; -plain = paho's "
         "own socket reads (mqtt.buffered_reads = false)",

@@ -88,18 +88,20 @@ def run(kind: str, decode_fn: Callable[..., codec.Decoded], readings: int) -> di
     per_batch = 100  # readings per micro-batch, as daemon.max_batch would cut them
     decode_s = respond_s = 0.0
     works: list[Work] = []
-    n = 0
+    n = pending = 0
     for mid, (topic, payload) in enumerate(messages):
         t = time.process_time()
         d = decode_fn(payload, topic, route.spec, T0 + readings)
         decode_s += time.process_time() - t
         works.append(Work(route, d.readings, d.batch, topic, mid, 1))
         n += len(d.readings)
-        if sum(len(w.readings) for w in works) >= per_batch:
+        pending += len(d.readings)
+        if pending >= per_batch:
             t = time.process_time()
             responder.respond(works)
             respond_s += time.process_time() - t
             works = []
+            pending = 0
     if works:
         t = time.process_time()
         responder.respond(works)
