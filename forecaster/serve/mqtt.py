@@ -21,6 +21,9 @@ project's original design notes:
 - paho's per-message topic matcher is replaced by one that leaves no reference cycle
   (:mod:`forecaster.serve.matcher`): paho's left one per received message, and collecting them
   was the largest stall in the single-reading latency.
+- paho's network thread is woken by one byte per wake-up, not one per queued packet
+  (:mod:`forecaster.serve.wakeup`): a micro-batch's predictions, or a burst of acknowledgements,
+  cost one system call, not one each.
 - Reconnects use exponential backoff with full jitter (paho's own has none, so a fleet of
   gateways would reconnect in lockstep after a broker restart).
 """
@@ -41,7 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from forecaster.serve import matcher
+from forecaster.serve import matcher, wakeup
 from forecaster.serve.config import MQTTConfig
 from forecaster.serve.probe import tls_context, why_unreachable
 from forecaster.serve.sockbuf import BufferedClient
@@ -258,6 +261,7 @@ class _Link:
             manual_ack=persistent,
         )
         matcher.install(self.client)  # no reference cycle per received message
+        wakeup.install(self.client)  # one wake-up byte per wake-up, not per queued packet
         if cfg.username:
             self.client.username_pw_set(cfg.username, password)
         if cfg.tls.enabled:
