@@ -1,4 +1,5 @@
-"""Buffered reads for paho: one ``recv`` for many MQTT packets instead of three per packet.
+"""Buffered socket I/O for paho: one ``recv`` for many MQTT packets instead of three per packet,
+and one ``send`` per write-out instead of one per packet.
 
 paho reads every packet with separate ``recv`` calls (the fixed header byte, each byte of the
 remaining length, then the body) and goes back through ``select`` after each packet when nothing
@@ -10,11 +11,24 @@ the daemon showed paho's network threads spending most of their samples in ``_so
 user-space buffer that is refilled with one large non-blocking read. It reports the buffered
 bytes through ``pending()``, the hook paho already uses for TLS sockets, so paho skips ``select``
 while whole packets wait in the buffer. :class:`BufferedClient` installs the wrapper and drains
-the buffer in one ``loop_read``. Nothing else about paho changes: packets, acknowledgements and
-reconnects are paho's own; writes go straight through.
+the buffer in one ``loop_read``.
 
-The wrapper relies on paho's private ``_create_socket`` (paho-mqtt 2.x, pinned below 3 in
-pyproject.toml); ``tests/unit/test_sockbuf.py`` fails if that hook disappears.
+Writes are gathered the same way: paho writes each queued packet with its own ``send`` (with
+``TCP_NODELAY``, its own TCP segment, which the broker then reads on its own), and the daemon
+queues packets in bursts (a micro-batch of predictions, the acknowledgements of a burst of
+readings). The wrapper's ``send`` takes the bytes into a buffer, and :class:`BufferedClient`
+writes the buffer out with as few ``send`` calls as the kernel allows at the end of each
+``loop_write``; what the kernel does not take yet stays buffered, and ``want_write()`` says so,
+so paho's loop waits for the socket to become writable and writes the rest. Closing the socket
+(paho's disconnect, or a dead connection) first tries to write what is buffered. A packet is
+thus "written" for paho when it is in this buffer rather than in the kernel's: after a
+connection drops, QoS 1 packets are sent again by paho as before, and a QoS 0 one is lost as one
+in the kernel's buffer would be.
+
+Nothing else about paho changes: packets, acknowledgements and reconnects are paho's own.
+
+The wrapper relies on paho's private ``_create_socket`` and ``_loop_rc_handle`` (paho-mqtt 2.x,
+pinned below 3 in pyproject.toml); ``tests/unit/test_sockbuf.py`` fails if they disappear.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ class BufferedSocket:
         self._pos = 0
         self._read_size = read_size
         self._eof = False
+        self._out = bytearray()
 
     def pending(self) -> int:
         """Bytes readable without waiting: buffered here, plus what a TLS layer holds."""
@@ -81,8 +96,39 @@ class BufferedSocket:
             self._pos = 0
         return out
 
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Take ``data`` whole into the write buffer (see :meth:`flush`)."""
+        self._out += data
+        return len(data)
+
+    def unsent(self) -> int:
+        """Bytes taken by :meth:`send` and not yet handed to the kernel."""
+        return len(self._out)
+
+    def flush(self) -> None:
+        """Hand the write buffer to the kernel, as much as it takes without waiting; the rest
+        stays buffered. Raises what the socket raises other than would-block (a dead link)."""
+        out = self._out
+        while out:
+            try:
+                n = self._sock.send(out)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            del out[:n]
+
+    def close(self) -> None:
+        """Try to write what is buffered (a disconnect's last packets), then close."""
+        if self._out:
+            try:
+                self._sock.settimeout(1.0)
+                self._sock.sendall(self._out)
+            except OSError:
+                pass  # a dead link: what is unsent is lost, as in the kernel's buffer
+            self._out.clear()
+        self._sock.close()
+
     def __getattr__(self, name: str) -> Any:
-        # send, fileno (for select), setblocking, close, shutdown, getpeername...: the socket's.
+        # fileno (for select), setblocking, shutdown, getpeername...: the socket's.
         return getattr(self._sock, name)
 
 
@@ -104,3 +150,20 @@ class BufferedClient(paho.Client):
                 break
             rc = super().loop_read(max_packets)
         return rc
+
+    def loop_write(self) -> paho.MQTTErrorCode:
+        """paho's write step (every queued packet into the buffer), then one write-out."""
+        rc = super().loop_write()
+        sock = self._sock
+        if rc == paho.MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, BufferedSocket):
+            try:
+                sock.flush()
+            except OSError:
+                # what paho does when one of its own sends fails
+                return self._loop_rc_handle(paho.MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        return rc
+
+    def want_write(self) -> bool:
+        """Also while bytes wait in the write buffer (so paho selects for writability)."""
+        sock = self._sock
+        return super().want_write() or (isinstance(sock, BufferedSocket) and sock.unsent() > 0)

@@ -69,11 +69,52 @@ def test_close_reads_the_buffer_first_then_eof(pair: tuple[socket.socket, socket
 
 
 def test_other_socket_calls_pass_through(pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
+    a, _b = pair
     sock = BufferedSocket(a)
     assert sock.fileno() == a.fileno()
-    assert sock.send(b"hi") == 2
-    assert b.recv(2) == b"hi"
+    assert sock.getsockname() == a.getsockname()
+
+
+def test_writes_are_gathered_until_flushed(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    b.setblocking(False)
+    sock = BufferedSocket(a)
+    for packet in (b"\x40\x02\x00\x01", b"\x40\x02\x00\x02", b"\x40\x02\x00\x03"):
+        assert sock.send(packet) == len(packet)  # taken whole, as paho expects
+    with pytest.raises(BlockingIOError):
+        b.recv(100)  # nothing on the wire yet
+    assert sock.unsent() == 12
+    sock.flush()
+    assert sock.unsent() == 0
+    assert b.recv(100) == b"\x40\x02\x00\x01\x40\x02\x00\x02\x40\x02\x00\x03"
+
+
+def test_what_the_kernel_does_not_take_stays_buffered_in_order(
+    pair: tuple[socket.socket, socket.socket], seed: int
+) -> None:
+    rng = random.Random(seed)
+    a, b = pair
+    sock = BufferedSocket(a)
+    data = bytes(rng.randrange(256) for _ in range(3_000_000))  # beyond any socket buffer
+    for i in range(0, len(data), 10_000):
+        sock.send(data[i : i + 10_000])
+    sock.flush()  # must not block: the peer is not reading yet
+    assert 0 < sock.unsent() < len(data), f"seed {seed}"
+    got = bytearray()
+    b.settimeout(10)
+    while len(got) < len(data):
+        got += b.recv(1 << 20)
+        sock.flush()
+    assert bytes(got) == data and sock.unsent() == 0, f"seed {seed}"
+
+
+def test_close_writes_what_is_buffered_first(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    sock = BufferedSocket(a)
+    sock.send(b"\xe0\x00")  # a DISCONNECT paho "wrote" just before closing
+    sock.close()
+    assert b.recv(10) == b"\xe0\x00"
+    assert b.recv(10) == b""
 
 
 def test_any_split_of_a_stream_reads_back_whole(
@@ -94,6 +135,8 @@ def test_any_split_of_a_stream_reads_back_whole(
 
 
 def test_paho_hook_still_exists() -> None:
-    """The wrapper rides on paho's private ``_create_socket``: fail loudly if it goes away."""
+    """The wrapper rides on paho's private ``_create_socket`` and ``_loop_rc_handle``: fail
+    loudly if they go away."""
     assert callable(getattr(paho.Client, "_create_socket", None))
+    assert callable(getattr(paho.Client, "_loop_rc_handle", None))
     assert BufferedClient._create_socket is not paho.Client._create_socket
