@@ -17,7 +17,7 @@ The hot path must not feed the collector either. Two sources did, found with a `
 log of every collection in a benchmarked daemon: paho left a reference cycle per received
 message (fixed in :mod:`forecaster.serve.matcher`), and the recent-predictions cache held one
 tracked object per entry while it filled (now plain tuples, untracked after one pass). With
-both, a 50,000-allocation young generation took 36-73 ms to collect; without them, and at 5,000,
+both, a 50,000-allocation young generation took 13-73 ms to collect; without them, and at 5,000,
 collections took at most 12 ms in the same run (single readings at half the sustained rate,
 after the saturation trials). Memory cost: cyclic garbage, which the hot path hardly makes, waits
 a little longer. Objects frozen here and dropped later (a bundle replaced by a reload) are freed
