@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from forecaster.data import load_csv
-from forecaster.harness import DaemonProcess, local_config
+from forecaster.harness import DaemonProcess, local_config, wait_until
 from forecaster.serve.config import Config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,6 +164,22 @@ async def _count(url: str, stream: str) -> int:
 
 def stream_count(url: str, stream: str = "FORECASTER_PREDICTIONS") -> int:
     return asyncio.run(_count(url, stream))
+
+
+def start_owning(d: DaemonProcess, parts: int, timeout: float = 60) -> None:
+    """Start ``d`` and wait until it owns all ``parts`` partitions (the only process)."""
+    d.start()
+    assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == parts, timeout), (
+        f"{d.name} never owned all {parts} partitions:\n{d.log_text()[-3000:]}"
+    )
+
+
+def publish_stored(srv: Any, items: list[tuple[str, bytes]], total: int, timeout: float) -> None:
+    """Publish ``items`` over MQTT and wait until the predictions stream holds ``total``."""
+    mqtt_publish(srv.mqtt_port, items)
+    assert wait_until(lambda: stream_count(srv.url) >= total, timeout), (
+        f"fewer than {total} predictions stored after {timeout} s"
+    )
 
 
 def by_stream(messages: list[tuple[str, bytes]]) -> dict[str, list[dict[str, Any]]]:

@@ -9,7 +9,15 @@ from forecaster.harness import DaemonProcess, wait_until
 from forecaster.harness.nats import NatsServer
 from forecaster.serve.nats.partitions import mappings_for
 
-from .conftest import FILTER, ROOT, mqtt_publish, nats_config, needs_nats, readings, stream_count
+from .conftest import (
+    FILTER,
+    ROOT,
+    nats_config,
+    needs_nats,
+    publish_stored,
+    readings,
+    start_owning,
+)
 
 pytestmark = needs_nats
 
@@ -25,11 +33,9 @@ def test_idle_streams_are_forgotten_per_partition(
         cfg.routes[0].idle_ttl = 1.0
         d = DaemonProcess(cfg, tmp_path, "fc", cwd=ROOT)
         daemons.append(d)
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 30)
+        start_owning(d, PARTS, 30)
         items = readings(streams=STREAMS, rows=3)
-        mqtt_publish(srv.mqtt_port, items)
-        assert wait_until(lambda: stream_count(srv.url) >= len(items), 30)
+        publish_stored(srv, items, len(items), 30)
         evicted = d.wait_metric(
             "forecaster_streams_evicted_total", STREAMS, timeout=15, route="water", reason="idle"
         )
@@ -37,7 +43,6 @@ def test_idle_streams_are_forgotten_per_partition(
         assert wait_until(lambda: d.metric("forecaster_streams", route="water") == 0, 10)
         # one comes back: tracked again, and forgotten again once idle
         again = readings(streams=1, rows=1, start=3)
-        mqtt_publish(srv.mqtt_port, again)
-        assert wait_until(lambda: stream_count(srv.url) >= len(items) + 1, 30)
+        publish_stored(srv, again, len(items) + 1, 30)
         assert d.wait_metric("forecaster_streams_evicted_total", STREAMS + 1, timeout=15) > STREAMS
         assert d.stop() == 0

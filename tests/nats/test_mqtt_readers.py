@@ -12,7 +12,16 @@ from forecaster.harness import Collector, DaemonProcess, predictions, wait_until
 from forecaster.harness.nats import NatsServer
 from forecaster.serve.nats.partitions import mappings_for
 
-from .conftest import FILTER, ROOT, check_exact, mqtt_publish, nats_config, needs_nats, readings
+from .conftest import (
+    FILTER,
+    ROOT,
+    check_exact,
+    mqtt_publish,
+    nats_config,
+    needs_nats,
+    readings,
+    start_owning,
+)
 
 pytestmark = needs_nats
 
@@ -27,8 +36,7 @@ def test_an_mqtt_subscriber_sees_every_prediction(
         cfg = nats_config([srv.url], tmp_path / "state", PARTS, nats={"publish": publish})
         d = DaemonProcess(cfg, tmp_path, "fc", cwd=ROOT)
         daemons.append(d)
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        start_owning(d, PARTS, 60)
         reader = Collector(srv.mqtt_port, "forecast/#", v311=True)
         try:
             items = readings(streams=6, rows=100)

@@ -17,7 +17,15 @@ from forecaster.harness.nats import NatsServer
 from forecaster.serve.nats import reload
 from forecaster.serve.nats.partitions import mappings_for
 
-from .conftest import FILTER, ROOT, mqtt_publish, nats_config, needs_nats, readings, stream_count
+from .conftest import (
+    FILTER,
+    ROOT,
+    nats_config,
+    needs_nats,
+    publish_stored,
+    readings,
+    start_owning,
+)
 
 PARTS = 2
 STREAMS = 6
@@ -93,11 +101,9 @@ def test_sighup_swaps_models_and_refuses_what_needs_a_restart(
             env={"NOTIFY_SOCKET": systemd.path},
         )
         daemons.append(d)
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 30)
+        start_owning(d, PARTS, 30)
         items = readings(streams=STREAMS, rows=10)
-        mqtt_publish(srv.mqtt_port, items)
-        assert wait_until(lambda: stream_count(srv.url) >= len(items), 30)
+        publish_stored(srv, items, len(items), 30)
         assert wait_until(lambda: d.metric("forecaster_streams", route="water") == STREAMS, 10)
 
         # another model, other state shapes: swapped in every partition, the states reset
@@ -111,8 +117,7 @@ def test_sighup_swaps_models_and_refuses_what_needs_a_restart(
         # systemd heard the reload begin and end (ExecReload= waits for READY=1)
         assert wait_until(lambda: "READY=1" in systemd.said()[_last(systemd, "RELOADING=1") :], 10)
         more = readings(streams=STREAMS, rows=3, start=10)
-        mqtt_publish(srv.mqtt_port, more)
-        assert wait_until(lambda: stream_count(srv.url) >= len(items) + len(more), 30)
+        publish_stored(srv, more, len(items) + len(more), 30)
 
         # an invalid file: refused, the running configuration kept
         d.config_path.write_text("[routes\n")
@@ -132,7 +137,6 @@ def test_sighup_swaps_models_and_refuses_what_needs_a_restart(
         # the partitions were snapshotted under the new model: a restart with it restores them
         d.config.nats.partitions = PARTS
         d.config.routes[0].bundle = TAYLOR
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 30)
+        start_owning(d, PARTS, 30)
         assert d.metric("forecaster_snapshot_restores_total", result="ok") == PARTS
         assert d.stop() == 0

@@ -20,8 +20,10 @@ from .conftest import (
     mqtt_publish,
     nats_config,
     needs_nats,
+    publish_stored,
     read_stream,
     readings,
+    start_owning,
     stream_count,
 )
 
@@ -37,8 +39,7 @@ def test_mqtt_in_predictions_out_equal_evaluate(
         cfg = nats_config([srv.url], tmp_path / "state", PARTS)
         d = DaemonProcess(cfg, tmp_path, "fc", cwd=ROOT)
         daemons.append(d)
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        start_owning(d, PARTS, 60)
         items = readings(streams=12, rows=150)
         # hostile input on a served topic: counted, acknowledged, costs the others nothing
         bad = [("sensors/bad/flow", b"{not json"), ("sensors/bad/flow", b'{"value": "x"}')]
@@ -55,11 +56,9 @@ def test_mqtt_in_predictions_out_equal_evaluate(
             assert k == partition_of(topic, FILTER, PARTS), subject
         assert d.stop() == 0
         # a clean restart resumes from the snapshots: new readings continue the states exactly
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        start_owning(d, PARTS, 60)
         more = readings(streams=12, rows=50, start=150)
-        mqtt_publish(srv.mqtt_port, more)
-        assert wait_until(lambda: stream_count(srv.url) >= n + len(more), 120)
+        publish_stored(srv, more, n + len(more), 120)
         preds = by_stream(read_stream(srv.url))
         check_exact(preds, reference, 200)
         # nothing was replayed with predictions twice: a clean hand-over acks everything
@@ -91,8 +90,7 @@ def test_core_publish_answers_everything_exactly_and_acknowledges_it(
         cfg = nats_config([srv.url], tmp_path / "state", PARTS, nats={"publish": "core"})
         d = DaemonProcess(cfg, tmp_path, "fc", cwd=ROOT)
         daemons.append(d)
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        start_owning(d, PARTS, 60)
         items = readings(streams=12, rows=150)
         mqtt_publish(srv.mqtt_port, items)
         n = len(items)
@@ -101,8 +99,7 @@ def test_core_publish_answers_everything_exactly_and_acknowledges_it(
         check_exact(by_stream(read_stream(srv.url, "OBSERVED")), reference, 150)
         assert d.stop() == 0
         # every reading was acknowledged: after a restart only the new ones are answered
-        d.start()
-        assert wait_until(lambda: d.metric("forecaster_nats_partitions_owned") == PARTS, 60)
+        start_owning(d, PARTS, 60)
         more = readings(streams=12, rows=50, start=150)
         mqtt_publish(srv.mqtt_port, more)
         assert wait_until(lambda: stream_count(srv.url, "OBSERVED") >= n + len(more), 120)
