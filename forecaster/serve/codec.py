@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple
 
+import msgspec
+
 MAX_DEPTH = 32
 """Deepest JSON nesting accepted; real readings are two levels deep (array of objects)."""
 
@@ -65,16 +67,17 @@ class Reason(StrEnum):
     DUPLICATE_KEY = "duplicate_key"
 
 
-@dataclass(slots=True)
-class Reading:
+class Reading(msgspec.Struct, gc=False):
     """One accepted observation; ``value`` is always finite so the model never sees NaN.
 
     ``label`` is the reading's 0/1 event label when the payload carried one (an event
     classifier's online accuracy is counted from it), else None.
 
-    Not ``frozen``, though nothing changes one after decoding: a frozen dataclass sets each
-    field through ``object.__setattr__``, which made creating a reading (one per reading on the
-    hot path) three times slower (about 1 µs against 0.35 µs here)."""
+    A msgspec struct rather than a dataclass, because one is made per reading on the hot path:
+    about 0.12 µs to create against 0.35 µs for a slotted dataclass (1 µs frozen), and, holding
+    only strings and numbers, it is never tracked by the garbage collector (``gc=False``), so
+    thousands in flight add nothing to a collection's pause. Not frozen, though nothing changes
+    one after decoding (frozen would cost again)."""
 
     stream: str
     value: float
@@ -121,10 +124,9 @@ class Decoded:
         return sum(r.readings for r in self.rejects)
 
 
-@dataclass(slots=True)
-class Prediction:
+class Prediction(msgspec.Struct, gc=False):
     """One forecast for the next reading of ``stream``; ``warm`` is False while state is young.
-    Never changed once made; not ``frozen`` for the reason :class:`Reading` gives.
+    Never changed once made; a msgspec struct for the reasons :class:`Reading` gives.
 
     An event classifier's prediction also carries ``probability`` (= ``value``) and ``event``
     (probability ≥ the model's threshold); both stay None, and out of the JSON, otherwise.

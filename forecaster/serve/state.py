@@ -236,6 +236,28 @@ class StateStore:
         self._last_used[slot] = now
         return slot, evicted
 
+    def acquire_many(self, streams: Sequence[str], now: float) -> tuple[list[int], list[str]]:
+        """:meth:`acquire` each of ``streams`` in order: their slots, and the streams evicted to
+        make room, oldest first. One call per micro-batch: the live streams (nearly all of them)
+        cost a dict lookup and an LRU move each, and their last-used times one array write."""
+        lru = self._lru
+        get = lru.get
+        move = lru.move_to_end
+        slots: list[int] = []
+        evicted: list[str] = []
+        for stream in streams:
+            slot = get(stream)
+            if slot is None:
+                slot, gone = self.acquire(stream, now)
+                if gone is not None:
+                    evicted.append(gone)
+            else:
+                move(stream)
+            slots.append(slot)
+        if slots:
+            self._last_used[np.asarray(slots, dtype=np.intp)] = now
+        return slots, evicted
+
     def touch(self, slot: int, now: float) -> None:
         """Mark a live slot as used without stepping it (e.g. a dropped duplicate)."""
         self._lru.move_to_end(self._live(slot))

@@ -719,3 +719,21 @@ TestStoreMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_acquire_many_matches_acquiring_one_by_one(rng: Any, seed: int) -> None:
+    """Slots, evictions (oldest first), LRU order and last-used times as a loop of acquires."""
+    many, one = StateStore(GRU, max_streams=6), StateStore(GRU, max_streams=6)
+    for k in range(100):
+        names = rng.sample("abcdefghij", rng.randint(0, 5))
+        got, gone = many.acquire_many(names, now=float(k))
+        want, want_gone = [], []
+        for name in names:
+            slot, evicted = one.acquire(name, now=float(k))
+            want.append(slot)
+            if evicted is not None:
+                want_gone.append(evicted)
+        where = f"seed={seed} call={k}"
+        assert (got, gone) == (want, want_gone), where
+        assert list(many.streams()) == list(one.streams()), where
+        np.testing.assert_array_equal(many.last_used, one.last_used, err_msg=where)
