@@ -771,20 +771,34 @@ class Engine:
         manifest = self.bundle.manifest
         threshold = manifest.threshold if manifest.task == "classify" else None
         iv = manifest.interval if threshold is None else None
-        preds = out.predictions
-        made: list[Prediction] = []
-        for i, value, w in zip(flat, y.tolist(), warm.tolist(), strict=True):
-            r = readings[i]
-            if iv is not None:
-                p = Prediction(
-                    r.stream, r.ts, value, w, lower=value + iv.lower, upper=value + iv.upper
+        stepped = [readings[i] for i in flat]
+        values, warms = y.tolist(), warm.tolist()
+        made: list[Prediction]
+        if iv is not None:
+            made = [
+                Prediction(r.stream, r.ts, v, w, lower=lo, upper=hi)
+                for r, v, w, lo, hi in zip(
+                    stepped,
+                    values,
+                    warms,
+                    (y + iv.lower).tolist(),
+                    (y + iv.upper).tolist(),
+                    strict=True,
                 )
-            elif threshold is None:
-                p = Prediction(r.stream, r.ts, value, w)
-            else:
-                p = Prediction(r.stream, r.ts, value, w, value, value >= threshold)
+            ]
+        elif threshold is None:
+            made = [
+                Prediction(r.stream, r.ts, v, w)
+                for r, v, w in zip(stepped, values, warms, strict=True)
+            ]
+        else:
+            made = [
+                Prediction(r.stream, r.ts, v, w, v, v >= threshold)
+                for r, v, w in zip(stepped, values, warms, strict=True)
+            ]
+        preds = out.predictions
+        for i, p in zip(flat, made, strict=True):
             preds[i] = p
-            made.append(p)
         if not self.recent.capacity:
             return
         if n_streams == 1 or (not hits and n_streams == n):
