@@ -362,6 +362,9 @@ class RecentPredictions:
                     self._stale_total += 1
                 seen.add(k)
         pop = order.popleft
+        if not self._stale:
+            for _ in range(len(m) - self.capacity):
+                del m[pop()]
         while len(m) > self.capacity:
             self._drop(pop())
         if self._stale_total > max(len(m), self.COMPACT_AT):
