@@ -333,7 +333,16 @@ class RecentPredictions:
         return self._map.get((stream, ts))
 
     def put(self, p: Prediction) -> None:
-        self.put_many((p,))
+        """:meth:`put_many` of one prediction (the waves' and the replay's way)."""
+        key = (p.stream, p.ts)
+        m = self._map
+        if self.capacity == 0 or key in m:
+            self.put_many((p,))
+            return
+        m[key] = p
+        self._order.append(key)
+        while len(m) > self.capacity:
+            self._drop(self._order.popleft())
 
     def holds_any(self, streams: Sequence[str], ts: Sequence[float]) -> bool:
         """Whether any ``(streams[i], ts[i])`` is cached: one C-level pass, so a batch with no
