@@ -24,8 +24,8 @@ project's original design notes:
 - paho's network thread is woken by one byte per wake-up, not one per queued packet
   (:mod:`forecaster.serve.wakeup`): a micro-batch's predictions, or a burst of acknowledgements,
   cost one system call, not one each.
-- A success PUBACK (two bytes) is handled from its message id alone, without the reason code and
-  property objects paho decodes for each (:mod:`forecaster.serve.puback`).
+- A PUBLISH without MQTT 5 properties is decoded without building an empty property set, and a
+  success PUBACK (two bytes) from its message id alone (:mod:`forecaster.serve.packets`).
 - Reconnects use exponential backoff with full jitter (paho's own has none, so a fleet of
   gateways would reconnect in lockstep after a broker restart).
 """
@@ -46,7 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from forecaster.serve import matcher, puback, wakeup
+from forecaster.serve import matcher, packets, wakeup
 from forecaster.serve.config import MQTTConfig
 from forecaster.serve.probe import tls_context, why_unreachable
 from forecaster.serve.sockbuf import BufferedClient
@@ -264,7 +264,7 @@ class _Link:
         )
         matcher.install(self.client)  # no reference cycle per received message
         wakeup.install(self.client)  # one wake-up byte per wake-up, not per queued packet
-        puback.install(self.client)  # no decoded objects per success acknowledgement
+        packets.install(self.client)  # no empty MQTT 5 property sets decoded per message
         if cfg.username:
             self.client.username_pw_set(cfg.username, password)
         if cfg.tls.enabled:
