@@ -82,7 +82,13 @@ def outage(broker, daemon, sig: int, down_for: float) -> dict[str, object]:
     sent_at_ready = feed.sent
     feed.join()
     after = items[sent_at_ready:]
-    assert wait_until(lambda: verify(after, sink.snapshot()).predicted == len(after), 120)
+    if not wait_until(lambda: verify(after, sink.snapshot()).predicted == len(after), 120):
+        missing = verify(after, sink.snapshot()).missing
+        raise AssertionError(
+            f"{len(missing)} of {len(after)} readings published after the return never "
+            f"predicted, e.g. {[(m.topic, m.seq) for m in missing[:5]]}; "
+            f"feed acked {len(set(feed.acked) & {m.seq for m in missing})} of them\n" + log_text(d)
+        )
     # then the rest (redeliveries): all of them, or (after a broker kill -9, which loses what
     # it had not saved) until nothing new arrives for two seconds
     wait_until(lambda: verify(items, sink.snapshot()).predicted == len(items), 15)
