@@ -139,19 +139,15 @@ class _Plan:
 
 
 def _plan_distinct(
-    readings: Sequence[Reading],
-    known: list[int | None],
-    last_ts: np.ndarray,
-    reset_after: float,
+    ts: np.ndarray, slot: np.ndarray, last_ts: np.ndarray, reset_after: float
 ) -> _Plan:
     """The plan when every reading is its own stream's only one and none is a cache hit (a
-    gateway batch): the same verdicts as :func:`_plan_runs`, as array operations."""
-    n = len(readings)
-    slot = np.fromiter((-1 if k is None else k for k in known), dtype=np.intp, count=n)
+    gateway batch): the same verdicts as :func:`_plan_runs`, as array operations. ``ts``: the
+    readings' times; ``slot``: their streams' slots before the batch, -1 for a new stream."""
+    n = len(ts)
     stored = slot >= 0
     last = np.full(n, np.nan)
     last[stored] = last_ts[slot[stored]]
-    ts = np.fromiter((r.ts for r in readings), dtype=np.float64, count=n)
     seen = ~np.isnan(last)  # something was stepped since the stream's (re)start
     dup = seen & (ts == last)
     ooo = seen & (ts < last)
@@ -177,7 +173,7 @@ def _plan_distinct(
 
 
 def _plan_runs(
-    readings: Sequence[Reading],
+    ts: Sequence[float],
     by_stream: dict[str, list[int]],
     known: list[int | None],
     last_ts: np.ndarray,
@@ -185,7 +181,8 @@ def _plan_runs(
     cache: bool,
 ) -> _Plan:
     """Verdicts per stream in order, against the last stepped time; rows = runs of steps.
-    ``by_stream``: each stream's readings not answered from the cache, in order."""
+    ``ts``: the readings' times; ``by_stream``: each stream's readings not answered from the
+    cache, in order."""
     rows: list[list[int]] = []  # reading indices of each row, in order
     row_stream: list[int] = []
     row_stored: list[bool] = []
@@ -202,7 +199,7 @@ def _plan_runs(
         cur: list[int] | None = None
         here: dict[float, int] | None = {} if cache and len(idxs) > 1 else None
         for i in idxs:
-            t = readings[i].ts
+            t = ts[i]
             if here is not None:
                 first = here.get(t)
                 if first is not None:
@@ -576,7 +573,8 @@ class Engine:
         streams_all = [r.stream for r in readings]
         by_stream: dict[str, list[int]] | None = None
         hits = 0
-        if recent.capacity and recent.holds_any(streams_all, [r.ts for r in readings]):
+        ts_all = [r.ts for r in readings]
+        if recent.capacity and recent.holds_any(streams_all, ts_all):
             get = recent.get
             by_stream = {}
             for i, r in enumerate(readings):
@@ -608,16 +606,20 @@ class Engine:
         store = self.store
         slot_of = store.slot_of
         known = [slot_of(s) for s in streams]
+        known_arr = np.fromiter(
+            (-1 if k is None else k for k in known), dtype=np.intp, count=len(known)
+        )
         excess = len(store) + known.count(None) - store.max_streams
         if excess > 0:
             front = store.lru_front(excess)  # the victims, unless the batch touches them first
             if len(front) < excess or any(s in members for s in front):
                 return None  # the batch would evict one of its own streams
         if by_stream is None:
-            plan = _plan_distinct(readings, known, store.last_ts, store.reset_after)
+            ts_arr = np.array(ts_all, dtype=np.float64)
+            plan = _plan_distinct(ts_arr, known_arr, store.last_ts, store.reset_after)
         else:
             plan = _plan_runs(
-                readings, by_stream, known, store.last_ts, store.reset_after, recent.capacity > 0
+                ts_all, by_stream, known, store.last_ts, store.reset_after, recent.capacity > 0
             )
         if plan.echoes:
             hits += len(plan.echoes)
@@ -637,9 +639,6 @@ class Engine:
             grid[row_of, t_of] = vals
             x = grid.astype(np.float32)[:, :, None]
             from_store = np.flatnonzero(plan.row_stored)
-            known_arr = np.fromiter(
-                (-1 if k is None else k for k in known), dtype=np.intp, count=len(known)
-            )
             src = known_arr[plan.row_stream[from_store]]
             if len(from_store) == n_rows:  # every row continues a stored state: no zeros
                 init = list(store.gather(src))
@@ -699,7 +698,7 @@ class Engine:
         store.record_runs(
             done_slots,
             lens[ends_rows],
-            np.fromiter((readings[flat[k]].ts for k in last_flat.tolist()), np.float64),
+            np.array([ts_all[flat[k]] for k in last_flat.tolist()], dtype=np.float64),
             vals[last_flat],
             y64[last_flat],
             now,
