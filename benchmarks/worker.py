@@ -29,7 +29,7 @@ from forecaster.serve.config import RouteConfig
 from forecaster.serve.engine import Engine
 from forecaster.serve.intake import Work
 from forecaster.serve.metrics import Metrics
-from forecaster.serve.mqtt import Ack, PublishResult
+from forecaster.serve.mqtt import Ack, Delivery, PublishResult
 from forecaster.serve.responder import Responder
 from forecaster.serve.routes import Route, new_store
 
@@ -45,7 +45,13 @@ class CountingPublisher:
         self.messages = 0
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        acks: list[Ack],
+        delivery: Delivery | None = None,
     ) -> PublishResult:
         self.messages += 1
         return PublishResult.SENT

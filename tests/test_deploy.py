@@ -402,7 +402,11 @@ def test_promtool_rule_unit_tests() -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
     tests = (DEPLOY / "forecaster-alerts.test.yml").read_text()
-    for alert in ("ModelWorseThanPersistence", "NoPredictionsWhileReadings"):
+    for alert in (
+        "ModelWorseThanPersistence",
+        "NoPredictionsWhileReadings",
+        "PredictionsRefusedByBroker",
+    ):
         assert f"alertname: {alert}" in tests
 
 
@@ -414,6 +418,7 @@ def test_alert_names() -> None:
         "NoPredictionsWhileReadings",
         "ModelWorseThanPersistence",
         "MQTTDisconnected",
+        "PredictionsRefusedByBroker",
         "RejectedReadingRatioHigh",
     ):
         assert f"- alert: {alert}\n" in rules

@@ -40,7 +40,7 @@ from forecaster.serve.config import Config, load_config, read_password
 from forecaster.serve.http import Liveness, MetricsServer
 from forecaster.serve.intake import Intake
 from forecaster.serve.metrics import Metrics
-from forecaster.serve.mqtt import Transport
+from forecaster.serve.mqtt import Delivery, Transport
 from forecaster.serve.notify import Notifier
 from forecaster.serve.responder import Publisher, Responder
 from forecaster.serve.routes import RouteSet
@@ -93,6 +93,7 @@ def mqtt_transport(d: Daemon) -> Link:
         on_error=d.on_callback_error,
         on_state=d.on_mqtt_state,
         on_wait=d.waiting_for_broker,
+        on_refused=d.on_prediction_refused,
     )
 
 
@@ -198,6 +199,26 @@ class Daemon:
 
     def on_callback_error(self, callback: str) -> None:
         self.metrics.callback_errors.labels(callback).inc()
+
+    def on_prediction_refused(self, delivery: Delivery | None, reason: str) -> None:
+        """The broker refused a published prediction message (called from paho's thread).
+
+        Counted and logged, never retried: a broker that refuses a topic (its ACL) refuses it
+        again, and the transport has acknowledged the message's readings."""
+        route = delivery.route if delivery is not None else "none"
+        count = delivery.predictions if delivery is not None else 1
+        topic = delivery.topic if delivery is not None else "?"
+        self.metrics.predictions_refused.labels(route, reason).inc(count)
+        self._rl.warning(
+            f"refused:{route}:{reason}",
+            "route %s: the broker refused %d prediction(s) on %r (%s); they are lost and their "
+            "readings acknowledged. Check that the broker lets this client publish there "
+            "(its ACL); counted in forecaster_predictions_refused_total",
+            route,
+            count,
+            topic[:200],
+            reason,
+        )
 
     def _alive(self, now: float, note: str = "") -> None:
         """The worker is alive: beat ``/healthz`` and, when due, systemd's watchdog."""

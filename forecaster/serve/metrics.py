@@ -236,6 +236,15 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.predictions_refused = Counter(
+            "forecaster_predictions_refused",
+            "Predictions the broker refused after they were published (an MQTT 5 PUBACK with a "
+            "failure reason, e.g. not_authorized: its ACL does not let the daemon write the "
+            "prediction topic), by route and reason. Included in forecaster_predictions_total; "
+            "their readings are acknowledged (the broker would refuse them again).",
+            ["route", "reason"],
+            registry=r,
+        )
         self.predictions_repeated = Counter(
             "forecaster_predictions_repeated",
             "Readings already stepped (redelivered after a crash, or resent) answered with the "

@@ -28,6 +28,9 @@ project's original design notes:
   success PUBACK (two bytes) from its message id alone (:mod:`forecaster.serve.packets`).
 - Reconnects use exponential backoff with full jitter (paho's own has none, so a fleet of
   gateways would reconnect in lockstep after a broker restart).
+- A prediction the broker refuses (an MQTT 5 PUBACK with a failure reason, such as 0x87 "not
+  authorized" when its ACL does not let the daemon write the prediction topic) is reported to
+  ``on_refused`` with what the message carried; paho would have reported it as published.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -58,6 +61,33 @@ MessageHandler = Callable[[str, bytes, int, int], None]
 
 #: (incoming mid, qos) of a reading to acknowledge once its prediction is out.
 Ack = tuple[int, int]
+
+
+class Delivery(NamedTuple):
+    """What one prediction message carries, kept with it until the broker answers: what a
+    refusal is counted and logged under."""
+
+    route: str
+    predictions: int
+    topic: str
+
+
+#: Called with a refused message's :class:`Delivery` (None if it was published without one) and
+#: the broker's reason (:func:`refusal`), from paho's network thread.
+RefusalHandler = Callable[[Delivery | None, str], None]
+
+
+def refusal(reason: Any) -> str | None:
+    """The broker's reason for refusing a published message as a label (``not_authorized``),
+    or None when ``reason`` (paho's ``ReasonCode``, or anything else) is not a failure."""
+    if not getattr(reason, "is_failure", False):
+        return None
+    try:
+        name = str(reason.getName())
+    except (KeyError, AttributeError):  # a code paho has no name for
+        return f"code_{getattr(reason, 'value', 'unknown')}"
+    return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
 
 #: Seconds between checks of ``stopping`` (and ``on_wait`` calls) while waiting for the window.
 WAIT_TURN = 0.2
@@ -93,13 +123,19 @@ class AckBook:
       :meth:`drop_unconfirmed` settles them; and message ids wrap at 65,535, so an id that
       is reused while an old QoS 0 entry still holds it settles the old entry instead of
       overwriting it.
+    - A message the broker refused is settled like any other (its readings are acknowledged:
+      the broker would refuse it again) and reported to ``on_refused`` with its
+      :class:`Delivery`, outside the lock.
     """
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, on_refused: RefusalHandler | None = None) -> None:
         self.window = window
+        self._on_refused = on_refused
         self._cond = threading.Condition()
-        self._entries: dict[int, tuple[list[Ack], int]] = {}  # out mid -> (acks, qos)
-        self._done_early: set[int] = set()
+        # out mid -> (acks, qos, what the message carries)
+        self._entries: dict[int, tuple[list[Ack], int, Delivery | None]] = {}
+        # out mid -> the broker's refusal (None: confirmed), for confirmations before sent()
+        self._done_early: dict[int, str | None] = {}
         # QoS 0 ids settled by drop_unconfirmed: a late confirmation of one must not be kept
         # as "done early", where it would complete the next message given the same id.
         self._forgotten: set[int] = set()
@@ -120,7 +156,7 @@ class AckBook:
     def pending_readings(self) -> int:
         """Messages of readings that stay unacknowledged until their predictions are out."""
         with self._cond:
-            return sum(len(acks) for acks, _qos in self._entries.values())
+            return sum(len(entry[0]) for entry in self._entries.values())
 
     def reserve(
         self,
@@ -157,9 +193,12 @@ class AckBook:
                 self._inflight = max(0, self._inflight - 1)
                 self._cond.notify_all()
 
-    def sent(self, mid: int, qos: int, acks: list[Ack]) -> list[Ack]:
+    def sent(
+        self, mid: int, qos: int, acks: list[Ack], delivery: Delivery | None = None
+    ) -> list[Ack]:
         """Record a message paho accepted; returns the readings to acknowledge now."""
         out: list[Ack] = []
+        refused: str | None = None
         with self._cond:
             self._forgotten.discard(mid)
             stale = self._entries.pop(mid, None)
@@ -168,23 +207,39 @@ class AckBook:
                 # and never will be (QoS ≥ 1 ids are not reused while in flight: paho refuses).
                 out.extend(self._settle(stale))
             if mid in self._done_early:
-                self._done_early.discard(mid)
-                out.extend(self._settle((acks, qos)))
+                refused = self._done_early.pop(mid)
+                out.extend(self._settle((acks, qos, delivery)))
             else:
-                self._entries[mid] = (acks, qos)
+                self._entries[mid] = (acks, qos, delivery)
+        if refused is not None:
+            self._report(delivery, refused)
         return out
 
-    def done(self, mid: int) -> list[Ack]:
-        """paho confirmed ``mid`` (written for QoS 0, PUBACK/PUBCOMP for QoS ≥ 1)."""
+    def done(self, mid: int, refused: str | None = None) -> list[Ack]:
+        """paho confirmed ``mid`` (written for QoS 0, PUBACK/PUBCOMP for QoS ≥ 1), or the
+        broker refused it for the reason ``refused``."""
         with self._cond:
             entry = self._entries.pop(mid, None)
             if entry is None:
                 if mid in self._forgotten:
                     self._forgotten.discard(mid)
                 else:
-                    self._done_early.add(mid)
+                    self._done_early[mid] = refused
                 return []
-            return self._settle(entry)
+            acks = self._settle(entry)
+        if refused is not None:
+            self._report(entry[2], refused)
+        return acks
+
+    def _report(self, delivery: Delivery | None, reason: str) -> None:
+        # Called without the lock; the readings are acknowledged whatever the handler does.
+        if self._on_refused is None:
+            log.warning("the broker refused a prediction (%s) on %s", reason, delivery)
+            return
+        try:
+            self._on_refused(delivery, reason)
+        except Exception:
+            log.exception("reporting a refused prediction failed")
 
     def drop_unconfirmed(self) -> list[Ack]:
         """The publisher connection dropped: settle the QoS 0 entries paho has forgotten.
@@ -195,7 +250,7 @@ class AckBook:
         """
         out: list[Ack] = []
         with self._cond:
-            for mid in [m for m, (_a, q) in self._entries.items() if q == 0]:
+            for mid in [m for m, entry in self._entries.items() if entry[1] == 0]:
                 out.extend(self._settle(self._entries.pop(mid)))
                 self._forgotten.add(mid)
         return out
@@ -219,9 +274,9 @@ class AckBook:
                     self._cond.acquire()
         return True
 
-    def _settle(self, entry: tuple[list[Ack], int]) -> list[Ack]:
+    def _settle(self, entry: tuple[list[Ack], int, Delivery | None]) -> list[Ack]:
         # Caller holds the lock.
-        acks, qos = entry
+        acks, qos, _delivery = entry
         if qos > 0:
             self._inflight = max(0, self._inflight - 1)
         self._cond.notify_all()
@@ -367,6 +422,7 @@ class Transport:
         on_error: Callable[[str], None],
         on_state: Callable[[bool], None] | None = None,
         on_wait: Callable[[], None] | None = None,
+        on_refused: RefusalHandler | None = None,
     ) -> None:
         self.cfg = cfg
         self.filters = filters
@@ -380,7 +436,7 @@ class Transport:
         self._pub = _Link(cfg, password, f"{cfg.client_id}-pub", False, on_error, rng)
         self._subscribed = False
         self._pending_subs: set[int] = set()
-        self.book = AckBook(cfg.max_inflight)
+        self.book = AckBook(cfg.max_inflight, on_refused)
         self._stopping = False
 
         sub, pub = self._sub.client, self._pub.client
@@ -534,10 +590,18 @@ class Transport:
         self._changed()
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        acks: list[Ack],
+        delivery: Delivery | None = None,
     ) -> PublishResult:
         """Publish one prediction message; ``acks`` (incoming mid, qos) are acknowledged once it
-        is written (QoS 0) or acknowledged by the broker (QoS ≥ 1).
+        is written (QoS 0) or acknowledged by the broker (QoS ≥ 1). If the broker refuses it
+        (MQTT 5), ``on_refused`` gets ``delivery`` and the reason, and ``acks`` are acknowledged
+        all the same.
 
         Blocks while the in-flight window is full (calling ``on_wait``). Anything but
         :attr:`PublishResult.SENT` leaves no trace here (no slot, no ack entry) and ``acks``
@@ -560,10 +624,13 @@ class Transport:
         if not queued:
             self.book.release(qos)
             return PublishResult.FAILED
-        for in_mid, in_qos in self.book.sent(info.mid, qos, acks):
+        for in_mid, in_qos in self.book.sent(info.mid, qos, acks, delivery):
             self.ack(in_mid, in_qos)
         return PublishResult.SENT
 
-    def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, _r: Any, _p: Any) -> None:
-        for in_mid, in_qos in self.book.done(mid):
+    def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        # A failure reason comes only in an MQTT 5 PUBACK (QoS 1). Under QoS 2 paho drops the
+        # PUBREC's reason and reports the PUBCOMP that follows, and MQTT 3.1.1 has no reasons:
+        # there a refused prediction looks published.
+        for in_mid, in_qos in self.book.done(mid, refusal(reason)):
             self.ack(in_mid, in_qos)

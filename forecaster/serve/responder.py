@@ -10,6 +10,9 @@ of these happens, and :attr:`Work.settled` records that it did:
 - its prediction cannot be published (topic over MQTT's limit, paho refused it): only this
   message pays. Its readings are counted under the transport's reason (``topic_too_long``,
   ``publish_failed``), acknowledged deliberately, logged once per 10 s per reason;
+- the broker refuses the published prediction (MQTT 5, e.g. its ACL): the transport
+  acknowledges the readings and reports the message's :class:`Delivery` (route, predictions,
+  topic), which the daemon counts in ``forecaster_predictions_refused_total`` and logs;
 - the engine raised on the route's batch (a bug): the route's messages are stepped again one by
   one, so only the message that raises again is counted (``internal_error``) and acknowledged;
 - the transport is stopping: the message is left unacknowledged and the broker redelivers it.
@@ -33,7 +36,7 @@ from forecaster.serve.engine import Outcome
 from forecaster.serve.fastcodec import encode_predictions
 from forecaster.serve.intake import Work
 from forecaster.serve.metrics import Metrics
-from forecaster.serve.mqtt import Ack, PublishResult
+from forecaster.serve.mqtt import Ack, Delivery, PublishResult
 from forecaster.serve.routes import Route
 
 log = logging.getLogger("forecaster.serve.responder")
@@ -45,7 +48,13 @@ class Publisher(Protocol):
     """What the responder needs of the transport (:class:`forecaster.serve.mqtt.Transport`)."""
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        acks: list[Ack],
+        delivery: Delivery | None = None,
     ) -> PublishResult: ...
 
     def ack(self, mid: int, qos: int) -> None: ...
@@ -153,7 +162,14 @@ class Responder:
             payload = encode_predictions(preds, name, version, w.batch)
             topic = prediction_topic(route.cfg.prediction_topic, w.topic)
             acks = [(w.mid, w.qos)] if w.qos > 0 else []
-            result = self.publisher.publish(topic, payload, route.cfg.qos, route.cfg.retain, acks)
+            result = self.publisher.publish(
+                topic,
+                payload,
+                route.cfg.qos,
+                route.cfg.retain,
+                acks,
+                Delivery(route.name, len(preds), topic),
+            )
         except Exception as exc:
             self._error("publish", route.name, exc)
             self.settle_unanswered([w], "internal_error")

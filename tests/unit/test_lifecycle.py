@@ -17,7 +17,7 @@ import pytest
 from forecaster.harness import wait_until
 from forecaster.serve.config import Config
 from forecaster.serve.lifecycle import HEALTH_TIMEOUT, Daemon
-from forecaster.serve.mqtt import Ack, PublishResult
+from forecaster.serve.mqtt import Ack, Delivery, PublishResult
 from forecaster.serve.notify import Notifier
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,13 @@ class FakeLink:
         self.d.intake.on_message(topic, payload, mid, 1)
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        acks: list[Ack],
+        delivery: Delivery | None = None,
     ) -> PublishResult:
         while not self.gate.is_set():
             self.waiting.set()

@@ -18,7 +18,7 @@ from forecaster.serve.config import RouteConfig
 from forecaster.serve.engine import Engine, Outcome
 from forecaster.serve.intake import Work
 from forecaster.serve.metrics import Metrics
-from forecaster.serve.mqtt import Ack, PublishResult
+from forecaster.serve.mqtt import Ack, Delivery, PublishResult
 from forecaster.serve.responder import Responder
 from forecaster.serve.routes import Route, new_store
 
@@ -38,12 +38,19 @@ class FakePublisher:
     def __init__(self, log: list[str] | None = None) -> None:
         self.published: list[tuple[str, bytes, int, list[Ack]]] = []
         self.acked: list[Ack] = []
+        self.deliveries: list[Delivery | None] = []
         self.results: dict[str, PublishResult | Exception] = {}
         self.log = log if log is not None else []
         self.before_publish: Callable[[], None] = lambda: None
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        acks: list[Ack],
+        delivery: Delivery | None = None,
     ) -> PublishResult:
         self.log.append(f"publish {topic}")
         self.before_publish()
@@ -52,6 +59,7 @@ class FakePublisher:
             raise result
         if result is PublishResult.SENT:
             self.published.append((topic, payload, qos, acks))
+            self.deliveries.append(delivery)
         return result
 
     def ack(self, mid: int, qos: int) -> None:
@@ -104,11 +112,25 @@ def test_prediction_is_published_and_its_reading_acked_by_the_transport(bundle: 
     assert (topic, qos, acks) == ("forecast/sensors/a/flow", 1, [(7, 1)])
     assert b'"stream":"sensors/a/flow"' in payload.replace(b" ", b"")
     assert rig.pub.acked == []  # acknowledged once the broker confirms, not before
+    assert rig.pub.deliveries == [Delivery("water", 1, "forecast/sensors/a/flow")]
     assert w.settled
     assert rig.sample("forecaster_predictions_total", route="water") == 1
     assert rig.sample("forecaster_end_to_end_seconds_count") == 1
     assert rig.sample("forecaster_end_to_end_seconds_sum") == pytest.approx(0.25)
     assert rig.responder.processed == 1
+
+
+def test_a_message_s_delivery_counts_its_predictions_not_its_readings(bundle: Bundle) -> None:
+    # What a broker's refusal of the message is counted under (forecaster_predictions_refused)
+    rig = Rig(make_route(bundle))
+    ok = rig.work(1, "a", 1.0, 2.0, 3.0)
+    late = rig.work(2, "a", 9.0, 4.0, ts0=2.0)  # its first reading repeats ts 2.0
+    rig.responder.respond([ok, late])
+    assert rig.pub.deliveries == [
+        Delivery("water", 3, "forecast/sensors/a/flow"),
+        Delivery("water", 1, "forecast/sensors/a/flow"),
+    ]
+    assert rig.sample("forecaster_predictions_total", route="water") == 4
 
 
 def test_qos0_reading_asks_for_no_ack(bundle: Bundle) -> None:

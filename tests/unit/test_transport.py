@@ -1,16 +1,24 @@
 """The transport's ack bookkeeping (``mqtt.AckBook``), driven without a broker.
 
 Which readings each prediction acknowledges, the QoS ≥ 1 window, the on_publish-before-record
-race, QoS 0 entries the link forgot, message-id reuse. Plus ``Transport.publish`` against a real
-paho client that is never connected: the failure paths leave nothing behind.
+race, QoS 0 entries the link forgot, message-id reuse, predictions the broker refused. Plus
+``Transport.publish`` against a real paho client that is never connected: the failure paths leave
+nothing behind, and a refusing PUBACK fed to paho's own packet handling is reported.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
 from forecaster.serve.config import MQTTConfig
-from forecaster.serve.mqtt import AckBook, PublishResult, Transport
+from forecaster.serve.mqtt import AckBook, Delivery, PublishResult, Transport, refusal
+
+Refusals = list[tuple[Delivery | None, str]]
 
 
 def test_qos1_reading_acked_only_after_the_broker_confirms() -> None:
@@ -122,10 +130,17 @@ def test_wait_empty_waits_for_every_entry() -> None:
     assert book.wait_empty(0.0)
 
 
-def _transport(max_inflight: int = 2) -> tuple[Transport, list[tuple[int, int]]]:
+def _transport(
+    max_inflight: int = 2, refused: Refusals | None = None
+) -> tuple[Transport, list[tuple[int, int]]]:
     acked: list[tuple[int, int]] = []
     t = Transport(
-        MQTTConfig(max_inflight=max_inflight), None, ["#"], lambda *_: None, on_error=print
+        MQTTConfig(max_inflight=max_inflight),
+        None,
+        ["#"],
+        lambda *_: None,
+        on_error=print,
+        on_refused=None if refused is None else lambda d, why: refused.append((d, why)),
     )
     t.ack = lambda mid, qos: acked.append((mid, qos))  # type: ignore[method-assign]
     return t, acked
@@ -157,3 +172,98 @@ def test_publish_stops_waiting_when_interrupted() -> None:
     t.interrupt()
     assert t.publish("forecast/b", b"{}", 1, False, [(2, 1)]) is PublishResult.STOPPING
     assert t.inflight == 1 and t.pending_readings == 1
+
+
+# ------------------------------------------------------------------ refused by the broker
+
+WATER = Delivery("water", 3, "forecast/sensors/a/flow")
+
+
+def _book() -> tuple[AckBook, Refusals]:
+    refused: Refusals = []
+    return AckBook(window=2, on_refused=lambda d, why: refused.append((d, why))), refused
+
+
+def test_a_refused_prediction_is_reported_and_its_readings_still_acknowledged() -> None:
+    book, refused = _book()
+    book.sent(mid=1, qos=1, acks=[(10, 1)], delivery=WATER)
+    book.sent(mid=2, qos=1, acks=[(11, 1)], delivery=WATER._replace(route="power"))
+    assert book.done(1, "not_authorized") == [(10, 1)]  # the broker would refuse it again
+    assert refused == [(WATER, "not_authorized")]
+    assert book.done(2) == [(11, 1)]  # confirmed: nothing reported
+    assert refused == [(WATER, "not_authorized")]
+    assert book.inflight == 0 and book.pending == 0  # the window does not silt up
+
+
+def test_a_refusal_before_the_record_is_reported_on_the_record() -> None:
+    book, refused = _book()
+    assert book.done(5, "quota_exceeded") == []  # PUBACK before publish() returned the id
+    assert refused == []  # what the message carried is not known yet
+    assert book.sent(mid=5, qos=1, acks=[(1, 1)], delivery=WATER) == [(1, 1)]
+    assert refused == [(WATER, "quota_exceeded")]
+    assert book.sent(mid=5, qos=1, acks=[(2, 1)], delivery=WATER) == []  # the id is clean again
+    assert book.done(5) == [(2, 1)] and len(refused) == 1
+
+
+def test_a_failing_refusal_handler_costs_no_acknowledgement() -> None:
+    def broken(_d: Delivery | None, _why: str) -> None:
+        raise RuntimeError("handler bug")
+
+    book = AckBook(window=1, on_refused=broken)
+    book.sent(mid=1, qos=1, acks=[(7, 1)], delivery=WATER)
+    assert book.done(1, "not_authorized") == [(7, 1)]
+    assert book.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "want"),
+    [
+        (0x00, None),  # success
+        (0x10, None),  # "no matching subscribers": delivered to nobody, but accepted
+        (0x80, "unspecified_error"),
+        (0x83, "implementation_specific_error"),
+        (0x87, "not_authorized"),
+        (0x90, "topic_name_invalid"),
+        (0x97, "quota_exceeded"),
+        (0x99, "payload_format_invalid"),
+    ],
+)
+def test_refusal_names_the_broker_s_reason(code: int, want: str | None) -> None:
+    assert refusal(ReasonCode(PacketTypes.PUBACK, identifier=code)) == want
+
+
+def test_refusal_of_what_is_not_a_failure_is_none() -> None:
+    assert refusal(None) is None and refusal(0) is None
+
+    class Unnamed:  # a failure code paho has no name for
+        is_failure = True
+        value = 0xAB
+
+        def getName(self) -> str:  # paho's name
+            raise KeyError(self.value)
+
+    assert refusal(Unnamed()) == "code_171"
+
+
+def _puback(t: Transport, mid: int, reason: int | None) -> None:
+    """Feed paho's publisher client a PUBACK for ``mid``, as read from the socket."""
+    c = t._pub.client
+    body = struct.pack("!H", mid) + (b"" if reason is None else bytes([reason, 0]))
+    c._in_packet["command"] = 0x40
+    c._in_packet["packet"] = bytearray(body)
+    c._handle_pubackcomp("PUBACK")
+
+
+def test_a_refusing_puback_reaches_on_refused_through_paho() -> None:
+    refused: Refusals = []
+    t, acked = _transport(refused=refused)
+    d1, d2 = WATER, WATER._replace(topic="forecast/sensors/b/flow", predictions=1)
+    assert t.publish(d1.topic, b"{}", 1, False, [(100, 1)], d1) is PublishResult.SENT
+    assert t.publish(d2.topic, b"{}", 1, False, [(101, 1)], d2) is PublishResult.SENT
+    mids = sorted(t._pub.client._out_messages)
+    assert len(mids) == 2
+    _puback(t, mids[0], 0x87)  # MQTT 5: mosquitto's answer outside the ACL
+    _puback(t, mids[1], None)  # a two-byte success PUBACK
+    assert acked == [(100, 1), (101, 1)]
+    assert refused == [(d1, "not_authorized")]
+    assert t.inflight == 0 and t.pending_readings == 0

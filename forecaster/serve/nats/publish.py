@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from forecaster.logs import RateLimitedLog
 from forecaster.serve.metrics import Metrics
-from forecaster.serve.mqtt import Ack, PublishResult
+from forecaster.serve.mqtt import Ack, Delivery, PublishResult
 from forecaster.serve.nats.partition import Partition
 from forecaster.serve.nats.partitions import topic_to_subject
 
@@ -50,7 +50,13 @@ class Sink:
         self.quiet = quiet
 
     def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        acks: list[Ack],
+        delivery: Delivery | None = None,
     ) -> PublishResult:
         if acks and acks[0][0] <= self.quiet:
             return PublishResult.STOPPING  # replay: state only, no message
