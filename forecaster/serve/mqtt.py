@@ -28,9 +28,9 @@ project's original design notes:
   success PUBACK (two bytes) from its message id alone (:mod:`forecaster.serve.packets`).
 - Reconnects use exponential backoff with full jitter (paho's own has none, so a fleet of
   gateways would reconnect in lockstep after a broker restart).
-- A prediction the broker refuses (an MQTT 5 PUBACK with a failure reason, such as 0x87 "not
-  authorized" when its ACL does not let the daemon write the prediction topic) is reported to
-  ``on_refused`` with what the message carried; paho would have reported it as published.
+- A prediction the broker refuses (an MQTT 5 PUBACK or PUBREC with a failure reason, such as 0x87
+  "not authorized" when its ACL does not let the daemon write the prediction topic) is reported
+  to ``on_refused`` with what the message carried; paho would have reported it as published.
 """
 
 from __future__ import annotations
@@ -629,8 +629,8 @@ class Transport:
         return PublishResult.SENT
 
     def _handle_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
-        # A failure reason comes only in an MQTT 5 PUBACK (QoS 1). Under QoS 2 paho drops the
-        # PUBREC's reason and reports the PUBCOMP that follows, and MQTT 3.1.1 has no reasons:
-        # there a refused prediction looks published.
+        # A failure reason comes in an MQTT 5 PUBACK (QoS 1) or PUBREC (QoS 2, reported here by
+        # packets.py). MQTT 3.1.1 has no reasons, and QoS 0 no answer: there a refused
+        # prediction looks published.
         for in_mid, in_qos in self.book.done(mid, refusal(reason)):
             self.ack(in_mid, in_qos)

@@ -16,12 +16,17 @@ MQTT 5 properties that are not there: the PUBLISH in, and the PUBACK for its pre
   alone and gives the publish callback one shared success reason code and one shared empty
   property set (the daemon's callback reads neither; nothing may change them). A longer packet,
   a failure reason or properties, goes through paho's own decoding.
+- **PUBREC with a failure reason** (MQTT 5, QoS 2): the broker refused the message, and the flow
+  ends there (no PUBREL: MQTT 5.0, section 4.3.3). paho ignores the reason, sends a PUBREL and
+  reports the PUBCOMP that comes back as a success, so a refused QoS 2 prediction looked
+  delivered. :func:`install` ends the flow as the standard says and reports it as paho reports a
+  refusing PUBACK: the publish callback with the PUBREC's reason.
 
 Profiles of the daemon with single-reading messages put about 15 % of its samples in these
 objects. It relies on paho's private ``_packet.decode_publish``, ``_handle_pubackcomp``,
 ``_in_packet``, ``_out_message_mutex``, ``_out_messages``, ``_do_on_publish`` and ``_easy_log``
-(paho-mqtt 2.x, pinned below 3 in pyproject.toml); ``tests/unit/test_packets.py`` compares both
-paths with paho's own and fails if those disappear.
+(and ``_handle_pubrec``, ``_protocol``; paho-mqtt 2.x, pinned below 3 in pyproject.toml);
+``tests/unit/test_packets.py`` compares these paths with paho's own and fails if those disappear.
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtoco
 
 
 def install(client: paho.Client) -> None:
-    """Decode ``client``'s PUBLISH packets and two-byte PUBACKs and PUBCOMPs cheaply."""
+    """Decode ``client``'s PUBLISH packets and two-byte PUBACKs and PUBCOMPs cheaply, and end a
+    QoS 2 flow whose PUBREC carries a failure reason."""
     _packet.decode_publish = decode_publish
     original = client._handle_pubackcomp  # paho's private handler, see the module doc
 
@@ -86,3 +92,19 @@ def install(client: paho.Client) -> None:
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     client._handle_pubackcomp = handle  # type: ignore[method-assign]
+    original_pubrec = client._handle_pubrec
+
+    def pubrec() -> MQTTErrorCode:
+        packet = client._in_packet["packet"]
+        if client._protocol != paho.MQTTv5 or len(packet) < 3 or packet[2] < 0x80:
+            return original_pubrec()
+        result = _packet.decode_pubrec(client._in_packet["command"], packet, client._protocol)
+        client._easy_log(
+            paho.MQTT_LOG_DEBUG, "Received PUBREC (Mid: %d, %s)", result.mid, result.reason
+        )
+        with client._out_message_mutex:
+            if result.mid in client._out_messages:
+                return client._do_on_publish(result.mid, result.reason, result.properties)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    client._handle_pubrec = pubrec  # type: ignore[method-assign]

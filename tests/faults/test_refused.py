@@ -1,10 +1,10 @@
 """A broker that refuses the daemon's predictions (its ACL), black-box, MQTT 5.
 
-mosquitto answers a QoS 1 PUBLISH outside the client's ACL with a PUBACK of reason 0x87 "not
-authorized" and drops the message. Before, paho reported that PUBACK as a publish like any other:
-the prediction was counted as published and nothing said it was lost. Now it is counted by route
-and reason, logged (rate-limited), its reading acknowledged once (not redelivered forever), and the
-routes the broker accepts lose nothing.
+mosquitto answers a PUBLISH outside the client's ACL with reason 0x87 "not authorized" (in the
+PUBACK at QoS 1, in the PUBREC at QoS 2) and drops the message. Before, paho reported both as a
+publish like any other: the prediction was counted as published and nothing said it was lost.
+Now it is counted by route and reason, logged (rate-limited), its reading acknowledged once (not
+redelivered forever), and the routes the broker accepts lose nothing.
 """
 
 from __future__ import annotations
@@ -31,15 +31,19 @@ topic readwrite forecaster/#
 topic read restricted/#
 """
 
-ROUTES = [
-    {"name": "water", "subscribe": ["sensors/+/flow"], "bundle": str(MODEL)},
-    {
-        "name": "plant",
-        "subscribe": ["plant/+/flow"],
-        "bundle": str(MODEL),
-        "prediction_topic": "restricted/{topic}",
-    },
-]
+
+def routes(qos: int) -> list[dict[str, object]]:
+    """Two routes publishing at ``qos``; the broker refuses every prediction of the second."""
+    return [
+        {"name": "water", "subscribe": ["sensors/+/flow"], "bundle": str(MODEL), "qos": qos},
+        {
+            "name": "plant",
+            "subscribe": ["plant/+/flow"],
+            "bundle": str(MODEL),
+            "prediction_topic": "restricted/{topic}",
+            "qos": qos,
+        },
+    ]
 
 
 @pytest.fixture
@@ -57,10 +61,11 @@ def _counted_for_plant(d: DaemonProcess) -> float:
     return accepted + d.metric("forecaster_readings_rejected_total", default=0.0, route="plant")
 
 
+@pytest.mark.parametrize("qos", [1, 2])
 def test_refused_predictions_are_counted_and_cost_the_other_routes_nothing(
-    broker: Broker, daemon: Callable[..., DaemonProcess]
+    broker: Broker, daemon: Callable[..., DaemonProcess], qos: int
 ) -> None:
-    d = daemon(routes=ROUTES, max_delay_ms=20)
+    d = daemon(routes=routes(qos), max_delay_ms=20)
     d.start()
     sink = Sink(broker.port)
     client = mqtt_client(broker.port, "refused-feed")
@@ -98,7 +103,7 @@ def test_refused_predictions_are_counted_and_cost_the_other_routes_nothing(
         # The refused predictions' readings were acknowledged: a restart on the same session
         # gets none of them again. The broker resends unacknowledged messages before new ones,
         # so once a fresh reading has been answered, any redelivery would have been counted.
-        d2 = daemon(routes=ROUTES, max_delay_ms=20)
+        d2 = daemon(routes=routes(qos), max_delay_ms=20)
         d2.start()
         client.publish("sensors/w0/flow", json.dumps({"value": 1.0, "ts": ROUNDS}), qos=1)
         assert wait_until(lambda: sink.count() >= len(want) + 1, 60), log_text(d2)

@@ -117,3 +117,45 @@ def test_an_empty_property_set_is_a_fresh_one_that_takes_properties() -> None:
 def test_installing_routes_paho_s_publish_decoding_through_the_fast_path() -> None:
     client(MQTTProtocolVersion.MQTTv5, fast=True)
     assert _packet.decode_publish is packets.decode_publish
+
+
+PUBREC = 0x50
+
+
+def qos2_client(protocol: MQTTProtocolVersion) -> tuple[paho.Client, list[tuple[int, int, bool]]]:
+    """:func:`client` with message 1 a QoS 2 one awaiting its PUBREC."""
+    c, got = client(protocol, fast=True)
+    c._out_messages[1].qos = 2
+    c._out_messages[1].state = paho.mqtt_ms_wait_for_pubrec
+    return c, got
+
+
+def feed_pubrec(c: paho.Client, packet: bytes) -> MQTTErrorCode:
+    c._in_packet["command"] = PUBREC
+    c._in_packet["packet"] = bytearray(packet)
+    return c._handle_pubrec()
+
+
+@pytest.mark.parametrize("reason", [0x80, 0x87, 0x97, 0x99])
+def test_a_refusing_pubrec_ends_the_qos2_flow_with_its_reason(reason: int) -> None:
+    c, got = qos2_client(paho.MQTTv5)
+    assert feed_pubrec(c, b"\x00\x01" + bytes([reason, 0])) == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == [(1, reason, True)]  # reported as paho reports a refusing PUBACK
+    assert 1 not in c._out_messages  # the flow is over: nothing resent after a reconnect
+    assert not c._out_packet  # and no PUBREL (MQTT 5.0, 4.3.3)
+    assert feed_pubrec(c, b"\x00\x01" + bytes([reason, 0])) == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert len(got) == 1  # a repeated PUBREC reports nothing twice
+
+
+@pytest.mark.parametrize(
+    ("protocol", "packet"),
+    [(paho.MQTTv5, b"\x00\x01"), (paho.MQTTv5, b"\x00\x01\x00\x00"), (paho.MQTTv311, b"\x00\x01")],
+)
+def test_an_accepting_pubrec_goes_on_as_paho_goes_on(
+    protocol: MQTTProtocolVersion, packet: bytes
+) -> None:
+    c, got = qos2_client(protocol)
+    feed_pubrec(c, packet)
+    assert got == []  # reported on the PUBCOMP, as paho does
+    assert c._out_messages[1].state == paho.mqtt_ms_wait_for_pubcomp
+    assert len(c._out_packet) == 1  # the PUBREL
