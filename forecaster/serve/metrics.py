@@ -238,10 +238,11 @@ class Metrics:
         )
         self.predictions_refused = Counter(
             "forecaster_predictions_refused",
-            "Predictions the broker refused after they were published (an MQTT 5 PUBACK with a "
-            "failure reason, e.g. not_authorized: its ACL does not let the daemon write the "
-            "prediction topic), by route and reason. Included in forecaster_predictions_total; "
-            "their readings are acknowledged (the broker would refuse them again).",
+            "Predictions the broker refused after they were published (an MQTT 5 PUBACK or "
+            "PUBREC with a failure reason, e.g. not_authorized: its ACL does not let the daemon "
+            "write the prediction topic), by route and reason. Included in "
+            "forecaster_predictions_total; their readings are acknowledged (the broker would "
+            "refuse them again).",
             ["route", "reason"],
             registry=r,
         )
