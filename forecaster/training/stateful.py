@@ -40,7 +40,7 @@ import torch
 from forecaster.data import Dataset, Series
 from forecaster.errors import DataError
 from forecaster.evaluation.unroll import Unroll, unroll
-from forecaster.training import linear
+from forecaster.training import glitches, linear
 from forecaster.training.config import TrainConfig
 from forecaster.training.intervals import conformal
 from forecaster.training.loop import Fit, Progress, fit
@@ -52,6 +52,7 @@ from forecaster.training.tape import (
     Tape,
     build_tape,
     fit_scaling,
+    raw_train_segments,
     split,
     train_segments,
     validation_runs,
@@ -79,6 +80,8 @@ class Prepared:
     periods: list[int]
     candidates: list[linear.Candidate]
     bptt: int
+    #: Training readings set aside as gross glitches for the linear fits (see glitches.py).
+    glitches: int = 0
 
 
 def prepare(data: Dataset, cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
@@ -102,7 +105,15 @@ def prepare(data: Dataset, cfg: TrainConfig, log: Callable[[str], None]) -> Prep
                 periods.append(p)
     periods = sorted(periods)[: 2 * MAX_PERIODS]
     candidates = [linear.Candidate(linear.PERSISTENCE, math.nan, math.nan)]
+    found = 0
     if cfg.linear and cfg.head == "delta":  # the line replaces the delta head's "last reading"
+        found = glitches.cleaned(raw_train_segments(series, cuts))[1]
+        if found:
+            log(
+                f"{found} training reading(s) far from every neighbour and from the series' "
+                "range: set aside as glitches for the linear fits (replaced by their "
+                "neighbourhood's median; validation sees them as they are)"
+            )
         candidates = linear.select(
             train_segments(series, cuts),
             validation_runs(series, cuts),
@@ -115,7 +126,7 @@ def prepare(data: Dataset, cfg: TrainConfig, log: Callable[[str], None]) -> Prep
             f"{_lags_text(best.ar.lags)} ({best.ar.loss} loss), validation RMSE "
             f"{best.val_rmse:.4g} of {len(candidates)} candidates"
         )
-    return Prepared(data, series, cuts, tape, mean, std, delta, periods, candidates, bptt)
+    return Prepared(data, series, cuts, tape, mean, std, delta, periods, candidates, bptt, found)
 
 
 def _lags_text(lags: tuple[int, ...]) -> str:
@@ -284,6 +295,7 @@ def finish(
         "linear": {
             "lags": list(model.spec.ar_lags),
             "loss": model.spec.ar_loss,
+            "glitches_set_aside": prep.glitches,
             "candidates": [c.as_dict() for c in prep.candidates],
         },
         "search": search_record,

@@ -9,6 +9,7 @@ import numpy as np
 
 from forecaster.data import Dataset, Series, cut_index
 from forecaster.errors import DataError
+from forecaster.training import glitches
 from forecaster.training.config import TrainConfig
 
 
@@ -71,7 +72,13 @@ def fit_scaling(tape: Tape) -> tuple[tuple[float, ...], tuple[float, ...], float
 
 
 def train_segments(series: list[Series], cuts: list[int]) -> list[np.ndarray]:
-    """The training part's runs of consecutive readings (what the linear path is fitted on)."""
+    """The training part's runs of consecutive readings (what the linear path is fitted on),
+    gross glitches replaced by their neighbourhood's median (:mod:`glitches`)."""
+    return glitches.cleaned(raw_train_segments(series, cuts))[0]
+
+
+def raw_train_segments(series: list[Series], cuts: list[int]) -> list[np.ndarray]:
+    """The training part's runs of consecutive readings, as read."""
     out = []
     for s, cut in zip(series, cuts, strict=True):
         for a, b in s.segments():
