@@ -269,7 +269,11 @@ def train(
         + f", best epoch {report['best_epoch']}, validation RMSE {v['rmse']:.4f} "
         f"(persistence {v['naive_rmse']:.4f}, skill {report['validation_skill']:+.3f}, "
         f"n={v['n']}), warm-up {report['warmup']} readings"
-        + (" -- shipped as PERSISTENCE (validation skill < 0)" if report.get("fallback") else "")
+        + (
+            f" -- shipped as PERSISTENCE ({report['fallback']['reason']})"
+            if report.get("fallback")
+            else ""
+        )
     )
 
 

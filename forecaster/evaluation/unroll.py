@@ -16,7 +16,7 @@ import numpy as np
 
 from forecaster.data import Dataset, Score, Series, cut_index, score
 from forecaster.errors import DataError
-from forecaster.model.bundle import Bundle, Interval
+from forecaster.model.bundle import Bundle, Interval, restore_last
 from forecaster.model.classify import ClassScore, score_events
 from forecaster.model.windows import windows
 
@@ -152,7 +152,7 @@ def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
                 lengths = np.array([part.shape[1]], dtype=np.int64)
                 y, state = bundle.run(part, lengths, state)
                 out[lo : lo + part.shape[1]] = y[0]
-            return out
+            return restore_last(out, values) if bundle.restores_last else out
 
         return run
 
@@ -164,7 +164,7 @@ def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
             x[0, 0] = v
             y, state = bundle.step(x, state)
             out[k] = float(y[0])
-        return out
+        return restore_last(out, values) if bundle.restores_last else out
 
     return predict
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forecaster.model.bundle import Bundle, Interval
+from forecaster.model.bundle import Bundle, Interval, restore_last
 from forecaster.model.classify import counts
 from forecaster.serve.codec import Prediction, Reading
 from forecaster.serve.journal import (
@@ -649,6 +649,8 @@ class Engine:
                         z[:, from_store] = g
             y, new = self._run_rows(x, lens, init, out)
             y_flat = y[row_of, t_of]
+            if self._bundle.restores_last:
+                y_flat = restore_last(y_flat, vals)
             if not np.isfinite(y_flat).all() or not finite_rows(new).all():
                 return None  # waves drop and reset exactly the reading that blew up
 
@@ -950,6 +952,8 @@ class Engine:
             started = self._clock()
             y, new_state = self.bundle.step(x, state)
             out.calls.append((len(slots), self._clock() - started))
+            if self.bundle.restores_last:
+                y = restore_last(y, values)
             ready = np.ones(len(slots), dtype=bool)
         ok = finite_rows(new_state) & (np.isfinite(y) | ~ready)
         store.scatter(slots, new_state, ok)
