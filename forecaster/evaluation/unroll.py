@@ -16,7 +16,7 @@ import numpy as np
 
 from forecaster.data import Dataset, Score, Series, cut_index, score
 from forecaster.errors import DataError
-from forecaster.model.bundle import Bundle, Interval, restore_last
+from forecaster.model.bundle import Bundle, Interval
 from forecaster.model.classify import ClassScore, score_events
 from forecaster.model.windows import windows
 
@@ -146,25 +146,25 @@ def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
         def run(values: np.ndarray) -> np.ndarray:
             state = bundle.zero_state(1)
             out = np.empty(len(values), dtype=np.float64)
-            x = values.astype(np.float32).reshape(1, -1, 1)
+            x = np.asarray(values, dtype=np.float64).reshape(1, -1, 1)
             for lo in range(0, len(values), SEQUENCE_CHUNK):
                 part = x[:, lo : lo + SEQUENCE_CHUNK]
                 lengths = np.array([part.shape[1]], dtype=np.int64)
                 y, state = bundle.run(part, lengths, state)
                 out[lo : lo + part.shape[1]] = y[0]
-            return restore_last(out, values) if bundle.restores_last else out
+            return out
 
         return run
 
     def predict(values: np.ndarray) -> np.ndarray:
         state = bundle.zero_state(1)
         out = np.empty(len(values), dtype=np.float64)
-        x = np.empty((1, bundle.n_features), dtype=np.float32)
+        x = np.empty((1, bundle.n_features), dtype=np.float64)
         for k, v in enumerate(values):
             x[0, 0] = v
             y, state = bundle.step(x, state)
             out[k] = float(y[0])
-        return restore_last(out, values) if bundle.restores_last else out
+        return out
 
     return predict
 

@@ -424,26 +424,28 @@ class Bundle:
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """One step for a batch of streams: ``x`` ``[B, F]``, states ``[L, B, H]`` each.
 
-        Returns the predictions ``[B]`` (float32, raw units) and the new states. ONNX Runtime
-        releases the GIL while it runs, so the MQTT thread keeps receiving meanwhile. A sequence
-        graph runs it as ``T = 1``.
+        Returns the predictions ``[B]`` (raw units; see :meth:`run` for their precision) and the
+        new states. ONNX Runtime releases the GIL while it runs, so the MQTT thread keeps
+        receiving meanwhile. A sequence graph runs it as ``T = 1``.
         """
         if self.sequence:
-            xs = np.ascontiguousarray(x, dtype=np.float32)[:, None, :]
-            y, new = self.run(xs, np.ones(xs.shape[0], dtype=np.int64), state)
+            y, new = self.run(x[:, None, :], np.ones(x.shape[0], dtype=np.int64), state)
             return y[:, 0], new
         feeds = {"x": np.ascontiguousarray(x, dtype=np.float32)}
         for spec, value in zip(self.states, state, strict=True):
             feeds[spec.name] = value
         y, *new_state = self.session.run(self._output_names, feeds)
-        return y[:, 0], tuple(new_state)
+        return self._restored(y[:, 0], x[:, 0]), tuple(new_state)
 
     def run(
         self, x: np.ndarray, lengths: np.ndarray, state: Sequence[np.ndarray]
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         """Sequence graph only: ``x`` ``[B, T, F]`` (stream ``b``'s readings, oldest first, then
-        padding), ``lengths`` ``[B]`` (>= 1), states ``[L, B, H]`` → ``y`` ``[B, T]`` float32
-        (garbage at padded steps) and the states after each stream's last valid step."""
+        padding), ``lengths`` ``[B]`` (>= 1), states ``[L, B, H]`` → ``y`` ``[B, T]`` (garbage at
+        padded steps) and the states after each stream's last valid step.
+
+        The graph computes in float32. For a delta head, ``y`` is float64 with the reading
+        itself put back (:func:`restore_last`): pass ``x`` in float64 for that to count."""
         if not self.sequence:
             raise BundleError(f"bundle {self.path}: {self.manifest.graph_kind} graph, not sequence")
         feeds = {
@@ -453,7 +455,10 @@ class Bundle:
         for spec, value in zip(self.states, state, strict=True):
             feeds[spec.name] = value
         y, *new_state = self.session.run(self._output_names, feeds)
-        return y, tuple(new_state)
+        return self._restored(y, x[..., 0]), tuple(new_state)
+
+    def _restored(self, y: np.ndarray, last: np.ndarray) -> np.ndarray:
+        return restore_last(y, last) if self.restores_last else y
 
     def predict_windows(self, x: np.ndarray) -> np.ndarray:
         """Window mode: ``x`` ``[B, W, F]`` raw readings, oldest first → ``y`` ``[B]`` float32."""

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forecaster.model.bundle import Bundle, Interval, restore_last
+from forecaster.model.bundle import Bundle, Interval
 from forecaster.model.classify import counts
 from forecaster.serve.codec import Prediction, Reading
 from forecaster.serve.journal import (
@@ -637,7 +637,7 @@ class Engine:
             grid = np.empty((n_rows, width), dtype=np.float64)
             grid[:] = vals[ends - 1][:, None]  # padding repeats the row's last reading
             grid[row_of, t_of] = vals
-            x = grid.astype(np.float32)[:, :, None]
+            x = grid[:, :, None]  # float64: the bundle rounds it, and puts the reading back
             from_store = np.flatnonzero(plan.row_stored)
             src = known_arr[plan.row_stream[from_store]]
             if len(from_store) == n_rows:  # every row continues a stored state: no zeros
@@ -649,8 +649,6 @@ class Engine:
                         z[:, from_store] = g
             y, new = self._run_rows(x, lens, init, out)
             y_flat = y[row_of, t_of]
-            if self._bundle.restores_last:
-                y_flat = restore_last(y_flat, vals)
             if not np.isfinite(y_flat).all() or not finite_rows(new).all():
                 return None  # waves drop and reset exactly the reading that blew up
 
@@ -674,7 +672,7 @@ class Engine:
         start = t_of == 0
         first_slot = row_slot[row_of[start]]
         first_stored = stored_rows[row_of[start]]
-        y64 = y_flat.astype(np.float64)
+        y64 = y_flat.astype(np.float64, copy=False)
         prev_pred = np.empty(m, dtype=np.float64)
         prev_pred[1:] = y64[:-1]
         prev_pred[start] = np.where(first_stored, store.last_pred[first_slot], np.nan)
@@ -723,7 +721,7 @@ class Engine:
             y, new = run(x, lens, init)
             out.calls.append((int(lens.sum()), clock() - started))
             return y, list(new)
-        y_all = np.zeros(x.shape[:2], dtype=np.float32)
+        y_all = np.zeros(x.shape[:2], dtype=np.float64)
         new_all = [np.empty_like(z) for z in init]
         for rows in groups:
             width = int(lens[rows].max())
@@ -944,16 +942,14 @@ class Engine:
             if manifest.interval is not None:
                 count_interval(out, manifest.interval, values[judged], last_pred[judged])
 
-        x = values.astype(np.float32).reshape(-1, 1)
         state = store.gather(slots)
         if self.bundle.mode == "window":
+            x = values.astype(np.float32).reshape(-1, 1)
             y, new_state, ready = self._run_windows(state, x, prior_seen + 1, out)
         else:
             started = self._clock()
-            y, new_state = self.bundle.step(x, state)
+            y, new_state = self.bundle.step(values.reshape(-1, 1), state)
             out.calls.append((len(slots), self._clock() - started))
-            if self.bundle.restores_last:
-                y = restore_last(y, values)
             ready = np.ones(len(slots), dtype=bool)
         ok = finite_rows(new_state) & (np.isfinite(y) | ~ready)
         store.scatter(slots, new_state, ok)

@@ -57,7 +57,6 @@ class FakeBundle:
     sha256: str = "f" * 64
     mode: str = "stateful"
     window: int = 0
-    restores_last: bool = False  # y is a running sum, not the last reading plus a change
     manifest: FakeManifest = field(default_factory=FakeManifest)
     calls: list[int] = field(default_factory=list)
 
