@@ -56,14 +56,15 @@ def _wait_for_term() -> threading.Event:
 
 
 def run_ceiling(cfg: Config, ready: Path) -> None:
-    from forecaster.serve.mqtt import Transport
+    from forecaster.serve.mqtt import Delivery, Transport
 
     qos_out = cfg.routes[0].qos
     holder: list[Transport] = []
 
     def on_message(topic: str, payload: bytes, mid: int, qos: int) -> None:
         t = holder[0]
-        t.publish(REPLY_PREFIX + topic, payload, qos_out, False, [(mid, qos)] if qos else [])
+        out = Delivery("ceiling", 1, REPLY_PREFIX + topic)
+        t.publish(out, payload, qos_out, False, [(mid, qos)] if qos else [])
 
     def on_error(name: str) -> None:
         print(f"callback error in {name}", flush=True)

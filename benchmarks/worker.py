@@ -45,13 +45,7 @@ class CountingPublisher:
         self.messages = 0
 
     def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        acks: list[Ack],
-        delivery: Delivery | None = None,
+        self, out: Delivery, payload: bytes, qos: int, retain: bool, acks: list[Ack]
     ) -> PublishResult:
         self.messages += 1
         return PublishResult.SENT

@@ -200,23 +200,20 @@ class Daemon:
     def on_callback_error(self, callback: str) -> None:
         self.metrics.callback_errors.labels(callback).inc()
 
-    def on_prediction_refused(self, delivery: Delivery | None, reason: str) -> None:
+    def on_prediction_refused(self, out: Delivery, reason: str) -> None:
         """The broker refused a published prediction message (called from paho's thread).
 
         Counted and logged, never retried: a broker that refuses a topic (its ACL) refuses it
         again, and the transport has acknowledged the message's readings."""
-        route = delivery.route if delivery is not None else "none"
-        count = delivery.predictions if delivery is not None else 1
-        topic = delivery.topic if delivery is not None else "?"
-        self.metrics.predictions_refused.labels(route, reason).inc(count)
+        self.metrics.predictions_refused.labels(out.route, reason).inc(out.predictions)
         self._rl.warning(
-            f"refused:{route}:{reason}",
+            f"refused:{out.route}:{reason}",
             "route %s: the broker refused %d prediction(s) on %r (%s); they are lost and their "
             "readings acknowledged. Check that the broker lets this client publish there "
             "(its ACL); counted in forecaster_predictions_refused_total",
-            route,
-            count,
-            topic[:200],
+            out.route,
+            out.predictions,
+            out.topic[:200],
             reason,
         )
 

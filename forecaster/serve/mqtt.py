@@ -64,17 +64,17 @@ Ack = tuple[int, int]
 
 
 class Delivery(NamedTuple):
-    """What one prediction message carries, kept with it until the broker answers: what a
-    refusal is counted and logged under."""
+    """Where one prediction message goes and what it carries, kept with it until the broker
+    answers: what a refusal is counted and logged under."""
 
     route: str
     predictions: int
     topic: str
 
 
-#: Called with a refused message's :class:`Delivery` (None if it was published without one) and
-#: the broker's reason (:func:`refusal`), from paho's network thread.
-RefusalHandler = Callable[[Delivery | None, str], None]
+#: Called with a refused message's :class:`Delivery` and the broker's reason (:func:`refusal`),
+#: from paho's network thread.
+RefusalHandler = Callable[[Delivery, str], None]
 
 
 def refusal(reason: Any) -> str | None:
@@ -233,8 +233,8 @@ class AckBook:
 
     def _report(self, delivery: Delivery | None, reason: str) -> None:
         # Called without the lock; the readings are acknowledged whatever the handler does.
-        if self._on_refused is None:
-            log.warning("the broker refused a prediction (%s) on %s", reason, delivery)
+        if self._on_refused is None or delivery is None:
+            log.warning("the broker refused a prediction (%s): %s", reason, delivery)
             return
         try:
             self._on_refused(delivery, reason)
@@ -590,18 +590,12 @@ class Transport:
         self._changed()
 
     def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        acks: list[Ack],
-        delivery: Delivery | None = None,
+        self, out: Delivery, payload: bytes, qos: int, retain: bool, acks: list[Ack]
     ) -> PublishResult:
-        """Publish one prediction message; ``acks`` (incoming mid, qos) are acknowledged once it
-        is written (QoS 0) or acknowledged by the broker (QoS ≥ 1). If the broker refuses it
-        (MQTT 5), ``on_refused`` gets ``delivery`` and the reason, and ``acks`` are acknowledged
-        all the same.
+        """Publish one prediction message to ``out.topic``; ``acks`` (incoming mid, qos) are
+        acknowledged once it is written (QoS 0) or acknowledged by the broker (QoS ≥ 1). If the
+        broker refuses it (MQTT 5), ``on_refused`` gets ``out`` and the reason, and ``acks`` are
+        acknowledged all the same.
 
         Blocks while the in-flight window is full (calling ``on_wait``). Anything but
         :attr:`PublishResult.SENT` leaves no trace here (no slot, no ack entry) and ``acks``
@@ -612,10 +606,10 @@ class Transport:
             return PublishResult.STOPPING
         # Never hold a lock of ours while calling into paho (see AckBook).
         try:
-            info = self._pub.client.publish(topic, payload, qos=qos, retain=retain)
+            info = self._pub.client.publish(out.topic, payload, qos=qos, retain=retain)
         except ValueError:
             self.book.release(qos)
-            if len(topic.encode("utf-8", "surrogatepass")) > 65535:
+            if len(out.topic.encode("utf-8", "surrogatepass")) > 65535:
                 return PublishResult.TOPIC_TOO_LONG
             return PublishResult.FAILED
         queued = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
@@ -624,7 +618,7 @@ class Transport:
         if not queued:
             self.book.release(qos)
             return PublishResult.FAILED
-        for in_mid, in_qos in self.book.sent(info.mid, qos, acks, delivery):
+        for in_mid, in_qos in self.book.sent(info.mid, qos, acks, out):
             self.ack(in_mid, in_qos)
         return PublishResult.SENT
 

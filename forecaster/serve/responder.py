@@ -48,13 +48,7 @@ class Publisher(Protocol):
     """What the responder needs of the transport (:class:`forecaster.serve.mqtt.Transport`)."""
 
     def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        acks: list[Ack],
-        delivery: Delivery | None = None,
+        self, out: Delivery, payload: bytes, qos: int, retain: bool, acks: list[Ack]
     ) -> PublishResult: ...
 
     def ack(self, mid: int, qos: int) -> None: ...
@@ -161,15 +155,9 @@ class Responder:
         try:
             payload = encode_predictions(preds, name, version, w.batch)
             topic = prediction_topic(route.cfg.prediction_topic, w.topic)
+            out = Delivery(route.name, len(preds), topic)
             acks = [(w.mid, w.qos)] if w.qos > 0 else []
-            result = self.publisher.publish(
-                topic,
-                payload,
-                route.cfg.qos,
-                route.cfg.retain,
-                acks,
-                Delivery(route.name, len(preds), topic),
-            )
+            result = self.publisher.publish(out, payload, route.cfg.qos, route.cfg.retain, acks)
         except Exception as exc:
             self._error("publish", route.name, exc)
             self.settle_unanswered([w], "internal_error")

@@ -148,6 +148,12 @@ class Sink(Collector):
     def count(self) -> int:
         return self.prediction_count()
 
+    def answered(self) -> set[tuple[str, float]]:
+        """The ``(stream, ts)`` of every prediction received."""
+        return {
+            (str(p["stream"]), float(p["ts"])) for ps in self.predictions().values() for p in ps
+        }
+
 
 class Feed(threading.Thread):
     """Publishes ``items`` (QoS 1, JSON with ``seq``) at ``rate`` per second from a thread.

@@ -49,19 +49,13 @@ class FakeLink:
         self.d.intake.on_message(topic, payload, mid, 1)
 
     def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        acks: list[Ack],
-        delivery: Delivery | None = None,
+        self, out: Delivery, payload: bytes, qos: int, retain: bool, acks: list[Ack]
     ) -> PublishResult:
         while not self.gate.is_set():
             self.waiting.set()
             self.d.waiting_for_broker()
             self.gate.wait(0.01)
-        self.published.append(topic)
+        self.published.append(out.topic)
         self.acked.extend(acks)
         return PublishResult.SENT
 

@@ -38,28 +38,22 @@ class FakePublisher:
     def __init__(self, log: list[str] | None = None) -> None:
         self.published: list[tuple[str, bytes, int, list[Ack]]] = []
         self.acked: list[Ack] = []
-        self.deliveries: list[Delivery | None] = []
+        self.deliveries: list[Delivery] = []
         self.results: dict[str, PublishResult | Exception] = {}
         self.log = log if log is not None else []
         self.before_publish: Callable[[], None] = lambda: None
 
     def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        acks: list[Ack],
-        delivery: Delivery | None = None,
+        self, out: Delivery, payload: bytes, qos: int, retain: bool, acks: list[Ack]
     ) -> PublishResult:
-        self.log.append(f"publish {topic}")
+        self.log.append(f"publish {out.topic}")
         self.before_publish()
-        result = self.results.get(topic, PublishResult.SENT)
+        result = self.results.get(out.topic, PublishResult.SENT)
         if isinstance(result, Exception):
             raise result
         if result is PublishResult.SENT:
-            self.published.append((topic, payload, qos, acks))
-            self.deliveries.append(delivery)
+            self.published.append((out.topic, payload, qos, acks))
+            self.deliveries.append(out)
         return result
 
     def ack(self, mid: int, qos: int) -> None:

@@ -18,7 +18,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from forecaster.serve.config import MQTTConfig
 from forecaster.serve.mqtt import AckBook, Delivery, PublishResult, Transport, refusal
 
-Refusals = list[tuple[Delivery | None, str]]
+Refusals = list[tuple[Delivery, str]]
 
 
 def test_qos1_reading_acked_only_after_the_broker_confirms() -> None:
@@ -130,6 +130,11 @@ def test_wait_empty_waits_for_every_entry() -> None:
     assert book.wait_empty(0.0)
 
 
+def out(topic: str) -> Delivery:
+    """A one-prediction message of route "water" to ``topic``."""
+    return Delivery("water", 1, topic)
+
+
 def _transport(
     max_inflight: int = 2, refused: Refusals | None = None
 ) -> tuple[Transport, list[tuple[int, int]]]:
@@ -150,27 +155,27 @@ def test_publish_topic_too_long_leaves_no_slot_and_no_entry() -> None:
     t, acked = _transport(max_inflight=1)
     topic = "forecast/" + "x" * 65530  # over MQTT's 65,535 bytes: paho raises ValueError
     for _ in range(3):  # with a leak, the second would wait for a slot forever
-        assert t.publish(topic, b"{}", 1, False, [(1, 1)]) is PublishResult.TOPIC_TOO_LONG
+        assert t.publish(out(topic), b"{}", 1, False, [(1, 1)]) is PublishResult.TOPIC_TOO_LONG
     assert t.inflight == 0 and t.book.pending == 0 and acked == []
 
 
 def test_qos0_publish_while_disconnected_is_a_failure_not_a_leak() -> None:
     t, acked = _transport()
-    assert t.publish("forecast/a", b"{}", 0, False, [(4, 1)]) is PublishResult.FAILED
+    assert t.publish(out("forecast/a"), b"{}", 0, False, [(4, 1)]) is PublishResult.FAILED
     assert t.book.pending == 0 and acked == []  # the caller decides about the reading
 
 
 def test_qos1_publish_while_disconnected_is_queued_for_the_reconnect() -> None:
     t, _acked = _transport()
-    assert t.publish("forecast/a", b"{}", 1, False, [(4, 1)]) is PublishResult.SENT
+    assert t.publish(out("forecast/a"), b"{}", 1, False, [(4, 1)]) is PublishResult.SENT
     assert t.inflight == 1 and t.pending_readings == 1  # paho resends it after reconnecting
 
 
 def test_publish_stops_waiting_when_interrupted() -> None:
     t, _acked = _transport(max_inflight=1)
-    assert t.publish("forecast/a", b"{}", 1, False, [(1, 1)]) is PublishResult.SENT
+    assert t.publish(out("forecast/a"), b"{}", 1, False, [(1, 1)]) is PublishResult.SENT
     t.interrupt()
-    assert t.publish("forecast/b", b"{}", 1, False, [(2, 1)]) is PublishResult.STOPPING
+    assert t.publish(out("forecast/b"), b"{}", 1, False, [(2, 1)]) is PublishResult.STOPPING
     assert t.inflight == 1 and t.pending_readings == 1
 
 
@@ -206,7 +211,7 @@ def test_a_refusal_before_the_record_is_reported_on_the_record() -> None:
 
 
 def test_a_failing_refusal_handler_costs_no_acknowledgement() -> None:
-    def broken(_d: Delivery | None, _why: str) -> None:
+    def broken(_d: Delivery, _why: str) -> None:
         raise RuntimeError("handler bug")
 
     book = AckBook(window=1, on_refused=broken)
@@ -258,8 +263,8 @@ def test_a_refusing_puback_reaches_on_refused_through_paho() -> None:
     refused: Refusals = []
     t, acked = _transport(refused=refused)
     d1, d2 = WATER, WATER._replace(topic="forecast/sensors/b/flow", predictions=1)
-    assert t.publish(d1.topic, b"{}", 1, False, [(100, 1)], d1) is PublishResult.SENT
-    assert t.publish(d2.topic, b"{}", 1, False, [(101, 1)], d2) is PublishResult.SENT
+    assert t.publish(d1, b"{}", 1, False, [(100, 1)]) is PublishResult.SENT
+    assert t.publish(d2, b"{}", 1, False, [(101, 1)]) is PublishResult.SENT
     mids = sorted(t._pub.client._out_messages)
     assert len(mids) == 2
     _puback(t, mids[0], 0x87)  # MQTT 5: mosquitto's answer outside the ACL

@@ -50,17 +50,11 @@ class Sink:
         self.quiet = quiet
 
     def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        acks: list[Ack],
-        delivery: Delivery | None = None,
+        self, out: Delivery, payload: bytes, qos: int, retain: bool, acks: list[Ack]
     ) -> PublishResult:
         if acks and acks[0][0] <= self.quiet:
             return PublishResult.STOPPING  # replay: state only, no message
-        self.out.append((topic_to_subject(topic), payload))
+        self.out.append((topic_to_subject(out.topic), payload))
         return PublishResult.SENT
 
     def ack(self, mid: int, qos: int) -> None:
