@@ -115,7 +115,7 @@ def prepare(data: Dataset, cfg: TrainConfig, log: Callable[[str], None]) -> Prep
     candidates = [linear.Candidate(linear.PERSISTENCE, math.nan, math.nan)]
     found = 0
     if cfg.linear and cfg.head == "delta":  # the line replaces the delta head's "last reading"
-        found = glitches.cleaned(raw_train_segments(series, cuts))[1]
+        segments, found = glitches.cleaned(raw_train_segments(series, cuts))
         if found:
             log(
                 f"{found} training reading(s) far from every neighbour and from the series' "
@@ -123,7 +123,7 @@ def prepare(data: Dataset, cfg: TrainConfig, log: Callable[[str], None]) -> Prep
                 "neighbourhood's median; validation sees them as they are)"
             )
         candidates = linear.select(
-            train_segments(series, cuts),
+            segments,
             validation_runs(series, cuts),
             linear.candidate_lag_sets(periods, len(tape.x)),
             delta,
