@@ -12,7 +12,7 @@ import time
 
 from forecaster.harness import Broker
 from forecaster.serve.config import MQTTConfig
-from forecaster.serve.mqtt import PublishResult, Transport
+from forecaster.serve.mqtt import Delivery, PublishResult, Transport
 from forecaster.serve.wakeup import WakeWriter
 
 MESSAGES = 20
@@ -37,7 +37,8 @@ def test_publishes_one_at_a_time_never_wait_for_the_select_timeout(broker: Broke
         started = time.monotonic()
         for i in range(MESSAGES):
             # one message in flight at a time: the network thread is idle in select each time
-            assert t.publish(f"forecast/s{i}", b"{}", 1, False, []) is PublishResult.SENT
+            out = Delivery("wakeups", 1, f"forecast/s{i}")
+            assert t.publish(out, b"{}", 1, False, []) is PublishResult.SENT
             assert t.flush(30.0), f"publish {i} was never acknowledged"
         elapsed = time.monotonic() - started
     finally:

@@ -51,11 +51,13 @@ def test_evaluate_and_the_engine_restore_the_same(seed: int) -> None:
         by_evaluate - values, y[0].astype(np.float64) - values.astype(np.float32), f"seed={seed}"
     )
     engine = Engine(bundle, StateStore(bundle.state_shapes, 10, 0.0))
-    by_engine = []
+    made = []
     for k, v in enumerate(values):  # one reading per call, then the rest as one batch
         if k < 100:
             out = engine.step([Reading("s", float(v), float(k), 0.0, "s")], now=float(k))
-            by_engine.append(out.predictions[0].value)
+            made += out.predictions
     batch = [Reading("s", float(v), float(k), 0.0, "s") for k, v in enumerate(values) if k >= 100]
-    by_engine += [p.value for p in engine.step(batch, now=200.0).predictions]
+    made += engine.step(batch, now=200.0).predictions
+    by_engine = [p.value for p in made if p is not None]
+    assert len(by_engine) == len(values), f"seed={seed}: readings without a prediction"
     np.testing.assert_allclose(by_engine, by_evaluate, rtol=0, atol=1e-5, err_msg=f"seed={seed}")
