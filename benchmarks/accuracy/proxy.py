@@ -8,10 +8,18 @@ refitted on the whole training part, scored one step ahead on the last 20 % agai
 references as the full benchmark. No network is trained: this is what ships whenever the
 network's validation gain is not significant (most series here), not the full benchmark.
 
-``--statsmodels`` first writes seven public-domain series that statsmodels ships offline (weekly
-CO2 at Mauna Loa, monthly Euro-area electrical equipment orders, monthly El Niño sea surface
-temperature, yearly sunspots, yearly Nile flow, quarterly US unemployment and inflation) into
-``--data`` (default: a temporary folder), then runs on them.
+``--statsmodels`` first writes fifteen public-domain series that statsmodels ships offline into
+``--data`` (default: a temporary folder), then runs on them: weekly CO2 at Mauna Loa, monthly
+Euro-area electrical equipment orders, monthly El Niño sea surface temperature, yearly sunspots,
+yearly Nile flow; from the quarterly US macro data, unemployment, inflation, the 3-month bill
+rate and the real interest rate as levels, and real GDP, real investment, M1 and the CPI as
+quarterly growth (100 × log change); and Danish quarterly inflation and interest rate. Short,
+shifting macro series are where selection on a small validation part goes wrong (the Danish
+interest rate: 17 validation readings, and a line that mean-reverts to the training level).
+
+``--candidates`` also prints, for each series, every candidate's validation RMSE and the
+held-out skill it would have had refitted and shipped: whether a loss comes from the selection
+(a better candidate was there) or from the family (none was).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from forecaster.training.tape import train_segments
 
 
 def write_statsmodels_series(folder: Path) -> None:
-    """The seven statsmodels series as CSVs (``time,value`` where they have dates)."""
+    """The fifteen statsmodels series as CSVs (``time,value`` where they have dates)."""
     import pandas as pd
     from statsmodels import datasets
     from statsmodels.datasets import elec_equip
@@ -57,6 +65,15 @@ def write_statsmodels_series(folder: Path) -> None:
     quarters = pd.period_range("1959Q1", periods=len(macro), freq="Q").to_timestamp()
     for column in ("unemp", "infl"):
         dated(column, quarters, macro[column].to_numpy())
+    for column in ("tbilrate", "realint"):
+        dated(column, quarters, macro[column].to_numpy())
+    for column in ("realgdp", "realinv", "m1", "cpi"):
+        growth = 100.0 * np.diff(np.log(macro[column].to_numpy()))
+        dated(f"{column}_growth", quarters[1:], growth)
+    danish = datasets.interest_inflation.load_pandas().data
+    danish_quarters = pd.period_range("1972Q2", periods=len(danish), freq="Q").to_timestamp()
+    dated("dk_inflation", danish_quarters, danish["Dp"].to_numpy())
+    dated("dk_interest", danish_quarters, danish["R"].to_numpy())
     sun = datasets.sunspots.load_pandas().data["SUNACTIVITY"].to_numpy()
     pd.DataFrame({"sunactivity": sun}).to_csv(folder / "sunspots.csv", index=False)
     nile = datasets.nile.load_pandas().data["volume"].to_numpy()
@@ -73,14 +90,22 @@ class Row:
     best_reference: str
     best_reference_skill: float
     random_walk: bool
+    #: With ``--candidates``: each candidate's label, validation RMSE and held-out skill.
+    candidates: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def beats(self) -> bool:
         return self.skill >= self.best_reference_skill
 
 
-def linear_only(spec: SeriesSpec) -> Row:
-    """The best validated line, refitted on the training part, and the references' skills."""
+def described(ar: linear.LinearAR) -> str:
+    """``huber [1-12]``, or ``persistence`` for no line at all."""
+    return f"{ar.loss} [{linear.lags_text(ar.lags)}]" if ar.size else "persistence"
+
+
+def linear_only(spec: SeriesSpec, every: bool = False) -> Row:
+    """The best validated line, refitted on the training part, and the references' skills
+    (``every``: and what each other candidate would have scored held out)."""
     data = load_csv(spec.path, [spec.column], spec.time_column, header=spec.header)
     series = data.series[0]
     values = series.values
@@ -88,13 +113,20 @@ def linear_only(spec: SeriesSpec) -> Row:
     cut = cut_index(series, until)
     prep = prepare(data, TrainConfig(until=until), lambda _m: None)
     with_smoothing(prep, lambda _m: None)
-    best = prep.candidates[0].ar
-    if best.size:
-        whole = train_segments(prep.series, [len(s) for s in prep.series])
-        best = linear.fit(whole, best.lags, best.loss)
+    whole = train_segments(prep.series, [len(s) for s in prep.series])
     targets = np.arange(cut, len(values))
     naive = rmse(values[targets], values[targets - 1])
-    pred = linear.ar_segment(values, best)[cut - 1 : -1]
+
+    def held_out(ar: linear.LinearAR) -> tuple[linear.LinearAR, float]:
+        """The line refitted on the whole training part, and its held-out skill."""
+        refit = linear.fit(whole, ar.lags, ar.loss) if ar.size else ar
+        pred = linear.ar_segment(values, refit)[cut - 1 : -1]
+        return refit, skill(rmse(values[targets], pred), naive)
+
+    best, best_skill = held_out(prep.candidates[0].ar)
+    others = tuple(
+        (described(c.ar), c.val_rmse, held_out(c.ar)[1]) for c in (prep.candidates if every else [])
+    )
     times = None if series.times is None else series.times[:cut]
     refs = {
         r.name: skill(rmse(values[targets], r.predicted), naive)
@@ -104,11 +136,12 @@ def linear_only(spec: SeriesSpec) -> Row:
     name = max((k for k in refs if k != "persistence"), key=lambda k: refs[k])
     return Row(
         spec.name,
-        f"{best.loss or 'persistence'} [{linear.lags_text(best.lags)}]",
-        skill(rmse(values[targets], pred), naive),
+        described(best),
+        best_skill,
         name,
         refs[name],
         is_random_walk(refs),
+        others,
     )
 
 
@@ -116,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.proxy", description=__doc__)
     p.add_argument("--data", type=Path, default=None, help="folder of CSV series")
     p.add_argument("--statsmodels", action="store_true", help="write statsmodels' series first")
+    p.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also print every candidate's validation RMSE and held-out skill",
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="proxy-") as tmp:
         folder = args.data or (Path(tmp) if args.statsmodels else ROOT / "data")
         if args.statsmodels:
             write_statsmodels_series(folder)
-        rows = [linear_only(spec) for spec in discover(folder)]
+        rows = [linear_only(spec, args.candidates) for spec in discover(folder)]
     counted = [r for r in rows if not r.random_walk]
     for r in rows:
         print(
@@ -129,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'beats' if r.beats else 'loses'}{'  (random walk)' if r.random_walk else ''}  "
             f"{r.line[:60]}"
         )
+        for label, val_rmse, held in r.candidates:
+            print(f"    validation RMSE {val_rmse:<10.5g} held out {held:+.4f}  {label[:70]}")
     wins = sum(r.beats for r in counted)
     print(f"≥ the best reference on {wins} of {len(counted)} non-random-walk series")
     return 0

@@ -138,3 +138,30 @@ def test_summary_counts_targets_over_non_random_walks() -> None:
     assert s["failed"] == 1 and s["random_walks"] == 1 and s["skill_nonnegative"] == 2
     assert s["not_random_walk"] == 3 and s["beats_best_reference"] == 1
     assert s["max_train_seconds"] == 30.0
+
+
+def test_the_proxy_ships_its_first_candidate_and_scores_every_other(tmp_path: Path) -> None:
+    """``proxy --candidates``: the shipped line is the best validated one, and every candidate
+    has a finite held-out skill (persistence exactly 0)."""
+    from benchmarks.accuracy.proxy import linear_only
+
+    x = seasonal_series(0, n=300)
+    (tmp_path / "s.csv").write_text("value\n" + "\n".join(f"{v:.6f}" for v in x) + "\n")
+    (spec,) = discover(tmp_path)
+    row = linear_only(spec, every=True)
+    assert row.candidates, "no candidates listed (seed 0)"
+    label, _, held = row.candidates[0]
+    assert label == row.line and held == row.skill, (row.line, label, held, row.skill)
+    assert all(np.isfinite(h) for _, _, h in row.candidates)
+    assert [h for lab, _, h in row.candidates if lab.startswith("persistence")] == [0.0]
+    assert row.skill > 0.5, f"seasonal series (seed 0): shipped line skill {row.skill:+.3f}"
+    assert linear_only(spec).candidates == ()
+
+
+def test_the_proxy_writes_every_statsmodels_series(tmp_path: Path) -> None:
+    from benchmarks.accuracy.proxy import write_statsmodels_series
+
+    write_statsmodels_series(tmp_path)
+    specs = discover(tmp_path)
+    assert len(specs) == 15, [s.name for s in specs]
+    assert all(s.rows >= 50 for s in specs), [(s.name, s.rows) for s in specs]
