@@ -20,6 +20,11 @@ interest rate: 17 validation readings, and a line that mean-reverts to the train
 ``--candidates`` also prints, for each series, every candidate's validation RMSE and the
 held-out skill it would have had refitted and shipped: whether a loss comes from the selection
 (a better candidate was there) or from the family (none was).
+
+Each row also gives the held-out coverage of the shipped line's 90 % interval, split conformal
+on its validation residuals as training calibrates it (a constant offset), and of the same
+calibration on residuals divided by a local scale (the mean |change| over the last
+:data:`LOCAL_CHANGES` readings): what a per-stream scale would change (not built).
 """
 
 from __future__ import annotations
@@ -37,10 +42,15 @@ from benchmarks.accuracy.run import ROOT, TRAIN_FRACTION
 from forecaster.data import cut_index, load_csv
 from forecaster.training import linear
 from forecaster.training.config import TrainConfig
+from forecaster.training.intervals import conformal
 from forecaster.training.run import with_smoothing
 from forecaster.training.seasonality import detect_periods
 from forecaster.training.stateful import prepare
-from forecaster.training.tape import train_segments
+from forecaster.training.tape import train_segments, validation_runs
+
+#: Coverage of the intervals checked, and the changes a local scale averages.
+COVERAGE = 0.9
+LOCAL_CHANGES = 8
 
 
 def write_statsmodels_series(folder: Path) -> None:
@@ -90,12 +100,54 @@ class Row:
     best_reference: str
     best_reference_skill: float
     random_walk: bool
+    #: Held-out coverage of the 90 % interval: constant offsets, and scaled by the local scale.
+    coverage: float = float("nan")
+    coverage_local: float = float("nan")
     #: With ``--candidates``: each candidate's label, validation RMSE and held-out skill.
     candidates: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def beats(self) -> bool:
         return self.skill >= self.best_reference_skill
+
+
+def local_scale(values: np.ndarray, k: int = LOCAL_CHANGES) -> np.ndarray:
+    """``out[t]``: the mean |change| over the last ``k`` changes up to reading ``t`` (fewer at
+    the start; missing readings skipped), floored so that dividing by it is safe."""
+    v = np.asarray(values, dtype=np.float64)
+    change = np.abs(np.diff(v, prepend=v[0]))
+    ok = np.isfinite(change)
+    total = np.cumsum(np.where(ok, change, 0.0))
+    count = np.cumsum(ok)
+    start = np.maximum(np.arange(v.size) - k, -1)
+    before = np.where(start >= 0, total[np.maximum(start, 0)], 0.0)
+    seen = count - np.where(start >= 0, count[np.maximum(start, 0)], 0)
+    mean = (total - before) / np.maximum(seen, 1)
+    floor = max(float(np.nanmedian(change)) * 1e-3, 1e-12) if ok.any() else 1e-12
+    return np.maximum(np.nan_to_num(mean, nan=floor), floor)
+
+
+def coverages(
+    valid: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    held: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[float, float]:
+    """Held-out coverage of intervals calibrated on ``valid``: constant, and local-scaled.
+
+    Each part is ``(actual, predicted, scale at the prediction)``, aligned."""
+    out = []
+    for scaled in (False, True):
+        r = np.concatenate([(a - p) / (s if scaled else 1.0) for a, p, s in valid])
+        iv = conformal(r, COVERAGE)
+        a, p, s = held
+        ok = np.isfinite(a) & np.isfinite(p)
+        if iv is None or not ok.any():
+            out.append(float("nan"))
+            continue
+        unit = s[ok] if scaled else 1.0
+        err = a[ok] - p[ok]
+        inside = (err >= iv["lower"] * unit) & (err <= iv["upper"] * unit)
+        out.append(float(np.mean(inside)))
+    return out[0], out[1]
 
 
 def described(ar: linear.LinearAR) -> str:
@@ -124,6 +176,15 @@ def linear_only(spec: SeriesSpec, every: bool = False) -> Row:
         return refit, skill(rmse(values[targets], pred), naive)
 
     best, best_skill = held_out(prep.candidates[0].ar)
+    chosen = prep.candidates[0].ar
+    valid = []
+    for seg, first in validation_runs(prep.series, prep.cuts):
+        pred = linear.ar_segment(seg, chosen)[:-1]  # pred[i] is for seg[i + 1]
+        valid.append((seg[first:], pred[first - 1 :], local_scale(seg)[first - 1 : -1]))
+    shipped = linear.ar_segment(values, best)
+    coverage = coverages(
+        valid, (values[targets], shipped[targets - 1], local_scale(values)[targets - 1])
+    )
     others = tuple(
         (described(c.ar), c.val_rmse, held_out(c.ar)[1]) for c in (prep.candidates if every else [])
     )
@@ -141,6 +202,7 @@ def linear_only(spec: SeriesSpec, every: bool = False) -> Row:
         name,
         refs[name],
         is_random_walk(refs),
+        *coverage,
         others,
     )
 
@@ -165,12 +227,22 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.series:<28} {r.skill:+.4f}  {r.best_reference} {r.best_reference_skill:+.4f}  "
             f"{'beats' if r.beats else 'loses'}{'  (random walk)' if r.random_walk else ''}  "
-            f"{r.line[:60]}"
+            f"coverage {r.coverage:.3f} / local {r.coverage_local:.3f}  {r.line[:60]}"
         )
         for label, val_rmse, held in r.candidates:
             print(f"    validation RMSE {val_rmse:<10.5g} held out {held:+.4f}  {label[:70]}")
     wins = sum(r.beats for r in counted)
     print(f"≥ the best reference on {wins} of {len(counted)} non-random-walk series")
+    for name, cov in (
+        ("constant", [r.coverage for r in rows]),
+        ("local", [r.coverage_local for r in rows]),
+    ):
+        miss = np.abs(np.asarray(cov) - COVERAGE)
+        print(
+            f"{COVERAGE:.0%} interval, {name}: mean |coverage - {COVERAGE:g}| "
+            f"{np.nanmean(miss):.3f}, lowest {np.nanmin(cov):.3f}, "
+            f"{sum(c < COVERAGE - 0.05 for c in cov)} series below {COVERAGE - 0.05:.2f}"
+        )
     return 0
 
 
