@@ -507,13 +507,15 @@ def _forecast_rows(m: Any) -> list[tuple[str, Any]]:
         rows.append(("linear path", "none"))
     if m.interval is not None:
         i = m.interval
-        rows.append(
-            (
-                "interval",
-                f"{i.coverage:.0%}: [y {i.lower:+.4g}, y {i.upper:+.4g}] (split conformal, "
-                f"n={i.n})",
+        if i.spread_weight is None:
+            text = f"{i.coverage:.0%}: [y {i.lower:+.4g}, y {i.upper:+.4g}]"
+        else:
+            text = (
+                f"{i.coverage:.0%}: [y {i.lower:+.4g}·s, y {i.upper:+.4g}·s], s = the stream's "
+                f"spread (weighted mean |change|, weight {i.spread_weight:.3g}, starting at "
+                f"{i.spread_start:.4g})"
             )
-        )
+        rows.append(("interval", f"{text} (split conformal, n={i.n})"))
     if m.selection is not None:
         s = m.selection
         rows.append(

@@ -21,10 +21,9 @@ interest rate: 17 validation readings, and a line that mean-reverts to the train
 held-out skill it would have had refitted and shipped: whether a loss comes from the selection
 (a better candidate was there) or from the family (none was).
 
-Each row also gives the held-out coverage of the shipped line's 90 % interval, split conformal
-on its validation residuals as training calibrates it (a constant offset), and of the same
-calibration on residuals divided by a local scale (the mean |change| over the last
-:data:`LOCAL_CHANGES` readings): what a per-stream scale would change (not built).
+Each row also gives the held-out coverage of the shipped line's 90 % interval calibrated on its
+validation residuals both ways: as constant offsets (what training shipped before 2026-12-02)
+and scaled by each stream's spread, as training now does (:mod:`forecaster.model.spread`).
 """
 
 from __future__ import annotations
@@ -40,17 +39,18 @@ from benchmarks.accuracy.discover import SeriesSpec, discover
 from benchmarks.accuracy.references import is_random_walk, references, rmse, skill
 from benchmarks.accuracy.run import ROOT, TRAIN_FRACTION
 from forecaster.data import cut_index, load_csv
+from forecaster.model import spread
+from forecaster.model.bundle import Interval
 from forecaster.training import linear
 from forecaster.training.config import TrainConfig
-from forecaster.training.intervals import conformal
+from forecaster.training.intervals import conformal, scaled
 from forecaster.training.run import with_smoothing
 from forecaster.training.seasonality import detect_periods
 from forecaster.training.stateful import prepare
-from forecaster.training.tape import train_segments, validation_runs
+from forecaster.training.tape import raw_train_segments, train_segments, validation_runs
 
-#: Coverage of the intervals checked, and the changes a local scale averages.
+#: Coverage of the intervals checked.
 COVERAGE = 0.9
-LOCAL_CHANGES = 8
 
 
 def write_statsmodels_series(folder: Path) -> None:
@@ -100,9 +100,9 @@ class Row:
     best_reference: str
     best_reference_skill: float
     random_walk: bool
-    #: Held-out coverage of the 90 % interval: constant offsets, and scaled by the local scale.
+    #: Held-out coverage of the 90 % interval: constant offsets, and scaled by the spread.
     coverage: float = float("nan")
-    coverage_local: float = float("nan")
+    coverage_scaled: float = float("nan")
     #: With ``--candidates``: each candidate's label, validation RMSE and held-out skill.
     candidates: tuple[tuple[str, float, float], ...] = ()
 
@@ -111,42 +111,29 @@ class Row:
         return self.skill >= self.best_reference_skill
 
 
-def local_scale(values: np.ndarray, k: int = LOCAL_CHANGES) -> np.ndarray:
-    """``out[t]``: the mean |change| over the last ``k`` changes up to reading ``t`` (fewer at
-    the start; missing readings skipped), floored so that dividing by it is safe."""
-    v = np.asarray(values, dtype=np.float64)
-    change = np.abs(np.diff(v, prepend=v[0]))
-    ok = np.isfinite(change)
-    total = np.cumsum(np.where(ok, change, 0.0))
-    count = np.cumsum(ok)
-    start = np.maximum(np.arange(v.size) - k, -1)
-    before = np.where(start >= 0, total[np.maximum(start, 0)], 0.0)
-    seen = count - np.where(start >= 0, count[np.maximum(start, 0)], 0)
-    mean = (total - before) / np.maximum(seen, 1)
-    floor = max(float(np.nanmedian(change)) * 1e-3, 1e-12) if ok.any() else 1e-12
-    return np.maximum(np.nan_to_num(mean, nan=floor), floor)
-
-
 def coverages(
     valid: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     held: tuple[np.ndarray, np.ndarray, np.ndarray],
+    start: float,
 ) -> tuple[float, float]:
-    """Held-out coverage of intervals calibrated on ``valid``: constant, and local-scaled.
+    """Held-out coverage of intervals calibrated on ``valid``, constant and spread-scaled.
 
-    Each part is ``(actual, predicted, scale at the prediction)``, aligned."""
+    Each part is ``(actual, predicted, the stream's spread at the prediction)``, aligned;
+    ``start``: a new stream's spread."""
+    residuals = np.concatenate([a - p for a, p, _ in valid])
+    at = np.concatenate([s for _, _, s in valid])
+    a, p, s = held
+    ok = np.isfinite(a) & np.isfinite(p)
     out = []
-    for scaled in (False, True):
-        r = np.concatenate([(a - p) / (s if scaled else 1.0) for a, p, s in valid])
-        iv = conformal(r, COVERAGE)
-        a, p, s = held
-        ok = np.isfinite(a) & np.isfinite(p)
-        if iv is None or not ok.any():
+    for fitted, where in (
+        (conformal(residuals, COVERAGE), None),
+        (scaled(residuals, at, start, COVERAGE), s[ok]),
+    ):
+        if fitted is None or not ok.any():
             out.append(float("nan"))
             continue
-        unit = s[ok] if scaled else 1.0
-        err = a[ok] - p[ok]
-        inside = (err >= iv["lower"] * unit) & (err <= iv["upper"] * unit)
-        out.append(float(np.mean(inside)))
+        lower, upper = Interval.model_validate(fitted).bounds(p[ok], where)
+        out.append(float(np.mean((a[ok] >= lower) & (a[ok] <= upper))))
     return out[0], out[1]
 
 
@@ -177,14 +164,15 @@ def linear_only(spec: SeriesSpec, every: bool = False) -> Row:
 
     best, best_skill = held_out(prep.candidates[0].ar)
     chosen = prep.candidates[0].ar
+    start = spread.typical(raw_train_segments(prep.series, prep.cuts))
     valid = []
     for seg, first in validation_runs(prep.series, prep.cuts):
         pred = linear.ar_segment(seg, chosen)[:-1]  # pred[i] is for seg[i + 1]
-        valid.append((seg[first:], pred[first - 1 :], local_scale(seg)[first - 1 : -1]))
+        at = spread.along(seg, start, spread.WEIGHT)[first - 1 : -1]
+        valid.append((seg[first:], pred[first - 1 :], at))
     shipped = linear.ar_segment(values, best)
-    coverage = coverages(
-        valid, (values[targets], shipped[targets - 1], local_scale(values)[targets - 1])
-    )
+    at = spread.along(values, start, spread.WEIGHT)[targets - 1]
+    coverage = coverages(valid, (values[targets], shipped[targets - 1], at), start)
     others = tuple(
         (described(c.ar), c.val_rmse, held_out(c.ar)[1]) for c in (prep.candidates if every else [])
     )
@@ -227,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.series:<28} {r.skill:+.4f}  {r.best_reference} {r.best_reference_skill:+.4f}  "
             f"{'beats' if r.beats else 'loses'}{'  (random walk)' if r.random_walk else ''}  "
-            f"coverage {r.coverage:.3f} / local {r.coverage_local:.3f}  {r.line[:60]}"
+            f"coverage {r.coverage:.3f} / scaled {r.coverage_scaled:.3f}  {r.line[:60]}"
         )
         for label, val_rmse, held in r.candidates:
             print(f"    validation RMSE {val_rmse:<10.5g} held out {held:+.4f}  {label[:70]}")
@@ -235,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"≥ the best reference on {wins} of {len(counted)} non-random-walk series")
     for name, cov in (
         ("constant", [r.coverage for r in rows]),
-        ("local", [r.coverage_local for r in rows]),
+        ("scaled by the spread", [r.coverage_scaled for r in rows]),
     ):
         miss = np.abs(np.asarray(cov) - COVERAGE)
         print(

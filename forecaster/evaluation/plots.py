@@ -136,7 +136,7 @@ def _only(result: Unroll, m: np.ndarray) -> Unroll:
     if m.all():
         return result
     fields: dict[str, Any] = {}
-    for name in ("row", "time", "actual", "predicted", "naive", "warm", "scored"):
+    for name in ("row", "time", "actual", "predicted", "naive", "warm", "scored", "segment_start"):
         fields[name] = getattr(result, name)[m]
     return Unroll(
         stream=[s for s, keep in zip(result.stream, m, strict=True) if keep],

@@ -9,6 +9,7 @@ the label of the reading they are about (:func:`unroll_events`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from forecaster.data import Dataset, Score, Series, cut_index, score
 from forecaster.errors import DataError
+from forecaster.model import spread
 from forecaster.model.bundle import Bundle, Interval
 from forecaster.model.classify import ClassScore, score_events
 from forecaster.model.windows import windows
@@ -38,6 +40,8 @@ class Unroll:
     warm: np.ndarray
     scored: np.ndarray
     scale_diffs: np.ndarray
+    #: True at each segment's first prediction (a stream's start, or its restart after a gap).
+    segment_start: np.ndarray
     #: The prediction interval's bounds (raw units), when the bundle has one.
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
@@ -47,12 +51,24 @@ class Unroll:
         m = self.scored
         return score(self.actual[m], self.predicted[m], self.naive[m], self.scale_diffs)
 
+    def spreads(self, weight: float, start: float) -> np.ndarray:
+        """The stream's spread when each prediction was made (:func:`spread.along` over each
+        segment's readings, which ``naive`` holds: the reading each prediction was made after)."""
+        out = np.empty(len(self.naive))
+        starts = [*np.flatnonzero(self.segment_start).tolist(), len(self.naive)]
+        for a, b in itertools.pairwise(starts):
+            out[a:b] = spread.along(self.naive[a:b], start, weight)
+        return out
+
     def with_interval(self, interval: Interval | None) -> Unroll:
-        """The same predictions with ``[predicted + lower, predicted + upper]`` attached."""
+        """The same predictions with the interval's bounds attached (scaled by the stream's
+        spread at each prediction when the interval says so)."""
         if interval is None:
             return self
-        self.lower = self.predicted + interval.lower
-        self.upper = self.predicted + interval.upper
+        at = None
+        if interval.spread_weight is not None and interval.spread_start is not None:
+            at = self.spreads(interval.spread_weight, interval.spread_start)
+        self.lower, self.upper = interval.bounds(self.predicted, at)
         self.coverage = interval.coverage
         return self
 
@@ -87,7 +103,7 @@ def unroll(
     readings of each segment give no prediction (a window model's W−1): they are left out.
     """
     cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("row", "time", "actual", "predicted", "naive", "warm", "scored")
+        k: [] for k in ("row", "time", "actual", "predicted", "naive", "warm", "scored", "start")
     }
     names: list[str] = []
     diffs: list[np.ndarray] = []
@@ -115,6 +131,7 @@ def unroll(
             cols["naive"].append(vals[first:-1])
             cols["warm"].append(warm)
             cols["scored"].append(warm & (target >= cut))
+            cols["start"].append(np.arange(len(target)) == 0)
             names.extend([s.name] * len(target))
     if not names:
         raise DataError("no segment has two consecutive readings to predict")
@@ -129,6 +146,7 @@ def unroll(
         warm=cat["warm"].astype(bool),
         scored=cat["scored"].astype(bool),
         scale_diffs=np.concatenate(diffs),
+        segment_start=cat["start"].astype(bool),
     )
 
 

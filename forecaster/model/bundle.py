@@ -53,6 +53,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from forecaster.errors import BundleError
+from forecaster.model.spread import unit
 
 FORMAT_VERSION = 3
 #: Versions this build reads: 1 is 2 without the optional lag buffer, interval and seasonality;
@@ -98,13 +99,45 @@ class ClassScores(_Strict):
 
 
 class Interval(_Strict):
-    """A prediction interval ``[y + lower, y + upper]`` at ``coverage``, split-conformal on the
-    validation residuals (``actual - predicted``) of ``n`` one-step predictions."""
+    """A prediction interval at ``coverage``, split-conformal on the validation residuals
+    (``actual - predicted``) of ``n`` one-step predictions.
+
+    Without ``spread_weight`` the bounds are ``[y + lower, y + upper]`` (raw units). With it,
+    ``lower``/``upper`` are in units of the stream's spread (:mod:`forecaster.model.spread`:
+    the smoothed size of its recent changes, starting at ``spread_start``) and the bounds are
+    ``y + lower * unit``, ``y + upper * unit``: the interval follows the stream's volatility."""
 
     coverage: float = Field(gt=0, lt=1)
-    lower: float = Field(le=0, description="offset from the point forecast, raw units")
-    upper: float = Field(ge=0, description="offset from the point forecast, raw units")
+    lower: float = Field(le=0, description="offset from the point forecast (raw or spread units)")
+    upper: float = Field(ge=0, description="offset from the point forecast (raw or spread units)")
     n: int = Field(ge=2, description="validation residuals it was calibrated on")
+    spread_weight: float | None = Field(
+        default=None, gt=0, le=1, description="weight of the newest change in the spread"
+    )
+    spread_start: float | None = Field(
+        default=None, gt=0, description="a new stream's spread (raw units per reading)"
+    )
+
+    @model_validator(mode="after")
+    def _spread_fields(self) -> Interval:
+        if (self.spread_weight is None) != (self.spread_start is None):
+            raise ValueError("spread_weight and spread_start go together")
+        return self
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the bounds follow each stream's spread."""
+        return self.spread_weight is not None
+
+    def bounds(
+        self, y: np.ndarray | float, spread: np.ndarray | float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(lower, upper)`` for predictions ``y`` made at ``spread`` (ignored unscaled)."""
+        y = np.asarray(y, dtype=np.float64)
+        if self.spread_start is None or spread is None:
+            return y + self.lower, y + self.upper
+        u = unit(spread, self.spread_start)
+        return y + self.lower * u, y + self.upper * u
 
 
 class LinearPath(_Strict):

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from forecaster.model.bundle import Bundle, Interval
+from forecaster.model import spread
+from forecaster.model.bundle import Bundle, Interval, Manifest
 from forecaster.model.classify import counts
 from forecaster.serve.codec import Prediction, Reading
 from forecaster.serve.journal import (
@@ -275,15 +276,31 @@ class Outcome:
     snapshot: str | None = None  # "ok"/"failed" when this step forced a snapshot (bound, rescue)
 
 
-def count_interval(out: Outcome, interval: Interval, actual: np.ndarray, pred: np.ndarray) -> None:
+def count_interval(
+    out: Outcome,
+    interval: Interval,
+    actual: np.ndarray,
+    pred: np.ndarray,
+    spread: np.ndarray | None = None,
+) -> None:
     """Readings ``actual`` against the bounds published with their previous predictions ``pred``
-    (prediction + offset, so live coverage counts exactly what a consumer saw)."""
-    inside = int(
-        np.count_nonzero((actual >= pred + interval.lower) & (actual <= pred + interval.upper))
-    )
+    (made at ``spread`` when the interval follows it), computed as they were published, so live
+    coverage counts exactly what a consumer saw."""
+    lower, upper = interval.bounds(pred, spread)
+    inside = int(np.count_nonzero((actual >= lower) & (actual <= upper)))
     out.interval_inside += inside
     out.interval_outside += int(actual.size) - inside
     out.interval_coverage = interval.coverage
+
+
+def _scaling(manifest: Manifest) -> tuple[float, float] | None:
+    """``(weight, start)`` of the streams' spread when the bundle's interval follows it."""
+    iv = manifest.interval
+    if iv is None or manifest.task == "classify":
+        return None
+    if iv.spread_weight is None or iv.spread_start is None:
+        return None
+    return iv.spread_weight, iv.spread_start
 
 
 _WARM_FLAG = 1
@@ -420,6 +437,12 @@ class RecentPredictions:
             "recent_value": np.fromiter((p.value for p in rows), dtype=np.float64, count=n),
             "recent_flags": np.fromiter(
                 (_WARM_FLAG if p.warm else 0 for p in rows), dtype=np.uint8, count=n
+            ),
+            "recent_lower": np.fromiter(
+                (np.nan if p.lower is None else p.lower for p in rows), dtype=np.float64, count=n
+            ),
+            "recent_upper": np.fromiter(
+                (np.nan if p.upper is None else p.upper for p in rows), dtype=np.float64, count=n
             ),
         }
         return [k[0] for k in keys], arrays
@@ -681,11 +704,24 @@ class Engine:
         prev_val[start] = np.where(first_stored, store.last_value[first_slot], np.nan)
         base_seen = np.where(stored_rows, store.seen[row_slot], 0)
         prior_seen = base_seen[row_of] + t_of
+        sp = prev_sp = None
+        scaling = _scaling(self.bundle.manifest)
+        if scaling is not None:
+            # Each stream's spread after each reading, and when its previous prediction was made.
+            weight, begin = scaling
+            stored = np.where(first_stored, store.spread[first_slot], np.nan)
+            row_sp = np.where(np.isnan(stored), begin, stored)
+            sp = spread.rows(grid, prev_val[start], row_sp, weight)[row_of, t_of]
+            prev_sp = np.empty(m, dtype=np.float64)
+            prev_sp[1:] = sp[:-1]
+            prev_sp[start] = row_sp
         if plan.gap:  # after reading the stored bookkeeping a stream's first row continues from
             for j in plan.reset_streams:
                 store.reset(slots[j])
             out.resets["gap"] += plan.gap
-        self._online_errors(readings, flat, vals, y64, prev_pred, prev_val, prior_seen, out)
+        self._online_errors(
+            readings, flat, vals, y64, prev_pred, prev_val, prior_seen, prev_sp, out
+        )
 
         done = np.flatnonzero(plan.last_row >= 0)
         ends_rows = plan.last_row[done]
@@ -702,9 +738,10 @@ class Engine:
             vals[last_flat],
             y64[last_flat],
             now,
+            None if sp is None else sp[last_flat],
         )
         warm = prior_seen + 1 >= self.warmup
-        self._publish(readings, flat, y64, warm, len(streams), n, hits, out)
+        self._publish(readings, flat, y64, sp, warm, len(streams), n, hits, out)
         for i, first in plan.echoes:
             preds[i] = preds[first]
         return out
@@ -742,11 +779,12 @@ class Engine:
         prev_pred: np.ndarray,
         prev_val: np.ndarray,
         prior_seen: np.ndarray,
+        prev_sp: np.ndarray | None,
         out: Outcome,
     ) -> None:
         """What ``_step_wave`` counts per wave, for every stepped reading of the batch at once:
-        each reading resolves its stream's previous prediction (errors, interval coverage, or
-        event counts)."""
+        each reading resolves its stream's previous prediction (errors, interval coverage at
+        the spread ``prev_sp`` it was made at, or event counts)."""
         manifest = self.bundle.manifest
         judged = np.isfinite(prev_pred) & (prior_seen >= self.warmup)
         if manifest.task == "classify":
@@ -765,20 +803,23 @@ class Engine:
         out.abs_err.append(np.abs(actual - judged_pred))
         out.naive_abs_err.append(np.abs(actual - prev_val[judged]))
         if manifest.interval is not None:
-            count_interval(out, manifest.interval, actual, judged_pred)
+            at = None if prev_sp is None else prev_sp[judged]
+            count_interval(out, manifest.interval, actual, judged_pred, at)
 
     def _publish(
         self,
         readings: Sequence[Reading],
         flat: list[int],
         y: np.ndarray,
+        sp: np.ndarray | None,
         warm: np.ndarray,
         n_streams: int,
         n: int,
         hits: int,
         out: Outcome,
     ) -> None:
-        """Predictions for the stepped readings, into the recent cache in the waves' order."""
+        """Predictions for the stepped readings (bounds at the spreads ``sp`` when the interval
+        follows them), into the recent cache in the waves' order."""
         manifest = self.bundle.manifest
         threshold = manifest.threshold if manifest.task == "classify" else None
         iv = manifest.interval if threshold is None else None
@@ -786,15 +827,11 @@ class Engine:
         values, warms = y.tolist(), warm.tolist()
         made: list[Prediction]
         if iv is not None:
+            lows, highs = iv.bounds(y, sp)
             made = [
                 Prediction(r.stream, r.ts, v, w, lower=lo, upper=hi)
                 for r, v, w, lo, hi in zip(
-                    stepped,
-                    values,
-                    warms,
-                    (y + iv.lower).tolist(),
-                    (y + iv.upper).tolist(),
-                    strict=True,
+                    stepped, values, warms, lows.tolist(), highs.tolist(), strict=True
                 )
             ]
         elif threshold is None:
@@ -853,16 +890,27 @@ class Engine:
         for *_, j in keys:
             touch(slots[j], now)
 
-    def _prediction(self, stream: str, ts: float, value: float, warm: bool) -> Prediction:
+    def _prediction(
+        self,
+        stream: str,
+        ts: float,
+        value: float,
+        warm: bool,
+        bounds: tuple[float, float] | None = None,
+    ) -> Prediction:
+        """A prediction rebuilt from what a snapshot or the journal kept: ``bounds`` as they were
+        published where known, else the interval's at a new stream's spread."""
         manifest = self.bundle.manifest
         if manifest.task == "classify" and manifest.threshold is not None:
             return Prediction(stream, ts, value, warm, value, value >= manifest.threshold)
         iv = manifest.interval
-        if iv is not None:
-            return Prediction(
-                stream, ts, value, warm, lower=value + iv.lower, upper=value + iv.upper
-            )
-        return Prediction(stream, ts, value, warm)
+        if iv is None:
+            return Prediction(stream, ts, value, warm)
+        if bounds is None or not all(np.isfinite(bounds)):
+            at = None if iv.spread_start is None else np.float64(iv.spread_start)
+            lo, hi = iv.bounds(np.float64(value), at)
+            bounds = (float(lo), float(hi))
+        return Prediction(stream, ts, value, warm, lower=bounds[0], upper=bounds[1])
 
     def _step_wave(self, rs: list[Reading], where: list[int], now: float, out: Outcome) -> None:
         # Per-wave Python overhead is what a single busy stream pays per reading (one wave each),
@@ -933,6 +981,13 @@ class Engine:
         last_pred = store.last_pred[slots]
         prior_seen = store.seen[slots]
         judged = np.isfinite(last_pred) & (prior_seen >= self.warmup)
+        sp_prev = sp_new = None
+        scaling = _scaling(manifest)
+        if scaling is not None:
+            weight, begin = scaling
+            stored = store.spread[slots]
+            sp_prev = np.where(np.isnan(stored), begin, stored)
+            sp_new = spread.advance(sp_prev, store.last_value[slots], values, weight)
         if classify:
             if manifest.horizon == 1:  # the previous prediction was about this reading's label
                 self._judge(last_pred, labels, judged, out)
@@ -940,7 +995,8 @@ class Engine:
             out.abs_err.append(np.abs(values[judged] - last_pred[judged]))
             out.naive_abs_err.append(np.abs(values[judged] - store.last_value[slots][judged]))
             if manifest.interval is not None:
-                count_interval(out, manifest.interval, values[judged], last_pred[judged])
+                at = None if sp_prev is None else sp_prev[judged]
+                count_interval(out, manifest.interval, values[judged], last_pred[judged], at)
 
         state = store.gather(slots)
         if self.bundle.mode == "window":
@@ -961,7 +1017,14 @@ class Engine:
         good = np.flatnonzero(ok)
         if not good.size:
             return
-        store.record(slots[good], ts[good], values[good], y[good].astype(np.float64), now)
+        store.record(
+            slots[good],
+            ts[good],
+            values[good],
+            y[good].astype(np.float64),
+            now,
+            None if sp_new is None else sp_new[good],
+        )
         seen_after = store.seen[slots[good]]
         warmup = self.warmup
         threshold = manifest.threshold if classify and manifest.threshold is not None else None
@@ -971,6 +1034,8 @@ class Engine:
             self._judge(y.astype(np.float64), labels, made, out)
         remember = self.recent.put if self.recent.capacity else None
         iv = manifest.interval if threshold is None else None
+        if iv is not None:
+            lows, highs = iv.bounds(y.astype(np.float64), sp_new)
         for j, n_seen in zip(good.tolist(), seen_after.tolist(), strict=True):
             if not ready[j]:
                 continue  # a window still filling: no prediction yet
@@ -983,8 +1048,8 @@ class Engine:
                     r.ts,
                     value,
                     n_seen >= warmup,
-                    lower=value + iv.lower,
-                    upper=value + iv.upper,
+                    lower=float(lows[j]),
+                    upper=float(highs[j]),
                 )
             elif threshold is None:
                 p = Prediction(r.stream, r.ts, value, n_seen >= warmup)
@@ -1114,16 +1179,18 @@ class Engine:
             self.store = StateStore.from_data(
                 data, shapes, store.max_streams, store.reset_after, store.idle_ttl, now=now
             )
-            for stream, ts, value, flags in zip(
+            for stream, ts, value, flags, lo, hi in zip(
                 data.recent_ids,
                 data.recent.get("recent_ts", ()),
                 data.recent.get("recent_value", ()),
                 data.recent.get("recent_flags", ()),
+                data.recent.get("recent_lower", ()),
+                data.recent.get("recent_upper", ()),
                 strict=True,
             ):
-                self.recent.put(
-                    self._prediction(stream, float(ts), float(value), bool(flags & _WARM_FLAG))
-                )
+                warm = bool(flags & _WARM_FLAG)
+                bounds = (float(lo), float(hi))
+                self.recent.put(self._prediction(stream, float(ts), float(value), warm, bounds))
             after = data.journal_seq if data.journal_seq is not None else -1
         rec.streams = len(self.store)
         self._seq = max(after, 0)
@@ -1158,7 +1225,17 @@ class Engine:
                 for got, logged in zip(out.predictions, wave.predictions, strict=True):
                     if logged is None:
                         continue
-                    original = self._prediction(logged.stream, logged.ts, logged.value, logged.warm)
+                    # The bounds it was published with: the stepped-again prediction's offsets
+                    # (same state, same spread), around the logged value.
+                    bounds = None
+                    if got is not None and got.lower is not None and got.upper is not None:
+                        bounds = (
+                            logged.value + (got.lower - got.value),
+                            logged.value + (got.upper - got.value),
+                        )
+                    original = self._prediction(
+                        logged.stream, logged.ts, logged.value, logged.warm, bounds
+                    )
                     self.recent.put(original)
                     if got is None or abs(got.value - logged.value) > 1e-6:
                         rec.mismatches += 1

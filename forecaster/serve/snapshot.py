@@ -9,7 +9,10 @@ A snapshot is an ``.npz`` archive without pickles (``np.load(allow_pickle=False)
 - ``state0``… ``[L, n, H]`` float32, and the per-stream metadata arrays;
 - version 2, optional: ``recent_ids`` / ``recent_ts`` / ``recent_value`` / ``recent_flags``,
   the engine's cache of recent predictions (see ``engine.RecentPredictions``), so a reading the
-  broker redelivers after a crash is answered with the prediction it already had.
+  broker redelivers after a crash is answered with the prediction it already had; and, where
+  the model's interval follows each stream's spread, ``recent_lower`` / ``recent_upper`` (the
+  bounds those predictions were published with) and the per-stream ``spread`` (both optional:
+  files written before them read as NaN, "none").
 
 The file is tied to the model by its sha256; a sound file for another model is ``foreign``,
 anything unreadable or inconsistent is ``corrupt``. Both come back as :class:`SnapshotError`,
@@ -35,6 +38,7 @@ from forecaster.errors import ForecasterError
 
 __all__ = [
     "META",
+    "OPTIONAL_META",
     "SNAPSHOT_VERSION",
     "SnapshotData",
     "SnapshotError",
@@ -50,7 +54,12 @@ SNAPSHOT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)  # version 1 has no journal position and no recent predictions
 _SNAPSHOT_FORMAT = "forecaster-state"
 META = ("last_ts", "last_value", "last_pred", "seen", "last_used")
+#: Metadata a snapshot may lack (written by an older version): NaN when absent. ``spread``: each
+#: stream's spread when its last prediction was made (NaN: none yet; see model/spread.py).
+OPTIONAL_META = ("spread",)
 RECENT = ("recent_ts", "recent_value", "recent_flags")
+#: Recent-prediction columns a snapshot may lack (NaN when absent).
+OPTIONAL_RECENT = ("recent_lower", "recent_upper")
 # Exceptions np.load and zipfile raise for files that are not what they claim to be. A damaged
 # header can claim a newer zip version or an unknown compression method (NotImplementedError) or
 # an encrypted member (RuntimeError): found by tests/faults/test_fuzz.py.
@@ -253,7 +262,14 @@ def load_snapshot(
     }
     for name in META:
         expected[name] = ((n,), np.int64 if name == "seen" else np.float64)
+    for name in OPTIONAL_META:
+        if name in raw:
+            expected[name] = ((n,), np.float64)
     arrays = _typed(raw, expected, fail)
+    for name in OPTIONAL_META:
+        arrays.setdefault(name, np.full(n, np.nan))
+        if np.isinf(arrays[name]).any() or (arrays[name] < 0).any():
+            raise fail("corrupt", f"{name} holds infinities or negative values")
     for i in range(len(shapes)):
         if not np.isfinite(arrays[f"state{i}"]).all():
             raise fail("corrupt", f"state{i} holds non-finite values")
@@ -283,6 +299,13 @@ def load_snapshot(
             raise fail("corrupt", "recent_ts holds non-finite values")
         if not (np.isfinite(data.recent["recent_value"]).all()):
             raise fail("corrupt", "recent_value holds non-finite values")
+        for name in OPTIONAL_RECENT:
+            if name in raw:
+                data.recent.update(_typed(raw, {name: ((m,), np.float64)}, fail))
+                if np.isinf(data.recent[name]).any():
+                    raise fail("corrupt", f"{name} holds infinities")
+            else:
+                data.recent[name] = np.full(m, np.nan)
     return data
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from forecaster.serve.snapshot import (
     META,
+    OPTIONAL_META,
     SNAPSHOT_VERSION,
     SnapshotData,
     SnapshotError,
@@ -50,7 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_META = META
+_META = META + OPTIONAL_META
 
 
 class Verdict(IntEnum):
@@ -121,6 +122,7 @@ class StateStore:
         self._last_pred = np.full(cap, np.nan)
         self._seen = np.zeros(cap, dtype=np.int64)
         self._last_used = np.zeros(cap)
+        self._spread = np.full(cap, np.nan)
         self._lru: OrderedDict[str, int] = OrderedDict()  # front = least recently used
         self._ids: list[str | None] = [None] * cap  # slot → stream id
         self._free: list[int] = []  # released slots below _high
@@ -159,7 +161,14 @@ class StateStore:
         return sum(a.nbytes for a in self._states) + sum(a.nbytes for a in self._meta_arrays())
 
     def _meta_arrays(self) -> tuple[np.ndarray, ...]:
-        return (self._last_ts, self._last_value, self._last_pred, self._seen, self._last_used)
+        return (
+            self._last_ts,
+            self._last_value,
+            self._last_pred,
+            self._seen,
+            self._last_used,
+            self._spread,
+        )
 
     # ---------------------------------------------------------------- read access (read-only views)
 
@@ -186,6 +195,11 @@ class StateStore:
     @property
     def seen(self) -> np.ndarray:
         return self._ro(self._seen)
+
+    @property
+    def spread(self) -> np.ndarray:
+        """Each stream's spread after its last reading (NaN: none yet, the model's start)."""
+        return self._ro(self._spread)
 
     @property
     def last_used(self) -> np.ndarray:
@@ -326,6 +340,7 @@ class StateStore:
         self._last_pred = widen(self._last_pred, np.nan)
         self._seen = widen(self._seen, 0)
         self._last_used = widen(self._last_used, 0.0)
+        self._spread = widen(self._spread, np.nan)
         self._ids.extend([None] * (cap - old))
 
     def _clear(self, slot: int) -> None:
@@ -335,6 +350,7 @@ class StateStore:
         self._last_value[slot] = np.nan
         self._last_pred[slot] = np.nan
         self._seen[slot] = 0
+        self._spread[slot] = np.nan
 
     def reset(self, slot: int) -> None:
         """Start the stream over from a zero state; its mapping and LRU position stay."""
@@ -414,12 +430,16 @@ class StateStore:
         values: np.ndarray,
         preds: np.ndarray,
         now: float,
+        spreads: np.ndarray | None = None,
     ) -> None:
-        """Bookkeeping after a wave was stepped (distinct slots, all live)."""
+        """Bookkeeping after a wave was stepped (distinct slots, all live); ``spreads``: the
+        streams' spreads after these readings, when the model's interval follows them."""
         idx = np.asarray(slots, dtype=np.intp)
         self._last_ts[idx] = ts
         self._last_value[idx] = values
         self._last_pred[idx] = preds
+        if spreads is not None:
+            self._spread[idx] = spreads
         self._seen[idx] += 1
         self._last_used[idx] = now
         move = self._lru.move_to_end
@@ -438,15 +458,18 @@ class StateStore:
         values: np.ndarray,
         preds: np.ndarray,
         now: float,
+        spreads: np.ndarray | None = None,
     ) -> None:
         """:meth:`record` for several readings per stream at once (distinct live slots):
-        ``counts[k]`` readings of slot ``k`` were stepped, ``ts``/``values``/``preds`` are those
-        of its last one. Unlike :meth:`record` it leaves the LRU order to the caller
+        ``counts[k]`` readings of slot ``k`` were stepped, ``ts``/``values``/``preds``/``spreads``
+        are those of its last one. Unlike :meth:`record` it leaves the LRU order to the caller
         (:meth:`touch`), who knows the order the readings came in."""
         idx = np.asarray(slots, dtype=np.intp)
         self._last_ts[idx] = ts
         self._last_value[idx] = values
         self._last_pred[idx] = preds
+        if spreads is not None:
+            self._spread[idx] = spreads
         self._seen[idx] += np.asarray(counts, dtype=np.int64)
         self._last_used[idx] = now
 

@@ -17,7 +17,8 @@ it leaves, by truncated BPTT over long contiguous sequences, the way the daemon 
    chosen by validation with Optuna, unless given.
 4. **Guard and intervals**: if the chosen model's validation skill is below :data:`MIN_SKILL`,
    the bundle becomes persistence (head at zero, no line) and the report says so; split-conformal
-   interval offsets at ``--coverage`` come from the validation residuals.
+   interval offsets at ``--coverage`` come from the validation residuals, in units of the
+   stream's spread (:mod:`forecaster.model.spread`) so that the interval follows its volatility.
 5. **Refit**: the chosen lag set is refitted on every reading before ``--until`` (training and
    validation parts), as a least-squares baseline fitted on the same data would be (a smoothing
    filter's buffer may grow or shrink with its refitted parameters); the reported
@@ -40,10 +41,10 @@ import torch
 from forecaster.data import Dataset, Series
 from forecaster.errors import DataError
 from forecaster.evaluation.unroll import Unroll, unroll
+from forecaster.model import spread
 from forecaster.model.bundle import restore_last
-from forecaster.training import glitches, linear
+from forecaster.training import glitches, intervals, linear
 from forecaster.training.config import TrainConfig
-from forecaster.training.intervals import conformal
 from forecaster.training.loop import Fit, Progress, fit
 from forecaster.training.nn import ModelSpec, RNNForecaster
 from forecaster.training.plots import plot_losses
@@ -276,7 +277,9 @@ def finish(
         final_u = unroll(prep.series, torch_predictor(model), warmup, prep.cuts)
         final = final_u.score().as_dict()
     residuals = final_u.actual[final_u.scored] - final_u.predicted[final_u.scored]
-    interval = conformal(residuals, cfg.coverage)
+    start = spread.typical(raw_train_segments(prep.series, prep.cuts))
+    at = final_u.spreads(spread.WEIGHT, start)[final_u.scored]
+    interval = intervals.scaled(residuals, at, start, cfg.coverage)
     refit = None
     if model.spec.ar_lags:
         # The lag set, the network and the interval were chosen on validation with a line fitted

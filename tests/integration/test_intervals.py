@@ -4,7 +4,9 @@ its live coverage counters agree with evaluate's own predictions reading for rea
 The bundle is the shipped water-flow model with an interval in its manifest: the one training
 calibrated, or, for a bundle exported before intervals existed, fixed offsets written in (the
 manifest's sha256 covers the ONNX file only, and the offsets are what the daemon must apply).
-Asymmetric offsets, so a swapped or negated bound cannot pass.
+Asymmetric offsets, so a swapped or negated bound cannot pass. The same bundle runs a second time
+with an interval that follows each stream's spread (offsets in spread units): its bounds change
+width from reading to reading, and must still equal evaluate's.
 """
 
 from __future__ import annotations
@@ -26,16 +28,22 @@ from .test_serve import by_stream, publish
 
 WATER = ROOT / "data" / "water-flow.csv"
 OFFSETS = {"coverage": 0.9, "lower": -0.3, "upper": 0.45, "n": 203}
+#: Offsets in units of the stream's spread (water-flow's typical change is about 1 l/s).
+SCALED = {**OFFSETS, "lower": -1.1, "upper": 1.6, "spread_weight": 2 / 9, "spread_start": 0.7}
 
 
-@pytest.fixture(scope="module")
-def interval_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["constant", "scaled"])
+def interval_bundle(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     out = tmp_path_factory.mktemp("interval") / "water-flow"
     shutil.copytree(MODEL, out)
     manifest = json.loads((out / "model.json").read_text())
-    if manifest.get("interval") is None:
+    if request.param == "scaled":
+        manifest["interval"] = SCALED
+    elif manifest.get("interval") is None:
         manifest["interval"] = OFFSETS
-        (out / "model.json").write_text(json.dumps(manifest, indent=2))
+    (out / "model.json").write_text(json.dumps(manifest, indent=2))
     return out
 
 
@@ -82,8 +90,16 @@ def test_daemon_bounds_equal_evaluate_and_live_coverage_counts_match(
         want = np.array([evaluated[p["ts"]][column] for p in listed])
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=key)
     last = preds[-1]
-    assert last["lower"] == pytest.approx(last["value"] + interval["lower"], abs=1e-9)
-    assert last["upper"] == pytest.approx(last["value"] + interval["upper"], abs=1e-9)
+    width = np.array([p["upper"] - p["lower"] for p in preds])
+    if "spread_weight" not in interval:
+        assert last["lower"] == pytest.approx(last["value"] + interval["lower"], abs=1e-9)
+        assert last["upper"] == pytest.approx(last["value"] + interval["upper"], abs=1e-9)
+        assert np.ptp(width) < 1e-6
+    else:
+        # The width follows the stream: at least the floor, and far from constant.
+        unit = width / (interval["upper"] - interval["lower"])
+        assert unit.min() >= 0.1 * interval["spread_start"] - 1e-9, unit.min()
+        assert unit.max() > 2 * unit.min(), (unit.min(), unit.max())
 
     # Live coverage: each reading that resolved a warm prediction is inside or outside its
     # bounds, exactly as evaluate's listing says.

@@ -503,6 +503,66 @@ def test_every_prediction_carries_its_bounds_and_readings_are_checked_against_th
     assert (out.interval_inside, out.interval_outside) == (1, 0)
 
 
+SCALED = Interval(coverage=0.9, lower=-2.0, upper=1.0, n=100, spread_weight=0.5, spread_start=2.0)
+
+
+def test_scaled_bounds_follow_each_streams_spread_and_are_checked_at_it() -> None:
+    """Spread s = 0.5 s + 0.5 |change|, from 2.0; bounds [p - 2u, p + u] with u = max(s, 0.2)."""
+    e = engine(manifest=FakeManifest(interval=SCALED))
+    vals = [1.0, 2.0, 3.0, 7.0, -3.0]
+    out = e.step([r("a", float(i + 1), v) for i, v in enumerate(vals)], now=0.0)
+    preds = [p for p in out.predictions if p is not None]
+    # spreads after each reading: 2 (no previous), 1.5, 1.25, 2.625, 6.3125
+    spreads = [2.0, 1.5, 1.25, 2.625, 6.3125]
+    sums = [1.0, 3.0, 6.0, 13.0, 10.0]
+    assert [p.value for p in preds] == sums
+    assert [(p.lower, p.upper) for p in preds] == [
+        (v - 2 * u, v + u) for v, u in zip(sums, spreads, strict=True)
+    ]
+    # Warm after 2, so readings 3-5 meet the previous prediction's bounds, at its spread:
+    # 3 vs [3 - 3, 3 + 1.5] inside; 7 vs [6 - 2.5, 6 + 1.25] inside; -3 vs [13 - 5.25, ...] not.
+    assert (out.interval_inside, out.interval_outside) == (2, 1)
+    assert e.store.spread[e.store.slot_of("a")] == 6.3125
+    # A gap reset starts the spread over.
+    e.store.reset(e.store.slot_of("a"))
+    out = e.step([r("a", 9.0, 100.0)], now=1.0)
+    (p,) = out.predictions
+    assert p is not None and (p.lower, p.upper) == (100.0 - 4.0, 100.0 + 2.0)
+
+
+def test_scaled_bounds_survive_a_crash_exactly(tmp_path: Path) -> None:
+    """Spreads in the snapshot, the journal stepped again after it, and the recent cache's
+    bounds as published: a redelivery after the crash gets its original bounds, and the next
+    readings get the bounds an uninterrupted engine gives."""
+    scaled = FakeManifest(interval=SCALED)
+    for name in ("live", "crashed"):
+        (tmp_path / name).mkdir()
+    live, _ = durable(tmp_path / "live", manifest=scaled)
+    crashed, _ = durable(tmp_path / "crashed", manifest=scaled)
+    batches = [
+        [r("a", 1, 1), r("b", 1, 2)],
+        [r("a", 2, 5), r("b", 2, -4), r("a", 3, 2)],
+        [r("c", 1, 3), r("b", 3, 9)],
+        [r("a", 4, 0), r("c", 2, 30)],
+    ]
+    published: dict[tuple[str, float], Prediction] = {}
+    for k, batch in enumerate(batches):
+        live.step(batch, now=float(k))
+        for p in crashed.step(batch, now=float(k)).predictions:
+            assert p is not None
+            published[(p.stream, p.ts)] = p
+        if k == 1:
+            crashed.snapshot()  # batches 2 and 3 are only in the journal
+    back, rec = durable(tmp_path / "crashed", manifest=scaled)
+    assert (rec.snapshot, rec.replayed, rec.mismatches) == ("ok", 2, 0)
+    # Redeliveries of readings before and after the snapshot: the bounds they were sent with.
+    for stream, ts in (("b", 2.0), ("a", 3.0), ("c", 2.0), ("a", 4.0)):
+        (p,) = back.step([r(stream, ts, 0.0)], now=9.0).predictions
+        assert p == published[(stream, ts)], (stream, ts)
+    nxt = [r("a", 5, 7), r("b", 4, 1), r("c", 3, -2)]
+    assert back.step(nxt, 10.0).predictions == live.step(nxt, 10.0).predictions
+
+
 def test_without_an_interval_nothing_is_added_or_counted() -> None:
     out = engine().step([r("a", float(i + 1), 1.0) for i in range(5)], now=0.0)
     assert all(p is not None and p.lower is None and p.upper is None for p in out.predictions)
@@ -620,7 +680,7 @@ def random_mix(rng: random.Random, batches: int) -> list[list[Reading]]:
 
 @pytest.mark.parametrize("max_streams", [100, 5])
 @pytest.mark.parametrize("recent", [0, 50, 5000])
-@pytest.mark.parametrize("task", ["interval", "classify-0", "classify-1"])
+@pytest.mark.parametrize("task", ["interval", "scaled", "classify-0", "classify-1"])
 def test_sequence_path_gives_exactly_the_waves_outcome(
     seed: int, max_streams: int, recent: int, task: str
 ) -> None:
@@ -630,6 +690,8 @@ def test_sequence_path_gives_exactly_the_waves_outcome(
     rng = random.Random(seed)
     if task == "interval":
         manifest = FakeManifest(interval=Interval(coverage=0.9, lower=-1.0, upper=2.0, n=10))
+    elif task == "scaled":
+        manifest = FakeManifest(interval=SCALED)
     else:  # the fake's running sums as "probabilities": the threshold splits them
         manifest = FakeManifest(task="classify", horizon=int(task[-1]), threshold=4.0)
     waves_e = engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
@@ -655,7 +717,7 @@ def test_sequence_path_gives_exactly_the_waves_outcome(
         assert order == [s for s, _ in seq_e.store.streams()], where
         slots_a = np.array([waves_e.store.slot_of(s) for s in order], dtype=np.intp)
         slots_b = np.array([seq_e.store.slot_of(s) for s in order], dtype=np.intp)
-        for name in ("last_ts", "last_value", "last_pred", "seen", "last_used"):
+        for name in ("last_ts", "last_value", "last_pred", "seen", "last_used", "spread"):
             np.testing.assert_array_equal(
                 getattr(waves_e.store, name)[slots_a],
                 getattr(seq_e.store, name)[slots_b],
@@ -666,7 +728,8 @@ def test_sequence_path_gives_exactly_the_waves_outcome(
             np.testing.assert_array_equal(st[0], states_of(seq_e)[s][0], err_msg=where)
         wa, wb = waves_e.recent.to_arrays(), seq_e.recent.to_arrays()
         assert wa[0] == wb[0], where
-        np.testing.assert_array_equal(wa[1]["recent_value"], wb[1]["recent_value"])
+        for column in ("recent_value", "recent_lower", "recent_upper"):
+            np.testing.assert_array_equal(wa[1][column], wb[1][column], err_msg=where)
     fake = cast(FakeSeqBundle, seq_e.bundle)
     # 5 streams: many batches evict their own; a full cache of 50: redeliveries go to waves
     least = 100 if max_streams == 100 and recent != 50 else 20

@@ -31,6 +31,7 @@ def _unroll(n: int = 200, streams: int = 1, interval: bool = False) -> Unroll:
         warm=np.ones(rows.size, dtype=bool),
         scored=scored,
         scale_diffs=np.diff(actual[:150]),
+        segment_start=np.tile(np.arange(n) == 0, streams),
         lower=predicted - 1.0 if interval else None,
         upper=predicted + 1.0 if interval else None,
         coverage=0.9 if interval else None,

@@ -74,6 +74,33 @@ def test_version_1_file_still_restores(tmp_path: Path) -> None:
     assert len(StateStore.restore(path, SHA, SHAPES, 100)) == 2
 
 
+def test_spreads_and_published_bounds_round_trip_and_older_files_read_as_none(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "r.npz"
+    store = store_with(3)
+    slots = np.array([store.slot_of(f"s{i}") for i in range(2)])
+    store.record(slots, np.array([20.0, 21.0]), np.ones(2), np.ones(2), 5.0, np.array([0.5, 2.0]))
+    ids, arrays = recent(4)
+    arrays["recent_lower"] = np.array([-1.0, np.nan, 0.5, 2.0])
+    arrays["recent_upper"] = np.array([1.0, np.nan, 3.5, 4.0])
+    store.snapshot(path, SHA, journal_seq=1, recent_ids=ids, recent=arrays)
+    data = load_snapshot(path, SHA, SHAPES)
+    back = StateStore.from_data(data, SHAPES, 100)
+    got = [back.spread[back.slot_of(f"s{i}")] for i in range(3)]
+    np.testing.assert_array_equal(got, [0.5, 2.0, np.nan])
+    for name in ("recent_lower", "recent_upper"):
+        np.testing.assert_array_equal(data.recent[name], arrays[name])
+    # A file from before spreads and bounds were kept: both read as "none".
+    with np.load(path, allow_pickle=False) as npz:
+        raw = {k: npz[k] for k in npz.files if k not in ("spread", "recent_lower", "recent_upper")}
+    with path.open("wb") as fh:
+        np.savez(fh, **raw)
+    data = load_snapshot(path, SHA, SHAPES)
+    assert np.isnan(data.arrays["spread"]).all() and len(data.arrays["spread"]) == 3
+    assert np.isnan(data.recent["recent_lower"]).all() and len(data.recent["recent_upper"]) == 4
+
+
 def rewrite(path: Path, change: dict[str, Any], header: dict[str, Any] | None = None) -> None:
     with np.load(path, allow_pickle=False) as npz:
         raw = {k: npz[k] for k in npz.files}
@@ -98,6 +125,11 @@ def rewrite(path: Path, change: dict[str, Any], header: dict[str, Any] | None = 
         ({"recent_flags": np.ones(4, dtype=np.int64)}, None, "recent_flags"),
         ({"recent_ids": json_bytes({"not": "a list"})}, None, "recent_ids"),
         ({"recent_ids": np.zeros(3)}, None, "recent_ids"),
+        ({"spread": np.array([1.0, np.inf])}, None, "spread"),
+        ({"spread": np.array([1.0, -2.0])}, None, "spread"),
+        ({"spread": np.zeros(3)}, None, "spread"),
+        ({"recent_lower": np.array([0.0, np.inf, 1.0, 2.0])}, None, "recent_lower"),
+        ({"recent_upper": np.zeros(2)}, None, "recent_upper"),
     ],
 )
 def test_damaged_version_2_parts_are_corrupt(
