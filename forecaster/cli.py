@@ -627,8 +627,8 @@ def serve(
     }
     if config is None and not any(k.upper().startswith("FORECASTER_ROUTES") for k in os.environ):
         _fail(
-            "no routes configured: pass --config FILE (example: deploy/forecaster.toml) "
-            "or set FORECASTER_ROUTES"
+            "no routes configured: pass --config FILE (the README's quick start writes one; "
+            "deploy/forecaster.toml is the installed layout's) or set FORECASTER_ROUTES"
         )
     try:
         fleet.check_workers(workers)

@@ -45,7 +45,7 @@ def _score_text(result: Unroll) -> str:
     iv = result.interval_score()
     if iv is not None:
         text += (
-            f" · interval coverage {iv['interval_coverage']:.0%} "
+            f" · interval coverage {iv['interval_coverage']:.1%} "
             f"(target {iv['interval_target']:.0%})"
         )
     return text

@@ -269,6 +269,7 @@ class RouteSet:
         restart (subscriptions are made once per connection); that is logged, not applied.
         """
         ok = True
+        changed = 0
         by_name = {r.name: r for r in self.routes}
         new_names = [rc.name for rc in new_cfg.routes]
         if set(new_names) != set(by_name) or any(
@@ -300,5 +301,12 @@ class RouteSet:
                 m = bundle.manifest
                 self.metrics.set_model(rc.name, m.name, m.version, m.onnx_sha256)
                 log.info("reload: route %s now serves %s %s", rc.name, m.name, m.version)
+                changed += 1
+        if ok:
+            # Always one line, so `journalctl -u forecaster` shows that a reload happened even
+            # when no model changed (route options may have).
+            log.info(
+                "reload: done, %d route(s) reloaded, %d with a new model", len(self.routes), changed
+            )
         self.metrics.reloads.labels("ok" if ok else "failed").inc()
         return ok

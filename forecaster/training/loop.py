@@ -127,8 +127,11 @@ def fit(
 
 def plain_line(row: dict[str, Any], epochs: int, best: dict[str, Any]) -> str:
     """One epoch as a plain line, e.g. ``epoch 7/30  train 0.3121  val 0.2874  persistence
-    0.2901  best 0.2874 (epoch 7)  12.3 s``: the training loss, the validation figure (RMSE for
-    regression, weighted BCE for classification), the best epoch so far and the epoch's time."""
+    0.2901  best epoch 7 by robust loss (val 0.2874)  12.3 s``: the training loss, the validation
+    figure (RMSE for regression, weighted BCE for classification), the best epoch so far and the
+    epoch's time. The best epoch is chosen on another figure than the one printed (a robust
+    loss, so an outage's steps do not decide it; ROC AUC for classification), so a later epoch
+    can print a lower ``val`` and still not be the best: the line says which figure decides."""
     key = "val_rmse" if "val_rmse" in row else "val_loss"
     loss = row.get("train_loss")
     parts = [f"epoch {row['epoch']}/{epochs}", "untrained" if loss is None else f"train {loss:.4f}"]
@@ -138,7 +141,8 @@ def plain_line(row: dict[str, Any], epochs: int, best: dict[str, Any]) -> str:
     if "val_roc_auc" in row:
         auc = row["val_roc_auc"]
         parts.append(f"AUC {'n/a' if auc is None else f'{auc:.3f}'}")
-    parts.append(f"best {best[key]:.4f} (epoch {best['epoch']})")
+    on = "ROC AUC" if "val_roc_auc" in row else "robust loss"
+    parts.append(f"best epoch {best['epoch']} by {on} (val {best[key]:.4f})")
     parts.append(f"{row['seconds']:.1f} s")
     return "  ".join(parts)
 

@@ -95,7 +95,7 @@ class Prepared:
 
 def prepare(data: Dataset, cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
     """Cut, split, scale; find the seasonal periods; fit and rank the linear candidates."""
-    series, cuts = split(data, cfg)
+    series, cuts = split(data, cfg, log)
     tape = build_tape(series, cuts)
     if len(tape.x) < MIN_READINGS:
         raise DataError(

@@ -3,6 +3,7 @@ end as one tape with segment starts marked, and the scaling statistics taken fro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +23,18 @@ class Tape:
     reset: np.ndarray  # [N] True at a segment's first reading
 
 
-def split(data: Dataset, cfg: TrainConfig) -> tuple[list[Series], list[int]]:
-    """Cut every series at ``until`` and find where its validation part starts."""
+def split(
+    data: Dataset, cfg: TrainConfig, log: Callable[[str], None] | None = None
+) -> tuple[list[Series], list[int]]:
+    """Cut every series at ``until`` and find where its validation part starts. An ``until``
+    past the end of every series is allowed (it cuts nothing) and said through ``log``: it is
+    usually a row count mistaken for a row index, and nothing is left for a held-out score."""
     kept: list[Series] = []
     cuts: list[int] = []
+    whole = 0
     for s in data.series:
         end = cut_index(s, cfg.until) if cfg.until is not None else len(s)
+        whole += end == len(s)
         part = s.head(end)
         if len(part) == 0:
             continue
@@ -35,6 +42,11 @@ def split(data: Dataset, cfg: TrainConfig) -> tuple[list[Series], list[int]]:
         cuts.append(round(len(part) * (1.0 - cfg.val_fraction)))
     if not kept:
         raise DataError("no readings before --until")
+    if cfg.until is not None and log is not None and whole == len(data.series):
+        log(
+            f"note: --until {cfg.until} is at or past the end of the data: training on every "
+            "reading, nothing held out for evaluate --from"
+        )
     return kept, cuts
 
 

@@ -109,7 +109,7 @@ def train_window(
     assert cfg.cell is not None and cfg.layers and cfg.hidden and cfg.lr and cfg.epochs  # noqa: S101
     w = int(cfg.window or 1)
     classify = cfg.task == "classify"
-    series, cuts = split(data, cfg)
+    series, cuts = split(data, cfg, log)
     tape = build_tape(series, cuts)  # the training readings: scaling statistics
     samples = window_samples(series, cuts, cfg)
     train_x, train_t = samples.x[~samples.val], samples.target[~samples.val]

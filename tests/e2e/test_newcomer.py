@@ -35,8 +35,8 @@ def test_serve_without_a_config_says_to_pass_one(tmp_path: Path) -> None:
     res = cli("serve", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "error: no routes configured: pass --config FILE (example: deploy/forecaster.toml) "
-        "or set FORECASTER_ROUTES"
+        "error: no routes configured: pass --config FILE (the README's quick start writes one; "
+        "deploy/forecaster.toml is the installed layout's) or set FORECASTER_ROUTES"
     ]
 
 

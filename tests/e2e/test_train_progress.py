@@ -15,7 +15,7 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 TINY = ("--time-column", "Time", "--until", "1014", "--no-linear", "--bptt", "32")
 EPOCH = re.compile(
     r"^(trial \d+: )?epoch (\d+)/(\d+)  (untrained|train \d+\.\d{4})  val \d+\.\d{4}  "
-    r"persistence \d+\.\d{4}  best \d+\.\d{4} \(epoch \d+\)  \d+\.\d s$"
+    r"persistence \d+\.\d{4}  best epoch \d+ by robust loss \(val \d+\.\d{4}\)  \d+\.\d s$"
 )
 
 

@@ -143,3 +143,17 @@ def test_score_against_hand_computed_values() -> None:
     assert sc.naive_rmse == pytest.approx(np.sqrt((1 + 1 + 4) / 3))
     assert sc.mase == pytest.approx(0.5 / 1.0)
     assert sc.n == 3
+
+
+@pytest.mark.parametrize(("until", "noted"), [("50", False), ("100", True), ("99999", True)])
+def test_an_until_past_the_end_is_said(tmp_path: Path, until: str, noted: bool) -> None:
+    from forecaster.training.config import TrainConfig
+    from forecaster.training.tape import split
+
+    path = tmp_path / "d.csv"
+    path.write_text("v\n" + "".join(f"{i % 7}\n" for i in range(100)))
+    said: list[str] = []
+    series, _ = split(load_csv(path, ["v"]), TrainConfig(until=until), said.append)
+    assert len(series[0]) == (50 if until == "50" else 100)
+    assert bool(said) == noted, said
+    assert all(f"--until {until} is at or past the end" in line for line in said)

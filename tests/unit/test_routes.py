@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from forecaster.serve.codec import Reading
@@ -91,13 +93,18 @@ def test_snapshot_failure_is_counted_not_raised(tmp_path: Path) -> None:
     assert rig.sample("forecaster_snapshots_total", result="failed") == 2
 
 
-def test_reload_of_the_same_models_keeps_states_and_applies_route_options(tmp_path: Path) -> None:
+def test_reload_of_the_same_models_keeps_states_and_applies_route_options(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     rig = Rig(config(tmp_path))
     rig.step("water", 3)
-    assert rig.routes.reload(config(tmp_path, value_key="v"))
+    with caplog.at_level(logging.INFO, logger="forecaster.serve.routes"):
+        assert rig.routes.reload(config(tmp_path, value_key="v"))
     assert rig.streams("water") == 3
     assert next(r for r in rig.routes if r.name == "water").spec.value_key == "v"
     assert rig.sample("forecaster_reloads_total", result="ok") == 1
+    # No model changed, and the log still says the reload happened.
+    assert "reload: done, 2 route(s) reloaded, 0 with a new model" in caplog.messages
 
 
 def test_reload_to_a_model_with_other_shapes_resets_states(tmp_path: Path) -> None:
