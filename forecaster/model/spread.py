@@ -20,6 +20,8 @@ and the daemon all compute it with the functions here, so their bounds agree.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 #: Weight of the newest change: 2 / (8 + 1), an exponential mean "over about 8" changes.
@@ -40,15 +42,19 @@ def advance(
     return np.where(np.isfinite(change), (1.0 - weight) * spread + weight * change, spread)
 
 
-def along(values: np.ndarray, start: float, weight: float) -> np.ndarray:
-    """The spread after each reading of one stream from its start (``out[k]`` after
-    ``values[k]``): what an interval made after reading ``k`` is scaled by."""
-    v = np.asarray(values, dtype=np.float64)
-    out = np.empty(v.size)
-    s: np.ndarray | float = float(start)
-    previous = np.nan
-    for k, x in enumerate(v.tolist()):
-        s = advance(s, previous, x, weight)
+def along(values: np.ndarray, start: float, weight: float, previous: float = np.nan) -> np.ndarray:
+    """The spread after each reading of one stream (``out[k]`` after ``values[k]``: what an
+    interval made after reading ``k`` is scaled by), from spread ``start`` with ``previous``
+    the reading before them (NaN: none, a stream's start). Plain floats, one reading at a
+    time: the same arithmetic as :func:`advance`, in the same order, so the results are equal
+    bit for bit (tested), and faster than numpy on one stream."""
+    out = np.empty(len(values))
+    s = float(start)
+    keep = 1.0 - weight
+    for k, x in enumerate(np.asarray(values, dtype=np.float64).tolist()):
+        change = abs(x - previous)
+        if math.isfinite(change):
+            s = keep * s + weight * change
         out[k] = s
         previous = x
     return out
@@ -58,6 +64,8 @@ def rows(grid: np.ndarray, previous: np.ndarray, spread: np.ndarray, weight: flo
     """:func:`along` for a padded batch: ``grid`` ``[R, T]`` (row ``r``'s readings, then
     padding), each row's reading before them (``previous``, NaN: none) and its spread then →
     ``[R, T]`` (at padded steps meaningless). One vector step per column."""
+    if grid.shape[0] == 1:  # one busy stream: its readings in plain floats
+        return along(grid[0], float(spread[0]), weight, float(previous[0]))[None, :]
     out = np.empty(grid.shape, dtype=np.float64)
     s = np.asarray(spread, dtype=np.float64)
     prev = np.asarray(previous, dtype=np.float64)

@@ -45,6 +45,9 @@ def test_batch_and_waves_give_exactly_the_one_stream_spreads(seed: int) -> None:
     got = spread.rows(grid, prev, sp, w)
     for i, (x, f, k) in enumerate(zip(rest, full, done, strict=True)):
         assert np.array_equal(got[i, : len(x)], f[k:]), f"seed {seed} stream {i}"
+        # One row alone takes the plain-float path: the same numbers.
+        alone = spread.rows(grid[i : i + 1], prev[i : i + 1], sp[i : i + 1], w)
+        assert np.array_equal(alone[0, : len(x)], f[k:]), f"seed {seed} stream {i} alone"
     # One wave at a time: wave t holds each stream's t-th remaining reading.
     s, p = sp.copy(), prev.copy()
     for t in range(width):
