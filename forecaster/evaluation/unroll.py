@@ -65,9 +65,7 @@ class Unroll:
         spread at each prediction when the interval says so)."""
         if interval is None:
             return self
-        at = None
-        if interval.spread_weight is not None and interval.spread_start is not None:
-            at = self.spreads(interval.spread_weight, interval.spread_start)
+        at = None if interval.spreading is None else self.spreads(*interval.spreading)
         self.lower, self.upper = interval.bounds(self.predicted, at)
         self.coverage = interval.coverage
         return self

@@ -125,9 +125,16 @@ class Interval(_Strict):
         return self
 
     @property
+    def spreading(self) -> tuple[float, float] | None:
+        """``(spread_weight, spread_start)`` when the bounds follow each stream's spread."""
+        if self.spread_weight is None or self.spread_start is None:
+            return None
+        return self.spread_weight, self.spread_start
+
+    @property
     def scaled(self) -> bool:
         """Whether the bounds follow each stream's spread."""
-        return self.spread_weight is not None
+        return self.spreading is not None
 
     def bounds(
         self, y: np.ndarray | float, spread: np.ndarray | float | None

@@ -77,6 +77,12 @@ def rows(grid: np.ndarray, previous: np.ndarray, spread: np.ndarray, weight: flo
     return out
 
 
+def resumed(stored: np.ndarray, start: float) -> np.ndarray:
+    """The spreads a state store holds (NaN: none yet, a new or reset stream), with ``start``
+    where there is none."""
+    return np.where(np.isnan(stored), start, stored)
+
+
 def unit(spread: np.ndarray | float, start: float) -> np.ndarray:
     """What an interval's offsets are multiplied by: the spread, but at least :data:`FLOOR` of
     ``start``, so a stream that sat still for a while (spread near 0) does not get an interval

@@ -296,11 +296,7 @@ def count_interval(
 def _scaling(manifest: Manifest) -> tuple[float, float] | None:
     """``(weight, start)`` of the streams' spread when the bundle's interval follows it."""
     iv = manifest.interval
-    if iv is None or manifest.task == "classify":
-        return None
-    if iv.spread_weight is None or iv.spread_start is None:
-        return None
-    return iv.spread_weight, iv.spread_start
+    return None if iv is None or manifest.task == "classify" else iv.spreading
 
 
 _WARM_FLAG = 1
@@ -709,8 +705,7 @@ class Engine:
         if scaling is not None:
             # Each stream's spread after each reading, and when its previous prediction was made.
             weight, begin = scaling
-            stored = np.where(first_stored, store.spread[first_slot], np.nan)
-            row_sp = np.where(np.isnan(stored), begin, stored)
+            row_sp = spread.resumed(np.where(first_stored, store.spread[first_slot], np.nan), begin)
             sp = spread.rows(grid, prev_val[start], row_sp, weight)[row_of, t_of]
             prev_sp = np.empty(m, dtype=np.float64)
             prev_sp[1:] = sp[:-1]
@@ -907,8 +902,7 @@ class Engine:
         if iv is None:
             return Prediction(stream, ts, value, warm)
         if bounds is None or not all(np.isfinite(bounds)):
-            at = None if iv.spread_start is None else np.float64(iv.spread_start)
-            lo, hi = iv.bounds(np.float64(value), at)
+            lo, hi = iv.bounds(value, iv.spread_start)  # a new stream's spread
             bounds = (float(lo), float(hi))
         return Prediction(stream, ts, value, warm, lower=bounds[0], upper=bounds[1])
 
@@ -985,8 +979,7 @@ class Engine:
         scaling = _scaling(manifest)
         if scaling is not None:
             weight, begin = scaling
-            stored = store.spread[slots]
-            sp_prev = np.where(np.isnan(stored), begin, stored)
+            sp_prev = spread.resumed(store.spread[slots], begin)
             sp_new = spread.advance(sp_prev, store.last_value[slots], values, weight)
         if classify:
             if manifest.horizon == 1:  # the previous prediction was about this reading's label
