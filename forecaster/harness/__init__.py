@@ -23,7 +23,14 @@ from forecaster.harness.daemon import (
     parse_metric,
     write_config,
 )
-from forecaster.harness.ports import HarnessError, free_port, wait_file, wait_port, wait_until
+from forecaster.harness.ports import (
+    HarnessError,
+    free_port,
+    free_ports,
+    wait_file,
+    wait_port,
+    wait_until,
+)
 
 __all__ = [
     "Broker",
@@ -32,6 +39,7 @@ __all__ = [
     "HarnessError",
     "MetricNotFound",
     "free_port",
+    "free_ports",
     "local_config",
     "mosquitto_binary",
     "mqtt_client",

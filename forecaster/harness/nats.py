@@ -24,6 +24,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +35,7 @@ from forecaster.harness.ports import (
     HarnessError,
     ServerChild,
     child_options,
-    free_port,
+    free_ports,
     server_binary,
     wait_port,
 )
@@ -100,16 +101,23 @@ class NatsServer(ServerChild):
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def pick_ports(self) -> None:
-        """Choose free ports for every port still 0 (done by ``start()``)."""
-        if self.port == 0:
-            self.port = free_port(self.host)
-        if self.http_port == 0:
-            self.http_port = free_port(self.host)
-        if self.mqtt and self.mqtt_port == 0:
-            self.mqtt_port = free_port(self.host)
-        if self.cluster_name is not None and self.cluster_port == 0:
-            self.cluster_port = free_port(self.host)
+    def pick_ports(self, supply: Iterator[int] | None = None) -> None:
+        """Choose free ports, distinct from each other, for every port still 0 (done by
+        ``start()``); ``supply``: ports already picked together (a cluster's, so no two nodes
+        get the same one either)."""
+        unset = self.unset_ports()
+        picked = iter(free_ports(len(unset), self.host)) if supply is None else supply
+        for name in unset:
+            setattr(self, name, next(picked))
+
+    def unset_ports(self) -> list[str]:
+        """The names of the ports still 0 that this server needs."""
+        wanted = ["port", "http_port"]
+        if self.mqtt:
+            wanted.append("mqtt_port")
+        if self.cluster_name is not None:
+            wanted.append("cluster_port")
+        return [name for name in wanted if getattr(self, name) == 0]
 
     def conf_text(self) -> str:
         lines = [
@@ -246,8 +254,10 @@ class NatsCluster:
         return [n.url for n in self.nodes]
 
     def start(self) -> NatsCluster:
+        count = sum(len(node.unset_ports()) for node in self.nodes)
+        supply = iter(free_ports(count, self.nodes[0].host))
         for node in self.nodes:
-            node.pick_ports()
+            node.pick_ports(supply)
         ports = [n.cluster_port for n in self.nodes]
         for node in self.nodes:
             node.routes = list(ports)

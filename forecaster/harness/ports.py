@@ -46,6 +46,20 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are picked, so the
+    kernel cannot hand the same port out twice (one :func:`free_port` after another can: a
+    nats-server once got its MQTT port equal to its monitor port and failed to start)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def port_open(port: int, host: str = LOOPBACK) -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from forecaster.harness import free_port, wait_port, wait_until
+from forecaster.harness import free_ports, wait_port, wait_until
 
 from .terminal import Terminal
 
@@ -104,7 +104,7 @@ def test_readme_walk_runs_as_written(tmp_path: Path) -> None:
     blocks = walk_blocks(README.read_text())
     home = tmp_path / "home"
     home.mkdir()
-    mqtt_port, metrics_port = free_port(), free_port()
+    mqtt_port, metrics_port = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORECASTER_")}
     env.pop("VIRTUAL_ENV", None)
     env.update(

@@ -74,3 +74,11 @@ def test_broker_conf_follows_its_fields(tmp_path: Path) -> None:
     auth = Broker(tmp_path, port=1, allow_anonymous=False, password_file=tmp_path / "pw")
     assert "allow_anonymous false" in auth.conf_text()
     assert f"password_file {tmp_path / 'pw'}" in auth.conf_text()
+
+
+def test_free_ports_are_distinct() -> None:
+    from forecaster.harness import free_ports
+
+    for _ in range(50):
+        ports = free_ports(8)
+        assert len(set(ports)) == 8, ports
