@@ -516,6 +516,15 @@ def _forecast_rows(m: Any) -> list[tuple[str, Any]]:
                 f"{i.spread_start:.4g})"
             )
         rows.append(("interval", f"{text} (split conformal, n={i.n})"))
+    rows.append(
+        (
+            "clipping",
+            "none"
+            if m.clip is None
+            else f"a reading farther than {m.clip:g}·s from its prediction enters the model "
+            "clipped (not right after a clipped one)",
+        )
+    )
     if m.selection is not None:
         s = m.selection
         rows.append(

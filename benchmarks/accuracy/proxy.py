@@ -6,7 +6,9 @@ candidates of :func:`forecaster.training.stateful.prepare` and
 :func:`forecaster.training.run.with_smoothing` ranked on the validation part, the best one
 refitted on the whole training part, scored one step ahead on the last 20 % against the same
 references as the full benchmark. No network is trained: this is what ships whenever the
-network's validation gain is not significant (most series here), not the full benchmark.
+network's validation gain is not significant (most series here), not the full benchmark. The
+clip limit (readings far from their prediction enter the line clipped, :mod:`forecaster.model.clip`)
+is chosen on validation by training's rule (:func:`forecaster.training.stateful.pick_clip`).
 
 ``--statsmodels`` first writes fifteen public-domain series that statsmodels ships offline into
 ``--data`` (default: a temporary folder), then runs on them: weekly CO2 at Mauna Loa, monthly
@@ -39,14 +41,14 @@ from benchmarks.accuracy.discover import SeriesSpec, discover
 from benchmarks.accuracy.references import is_random_walk, references, rmse, skill
 from benchmarks.accuracy.run import ROOT, TRAIN_FRACTION
 from forecaster.data import cut_index, load_csv
-from forecaster.model import spread
+from forecaster.model import clip, spread
 from forecaster.model.bundle import Interval
 from forecaster.training import linear
 from forecaster.training.config import TrainConfig
 from forecaster.training.intervals import conformal, scaled
 from forecaster.training.run import with_smoothing
 from forecaster.training.seasonality import detect_periods
-from forecaster.training.stateful import prepare
+from forecaster.training.stateful import CLIP_LIMITS, pick_clip, prepare
 from forecaster.training.tape import raw_train_segments, train_segments, validation_runs
 
 #: Coverage of the intervals checked.
@@ -137,6 +139,28 @@ def coverages(
     return out[0], out[1]
 
 
+def line_run(ar: linear.LinearAR) -> clip.Run:
+    """The line as a :data:`clip.Run`: its state the readings its buffer still needs (None: a
+    new stream, whose buffer its first reading fills, as the graph's does)."""
+
+    def run(x: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        v = np.asarray(x, dtype=np.float64)
+        pad = np.full(max(ar.size - 1, 0), v[0]) if state is None else state
+        full = np.concatenate([pad, v])
+        return linear.ar_segment(full, ar)[len(pad) :], full[len(full) - len(pad) :]
+
+    return run
+
+
+def predictions(
+    values: np.ndarray, ar: linear.LinearAR, start: float, k: float | None
+) -> np.ndarray:
+    """The line's one-step predictions over a segment, readings clipped at ``k`` spreads."""
+    if k is None:
+        return linear.ar_segment(values, ar)
+    return clip.segment(values, line_run(ar), None, start, spread.WEIGHT, k)
+
+
 def described(ar: linear.LinearAR) -> str:
     """``huber [1-12]``, or ``persistence`` for no line at all."""
     return f"{ar.loss} [{linear.lags_text(ar.lags)}]" if ar.size else "persistence"
@@ -156,21 +180,35 @@ def linear_only(spec: SeriesSpec, every: bool = False) -> Row:
     targets = np.arange(cut, len(values))
     naive = rmse(values[targets], values[targets - 1])
 
-    def held_out(ar: linear.LinearAR) -> tuple[linear.LinearAR, float]:
+    start = spread.typical(raw_train_segments(prep.series, prep.cuts))
+
+    def held_out(ar: linear.LinearAR, k: float | None = None) -> tuple[linear.LinearAR, float]:
         """The line refitted on the whole training part, and its held-out skill."""
         refit = linear.fit(whole, ar.lags, ar.loss) if ar.size else ar
-        pred = linear.ar_segment(values, refit)[cut - 1 : -1]
+        pred = predictions(values, refit, start, k)[cut - 1 : -1]
         return refit, skill(rmse(values[targets], pred), naive)
 
-    best, best_skill = held_out(prep.candidates[0].ar)
+    def validated(k: float | None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(actual, predicted, spread at the prediction) over each validation run."""
+        out = []
+        for seg, first in validation_runs(prep.series, prep.cuts):
+            pred = predictions(seg, chosen, start, k)[:-1]  # pred[i] is for seg[i + 1]
+            at = spread.along(seg, start, spread.WEIGHT)[first - 1 : -1]
+            out.append((seg[first:], pred[first - 1 :], at))
+        return out
+
+    def val_rmse(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+        return float(np.sqrt(np.mean(np.concatenate([(a - p) ** 2 for a, p, _ in parts]))))
+
     chosen = prep.candidates[0].ar
-    start = spread.typical(raw_train_segments(prep.series, prep.cuts))
-    valid = []
-    for seg, first in validation_runs(prep.series, prep.cuts):
-        pred = linear.ar_segment(seg, chosen)[:-1]  # pred[i] is for seg[i + 1]
-        at = spread.along(seg, start, spread.WEIGHT)[first - 1 : -1]
-        valid.append((seg[first:], pred[first - 1 :], at))
-    shipped = linear.ar_segment(values, best)
+    valid = validated(None)
+    # The same clip choice as training's (stateful.choose_clip), on the line alone.
+    by_limit = {k: val_rmse(validated(k)) for k in CLIP_LIMITS} if chosen.size else {}
+    limit = pick_clip(val_rmse(valid), by_limit)
+    if limit is not None:
+        valid = validated(limit)
+    best, best_skill = held_out(chosen, limit)
+    shipped = predictions(values, best, start, limit)
     at = spread.along(values, start, spread.WEIGHT)[targets - 1]
     coverage = coverages(valid, (values[targets], shipped[targets - 1], at), start)
     others = tuple(
@@ -185,7 +223,7 @@ def linear_only(spec: SeriesSpec, every: bool = False) -> Row:
     name = max((k for k in refs if k != "persistence"), key=lambda k: refs[k])
     return Row(
         spec.name,
-        described(best),
+        ("" if limit is None else f"clipped at {limit:g}: ") + described(best),
         best_skill,
         name,
         refs[name],

@@ -12,12 +12,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from forecaster.data import Dataset, Score, Series, cut_index, score
 from forecaster.errors import DataError
-from forecaster.model import spread
+from forecaster.model import clip, spread
 from forecaster.model.bundle import Bundle, Interval
 from forecaster.model.classify import ClassScore, score_events
 from forecaster.model.windows import windows
@@ -152,15 +153,14 @@ def unroll(
 SEQUENCE_CHUNK = 4096
 
 
-def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
-    """Run the ONNX graph over a segment with the state carried, as the daemon does: a sequence
-    graph (format 3) takes the segment in calls of up to ``SEQUENCE_CHUNK`` readings (the
-    daemon's micro-batches cut it elsewhere; the fused RNN steps the same arithmetic either
-    way); a one-step graph (format 1-2) one reading at a time."""
+def bundle_run(bundle: Bundle) -> clip.Run:
+    """Run the ONNX graph over readings from a state, as the daemon does: a sequence graph
+    (format 3) takes them in calls of up to ``SEQUENCE_CHUNK`` readings (the daemon's
+    micro-batches cut them elsewhere; the fused RNN steps the same arithmetic either way); a
+    one-step graph (format 1-2) one reading at a time."""
     if bundle.sequence:
 
-        def run(values: np.ndarray) -> np.ndarray:
-            state = bundle.zero_state(1)
+        def run(values: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
             out = np.empty(len(values), dtype=np.float64)
             x = np.asarray(values, dtype=np.float64).reshape(1, -1, 1)
             for lo in range(0, len(values), SEQUENCE_CHUNK):
@@ -168,21 +168,44 @@ def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
                 lengths = np.array([part.shape[1]], dtype=np.int64)
                 y, state = bundle.run(part, lengths, state)
                 out[lo : lo + part.shape[1]] = y[0]
-            return out
+            return out, state
 
         return run
 
-    def predict(values: np.ndarray) -> np.ndarray:
-        state = bundle.zero_state(1)
+    def step(values: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         out = np.empty(len(values), dtype=np.float64)
         x = np.empty((1, bundle.n_features), dtype=np.float64)
         for k, v in enumerate(values):
             x[0, 0] = v
             y, state = bundle.step(x, state)
             out[k] = float(y[0])
-        return out
+        return out, state
 
-    return predict
+    return step
+
+
+def clipped(
+    run: clip.Run,
+    zero: Callable[[], Any],
+    limit: float | None,
+    spreading: tuple[float, float] | None,
+) -> SegmentPredictor:
+    """Each segment through ``run`` from the state ``zero()`` gives, its readings clipped at
+    ``limit`` spreads (:mod:`forecaster.model.clip`; ``spreading``: the spread's weight and a
+    new stream's start) when there is a limit."""
+    if limit is None or spreading is None:
+        return lambda values: run(np.asarray(values, dtype=np.float64), zero())[0]
+    weight, start = spreading
+    k = limit
+    return lambda values: clip.segment(values, run, zero(), start, weight, k)
+
+
+def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
+    """Each segment through the graph from a zero state (:func:`bundle_run`), clipped as the
+    manifest says."""
+    m = bundle.manifest
+    spreading = None if m.interval is None else m.interval.spreading
+    return clipped(bundle_run(bundle), lambda: bundle.zero_state(1), m.clip, spreading)
 
 
 @dataclass

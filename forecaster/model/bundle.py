@@ -230,6 +230,12 @@ class Manifest(_Strict):
         default_factory=list, description="seasonal periods found in the training data (steps)"
     )
     interval: Interval | None = Field(default=None, description="prediction interval offsets")
+    clip: float | None = Field(
+        default=None,
+        gt=0,
+        description="a reading farther than `clip` spreads from its prediction enters the model "
+        "clipped to that distance (model/clip.py); absent: no clipping",
+    )
     fallback: str | None = Field(
         default=None, description="why the shipped model is persistence, when it is"
     )
@@ -257,6 +263,10 @@ class Manifest(_Strict):
                 raise ValueError("classify needs `validation_classification`")
         elif self.validation is None:
             raise ValueError("regress needs `validation`")
+        if self.clip is not None and (
+            self.mode != "stateful" or self.interval is None or not self.interval.scaled
+        ):
+            raise ValueError("`clip` is for stateful regression with a spread-scaled interval")
         if self.lag_buffer and self.mode != "stateful":
             raise ValueError("`lag_buffer` is for stateful mode")
         if (self.graph == "window") != (self.mode == "window") and self.graph is not None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forecaster.model import spread
+from forecaster.model import clip, spread
 from forecaster.model.bundle import Bundle, Interval, Manifest
 from forecaster.model.classify import counts
 from forecaster.serve.codec import Prediction, Reading
@@ -272,6 +272,7 @@ class Outcome:
     interval_outside: int = 0
     interval_coverage: float | None = None  # the target, when any reading was checked
     repeated: int = 0  # readings answered from the recent-predictions cache (redeliveries)
+    clipped: int = 0  # readings that entered the model clipped (model/clip.py)
     journal_error: str | None = None  # why the journal append failed, if it did
     snapshot: str | None = None  # "ok"/"failed" when this step forced a snapshot (bound, rescue)
 
@@ -670,6 +671,22 @@ class Engine:
             y_flat = y[row_of, t_of]
             if not np.isfinite(y_flat).all() or not finite_rows(new).all():
                 return None  # waves drop and reset exactly the reading that blew up
+            # Each row's stream as stored (a row that does not continue a stored state: none).
+            stored_slot = np.where(plan.row_stored, known_arr[plan.row_stream], 0)
+            first_val = np.where(plan.row_stored, store.last_value[stored_slot], np.nan)
+            scaling = _scaling(self.bundle.manifest)
+            row_sp = sp_grid = None
+            if scaling is not None:
+                # Each stream's spread after each reading, and when its first was predicted.
+                weight, begin = scaling
+                stored_sp = np.where(plan.row_stored, store.spread[stored_slot], np.nan)
+                row_sp = spread.resumed(stored_sp, begin)
+                sp_grid = spread.rows(grid, first_val, row_sp, weight)
+                limit = self.bundle.manifest.clip
+                if limit is not None and self._would_clip(
+                    grid, y, lens, plan.row_stored, stored_slot, row_sp, sp_grid, begin, limit
+                ):
+                    return None  # a clipped reading changes what follows it: waves
 
         # Commit.
         slots, evicted = store.acquire_many(streams, now)
@@ -697,16 +714,12 @@ class Engine:
         prev_pred[start] = np.where(first_stored, store.last_pred[first_slot], np.nan)
         prev_val = np.empty(m, dtype=np.float64)
         prev_val[1:] = vals[:-1]
-        prev_val[start] = np.where(first_stored, store.last_value[first_slot], np.nan)
+        prev_val[start] = first_val
         base_seen = np.where(stored_rows, store.seen[row_slot], 0)
         prior_seen = base_seen[row_of] + t_of
         sp = prev_sp = None
-        scaling = _scaling(self.bundle.manifest)
-        if scaling is not None:
-            # Each stream's spread after each reading, and when its previous prediction was made.
-            weight, begin = scaling
-            row_sp = spread.resumed(np.where(first_stored, store.spread[first_slot], np.nan), begin)
-            sp = spread.rows(grid, prev_val[start], row_sp, weight)[row_of, t_of]
+        if sp_grid is not None and row_sp is not None:
+            sp = sp_grid[row_of, t_of]
             prev_sp = np.empty(m, dtype=np.float64)
             prev_sp[1:] = sp[:-1]
             prev_sp[start] = row_sp
@@ -734,12 +747,42 @@ class Engine:
             y64[last_flat],
             now,
             None if sp is None else sp[last_flat],
+            None if self.bundle.manifest.clip is None else np.zeros(len(last_flat)),
         )
         warm = prior_seen + 1 >= self.warmup
         self._publish(readings, flat, y64, sp, warm, len(streams), n, hits, out)
         for i, first in plan.echoes:
             preds[i] = preds[first]
         return out
+
+    def _would_clip(
+        self,
+        grid: np.ndarray,
+        y: np.ndarray,
+        lens: np.ndarray,
+        row_stored: np.ndarray,
+        stored_slot: np.ndarray,
+        row_sp: np.ndarray,
+        sp_grid: np.ndarray,
+        begin: float,
+        limit: float,
+    ) -> bool:
+        """Whether a reading of the padded batch lies farther from its prediction than the
+        clip limit (:mod:`forecaster.model.clip`), its stream's previous reading not clipped.
+        The predictions after such a reading assumed it unclipped, so the batch must go through
+        waves; those before the first one in a row are exact, so none is missed."""
+        store = self.store
+        pred = np.empty_like(grid)
+        pred[:, 1:] = y[:, : grid.shape[1] - 1]
+        pred[:, 0] = np.where(row_stored, store.last_pred[stored_slot], np.nan)
+        prev_sp = np.empty_like(sp_grid)
+        prev_sp[:, 1:] = sp_grid[:, :-1]
+        prev_sp[:, 0] = row_sp
+        with np.errstate(invalid="ignore"):
+            far = np.abs(grid - pred) > clip.limits(prev_sp, begin, limit)
+            far[:, 0] &= ~(np.where(row_stored, store.clipped[stored_slot], np.nan) > 0)
+        far &= np.arange(grid.shape[1]) < lens[:, None]
+        return bool(far.any())
 
     def _run_rows(
         self, x: np.ndarray, lens: np.ndarray, init: list[np.ndarray], out: Outcome
@@ -991,13 +1034,17 @@ class Engine:
                 at = None if sp_prev is None else sp_prev[judged]
                 count_interval(out, manifest.interval, values[judged], last_pred[judged], at)
 
+        seen, clipped = values, None
+        if manifest.clip is not None and sp_prev is not None:
+            limit = clip.limits(sp_prev, begin, manifest.clip)
+            seen, clipped = clip.inputs(values, last_pred, limit, store.clipped[slots] > 0)
         state = store.gather(slots)
         if self.bundle.mode == "window":
             x = values.astype(np.float32).reshape(-1, 1)
             y, new_state, ready = self._run_windows(state, x, prior_seen + 1, out)
         else:
             started = self._clock()
-            y, new_state = self.bundle.step(values.reshape(-1, 1), state)
+            y, new_state = self.bundle.step(seen.reshape(-1, 1), state)
             out.calls.append((len(slots), self._clock() - started))
             ready = np.ones(len(slots), dtype=bool)
         ok = finite_rows(new_state) & (np.isfinite(y) | ~ready)
@@ -1017,7 +1064,10 @@ class Engine:
             y[good].astype(np.float64),
             now,
             None if sp_new is None else sp_new[good],
+            None if clipped is None else clipped[good].astype(np.float64),
         )
+        if clipped is not None:
+            out.clipped += int(np.count_nonzero(clipped[good]))
         seen_after = store.seen[slots[good]]
         warmup = self.warmup
         threshold = manifest.threshold if classify and manifest.threshold is not None else None

@@ -253,6 +253,13 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.readings_clipped = Counter(
+            "forecaster_readings_clipped",
+            "Readings that entered the model clipped, being farther from their prediction than "
+            "the bundle's clip limit (spikes; their predictions are still published and scored).",
+            ["route"],
+            registry=r,
+        )
         self.callback_errors = Counter(
             "forecaster_callback_errors",
             "Exceptions caught and survived, by where: an MQTT callback (an uncaught one would "

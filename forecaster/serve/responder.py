@@ -216,6 +216,8 @@ class Responder:
             )
         if outcome.repeated:
             m.predictions_repeated.labels(route_name).inc(outcome.repeated)
+        if outcome.clipped:
+            m.readings_clipped.labels(route_name).inc(outcome.clipped)
         if outcome.journal_error is not None:
             m.journal_write_errors.labels(route_name).inc()
             self._rl.warning(

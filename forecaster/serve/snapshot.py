@@ -11,7 +11,8 @@ A snapshot is an ``.npz`` archive without pickles (``np.load(allow_pickle=False)
   the engine's cache of recent predictions (see ``engine.RecentPredictions``), so a reading the
   broker redelivers after a crash is answered with the prediction it already had; and, where
   the model's interval follows each stream's spread, ``recent_lower`` / ``recent_upper`` (the
-  bounds those predictions were published with) and the per-stream ``spread`` (both optional:
+  bounds those predictions were published with) and the per-stream ``spread``, and where the
+  model clips readings far from their prediction the per-stream ``clipped`` flag (all optional:
   files written before them read as NaN, "none").
 
 The file is tied to the model by its sha256; a sound file for another model is ``foreign``,
@@ -55,8 +56,9 @@ _READABLE_VERSIONS = (1, 2)  # version 1 has no journal position and no recent p
 _SNAPSHOT_FORMAT = "forecaster-state"
 META = ("last_ts", "last_value", "last_pred", "seen", "last_used")
 #: Metadata a snapshot may lack (written by an older version): NaN when absent. ``spread``: each
-#: stream's spread when its last prediction was made (NaN: none yet; see model/spread.py).
-OPTIONAL_META = ("spread",)
+#: stream's spread when its last prediction was made (NaN: none yet; see model/spread.py);
+#: ``clipped``: 1 where its last reading entered the model clipped (model/clip.py).
+OPTIONAL_META = ("spread", "clipped")
 RECENT = ("recent_ts", "recent_value", "recent_flags")
 #: Recent-prediction columns a snapshot may lack (NaN when absent).
 OPTIONAL_RECENT = ("recent_lower", "recent_upper")

@@ -123,6 +123,7 @@ class StateStore:
         self._seen = np.zeros(cap, dtype=np.int64)
         self._last_used = np.zeros(cap)
         self._spread = np.full(cap, np.nan)
+        self._clipped = np.full(cap, np.nan)
         self._lru: OrderedDict[str, int] = OrderedDict()  # front = least recently used
         self._ids: list[str | None] = [None] * cap  # slot → stream id
         self._free: list[int] = []  # released slots below _high
@@ -168,6 +169,7 @@ class StateStore:
             self._seen,
             self._last_used,
             self._spread,
+            self._clipped,
         )
 
     # ---------------------------------------------------------------- read access (read-only views)
@@ -200,6 +202,12 @@ class StateStore:
     def spread(self) -> np.ndarray:
         """Each stream's spread after its last reading (NaN: none yet, the model's start)."""
         return self._ro(self._spread)
+
+    @property
+    def clipped(self) -> np.ndarray:
+        """1.0 where the stream's last reading entered the model clipped (model/clip.py);
+        0 or NaN where it did not."""
+        return self._ro(self._clipped)
 
     @property
     def last_used(self) -> np.ndarray:
@@ -341,6 +349,7 @@ class StateStore:
         self._seen = widen(self._seen, 0)
         self._last_used = widen(self._last_used, 0.0)
         self._spread = widen(self._spread, np.nan)
+        self._clipped = widen(self._clipped, np.nan)
         self._ids.extend([None] * (cap - old))
 
     def _clear(self, slot: int) -> None:
@@ -351,6 +360,7 @@ class StateStore:
         self._last_pred[slot] = np.nan
         self._seen[slot] = 0
         self._spread[slot] = np.nan
+        self._clipped[slot] = np.nan
 
     def reset(self, slot: int) -> None:
         """Start the stream over from a zero state; its mapping and LRU position stay."""
@@ -431,15 +441,19 @@ class StateStore:
         preds: np.ndarray,
         now: float,
         spreads: np.ndarray | None = None,
+        clipped: np.ndarray | None = None,
     ) -> None:
         """Bookkeeping after a wave was stepped (distinct slots, all live); ``spreads``: the
-        streams' spreads after these readings, when the model's interval follows them."""
+        streams' spreads after these readings, when the model's interval follows them;
+        ``clipped``: whether each reading entered the model clipped, when the model clips."""
         idx = np.asarray(slots, dtype=np.intp)
         self._last_ts[idx] = ts
         self._last_value[idx] = values
         self._last_pred[idx] = preds
         if spreads is not None:
             self._spread[idx] = spreads
+        if clipped is not None:
+            self._clipped[idx] = clipped
         self._seen[idx] += 1
         self._last_used[idx] = now
         move = self._lru.move_to_end
@@ -459,6 +473,7 @@ class StateStore:
         preds: np.ndarray,
         now: float,
         spreads: np.ndarray | None = None,
+        clipped: np.ndarray | None = None,
     ) -> None:
         """:meth:`record` for several readings per stream at once (distinct live slots):
         ``counts[k]`` readings of slot ``k`` were stepped, ``ts``/``values``/``preds``/``spreads``
@@ -470,6 +485,8 @@ class StateStore:
         self._last_pred[idx] = preds
         if spreads is not None:
             self._spread[idx] = spreads
+        if clipped is not None:
+            self._clipped[idx] = clipped
         self._seen[idx] += np.asarray(counts, dtype=np.int64)
         self._last_used[idx] = now
 

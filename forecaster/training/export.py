@@ -360,6 +360,7 @@ def manifest_for(
             else None,
             "seasonality": report.get("seasonality", {}).get("periods", []),
             "interval": report.get("interval"),
+            "clip": (report.get("clip") or {}).get("limit"),
             "fallback": (report.get("fallback") or {}).get("reason"),
             "selection": _selection(report.get("search")),
             "parity_max_abs_diff": parity,

@@ -6,7 +6,9 @@ calibrated, or, for a bundle exported before intervals existed, fixed offsets wr
 manifest's sha256 covers the ONNX file only, and the offsets are what the daemon must apply).
 Asymmetric offsets, so a swapped or negated bound cannot pass. The same bundle runs a second time
 with an interval that follows each stream's spread (offsets in spread units): its bounds change
-width from reading to reading, and must still equal evaluate's.
+width from reading to reading, and must still equal evaluate's; and a third time with readings
+far from their prediction clipped (model/clip.py: water-flow's outage and spikes are), where
+every prediction after a clipped reading depends on it.
 """
 
 from __future__ import annotations
@@ -32,15 +34,16 @@ OFFSETS = {"coverage": 0.9, "lower": -0.3, "upper": 0.45, "n": 203}
 SCALED = {**OFFSETS, "lower": -1.1, "upper": 1.6, "spread_weight": 2 / 9, "spread_start": 0.7}
 
 
-@pytest.fixture(scope="module", params=["constant", "scaled"])
+@pytest.fixture(scope="module", params=["constant", "scaled", "clipped"])
 def interval_bundle(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     out = tmp_path_factory.mktemp("interval") / "water-flow"
     shutil.copytree(MODEL, out)
     manifest = json.loads((out / "model.json").read_text())
-    if request.param == "scaled":
+    if request.param in ("scaled", "clipped"):
         manifest["interval"] = SCALED
+        manifest["clip"] = 3.0 if request.param == "clipped" else None
     elif manifest.get("interval") is None:
         manifest["interval"] = OFFSETS
     (out / "model.json").write_text(json.dumps(manifest, indent=2))
@@ -111,5 +114,10 @@ def test_daemon_bounds_equal_evaluate_and_live_coverage_counts_match(
     assert d.metric("forecaster_interval_checks_total", route="water", outcome="inside") == inside
     target = d.metric("forecaster_interval_coverage_target", route="water")
     assert target == pytest.approx(interval["coverage"])
+    clipped = d.metric("forecaster_readings_clipped_total", default=0.0, route="water")
+    if json.loads((interval_bundle / "model.json").read_text()).get("clip") is None:
+        assert not clipped
+    else:
+        assert clipped and clipped > 5, clipped
     assert d.stop() == 0
     sub.close()

@@ -20,6 +20,8 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
+from forecaster.evaluation.unroll import bundle_run
+from forecaster.model import clip, spread
 from forecaster.model.bundle import Bundle, Interval
 from forecaster.serve.codec import Prediction, Reading
 from forecaster.serve.engine import (
@@ -46,6 +48,7 @@ class FakeManifest:
     horizon: int = 0
     threshold: float | None = None
     interval: Interval | None = None
+    clip: float | None = None
     name: str = "fake"
     version: str = "1"
 
@@ -530,11 +533,13 @@ def test_scaled_bounds_follow_each_streams_spread_and_are_checked_at_it() -> Non
     assert p is not None and (p.lower, p.upper) == (100.0 - 4.0, 100.0 + 2.0)
 
 
-def test_scaled_bounds_survive_a_crash_exactly(tmp_path: Path) -> None:
-    """Spreads in the snapshot, the journal stepped again after it, and the recent cache's
-    bounds as published: a redelivery after the crash gets its original bounds, and the next
-    readings get the bounds an uninterrupted engine gives."""
-    scaled = FakeManifest(interval=SCALED)
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_scaled_bounds_survive_a_crash_exactly(tmp_path: Path, limit: float | None) -> None:
+    """Spreads (and which readings were clipped) in the snapshot, the journal stepped again
+    after it, and the recent cache's bounds as published: a redelivery after the crash gets its
+    original bounds, and the next readings get the predictions and bounds an uninterrupted
+    engine gives."""
+    scaled = FakeManifest(interval=SCALED, clip=limit)
     for name in ("live", "crashed"):
         (tmp_path / name).mkdir()
     live, _ = durable(tmp_path / "live", manifest=scaled)
@@ -561,6 +566,9 @@ def test_scaled_bounds_survive_a_crash_exactly(tmp_path: Path) -> None:
         assert p == published[(stream, ts)], (stream, ts)
     nxt = [r("a", 5, 7), r("b", 4, 1), r("c", 3, -2)]
     assert back.step(nxt, 10.0).predictions == live.step(nxt, 10.0).predictions
+    flags = [[e.store.clipped[e.store.slot_of(s)] for s in ("a", "b", "c")] for e in (back, live)]
+    np.testing.assert_array_equal(*flags)
+    assert (np.nansum(flags[1]) > 0) == (limit is not None)
 
 
 def test_without_an_interval_nothing_is_added_or_counted() -> None:
@@ -680,7 +688,7 @@ def random_mix(rng: random.Random, batches: int) -> list[list[Reading]]:
 
 @pytest.mark.parametrize("max_streams", [100, 5])
 @pytest.mark.parametrize("recent", [0, 50, 5000])
-@pytest.mark.parametrize("task", ["interval", "scaled", "classify-0", "classify-1"])
+@pytest.mark.parametrize("task", ["interval", "scaled", "clipped", "classify-0", "classify-1"])
 def test_sequence_path_gives_exactly_the_waves_outcome(
     seed: int, max_streams: int, recent: int, task: str
 ) -> None:
@@ -692,19 +700,23 @@ def test_sequence_path_gives_exactly_the_waves_outcome(
         manifest = FakeManifest(interval=Interval(coverage=0.9, lower=-1.0, upper=2.0, n=10))
     elif task == "scaled":
         manifest = FakeManifest(interval=SCALED)
+    elif task == "clipped":  # readings far from the running sum enter it clipped
+        manifest = FakeManifest(interval=SCALED, clip=2.0)
     else:  # the fake's running sums as "probabilities": the threshold splits them
         manifest = FakeManifest(task="classify", horizon=int(task[-1]), threshold=4.0)
     waves_e = engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
     seq_e = seq_engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
+    clipped_total = 0
     for k, batch in enumerate(random_mix(rng, 150)):
         a, b = waves_e.step(batch, now=float(k)), seq_e.step(batch, now=float(k))
         where = f"seed={seed} batch={k}"
         assert a.predictions == b.predictions, where
-        assert (a.drops, a.resets, a.evicted, a.repeated) == (
+        assert (a.drops, a.resets, a.evicted, a.repeated, a.clipped) == (
             b.drops,
             b.resets,
             b.evicted,
             b.repeated,
+            b.clipped,
         ), where
         for got, want in ((b.abs_err, a.abs_err), (b.naive_abs_err, a.naive_abs_err)):
             g = np.sort(np.concatenate(got)) if got else np.array([])
@@ -717,7 +729,15 @@ def test_sequence_path_gives_exactly_the_waves_outcome(
         assert order == [s for s, _ in seq_e.store.streams()], where
         slots_a = np.array([waves_e.store.slot_of(s) for s in order], dtype=np.intp)
         slots_b = np.array([seq_e.store.slot_of(s) for s in order], dtype=np.intp)
-        for name in ("last_ts", "last_value", "last_pred", "seen", "last_used", "spread"):
+        for name in (
+            "last_ts",
+            "last_value",
+            "last_pred",
+            "seen",
+            "last_used",
+            "spread",
+            "clipped",
+        ):
             np.testing.assert_array_equal(
                 getattr(waves_e.store, name)[slots_a],
                 getattr(seq_e.store, name)[slots_b],
@@ -730,10 +750,12 @@ def test_sequence_path_gives_exactly_the_waves_outcome(
         assert wa[0] == wb[0], where
         for column in ("recent_value", "recent_lower", "recent_upper"):
             np.testing.assert_array_equal(wa[1][column], wb[1][column], err_msg=where)
+        clipped_total += b.clipped
     fake = cast(FakeSeqBundle, seq_e.bundle)
     # 5 streams: many batches evict their own; a full cache of 50: redeliveries go to waves
     least = 100 if max_streams == 100 and recent != 50 else 20
     assert len(fake.runs) >= least, f"seed={seed}: the sequence path was hardly used"
+    assert (clipped_total > 0) == (task == "clipped"), f"seed={seed}: {clipped_total} clipped"
 
 
 def test_real_sequence_bundle_matches_its_one_step_stepping(lstm: Bundle, seed: int) -> None:
@@ -756,3 +778,60 @@ def test_real_sequence_bundle_matches_its_one_step_stepping(lstm: Bundle, seed: 
             assert (p is None) == (q is None), f"seed={seed} batch={k}"
             if p is not None and q is not None:
                 assert p.warm == q.warm and abs(p.value - q.value) <= 1e-5, f"seed={seed} {k}"
+
+
+def test_real_bundle_clips_exactly_as_evaluate_does(lstm: Bundle, seed: int) -> None:
+    """The shipped LSTM with a clip limit: three streams with spikes and a level shift, in
+    random micro-batches, predicted as ``evaluate`` predicts each stream alone
+    (``clip.segment`` over the graph), within 1e-5; batches without a clipped reading stay on
+    the sequence path, those with one go through waves."""
+    rng = random.Random(seed)
+    start = 0.5
+    manifest = lstm.manifest.model_copy(
+        update={
+            "interval": Interval(
+                coverage=0.9,
+                lower=-3.0,
+                upper=3.0,
+                n=100,
+                spread_weight=spread.WEIGHT,
+                spread_start=start,
+            ),
+            "clip": 3.0,
+        }
+    )
+
+    class Clipping:
+        def __getattr__(self, name: str) -> Any:
+            return manifest if name == "manifest" else getattr(lstm, name)
+
+    series: dict[str, list[float]] = {}
+    for s in ("a", "b", "c"):
+        level, values = rng.uniform(90, 110), []
+        for t in range(300):
+            level += rng.gauss(0, 0.3)
+            if t == 150 and s == "c":
+                level += 25.0  # a shift: one clipped reading, then followed
+            spike = rng.choice([-40.0, 40.0]) if rng.random() < 0.03 else 0.0
+            values.append(level + spike)
+        series[s] = values
+    queue = [(s, t) for t in range(300) for s in series]
+    e = Engine(cast(Bundle, Clipping()), StateStore(lstm.state_shapes, 1000), recent=0)
+    got: dict[str, list[float]] = {s: [] for s in series}
+    clipped = sequence_batches = 0
+    pos = 0
+    while pos < len(queue):
+        size = rng.randint(1, 40)
+        batch = [Reading(s, series[s][t], 1e9 + t, 0.0, s) for s, t in queue[pos : pos + size]]
+        pos += size
+        out = e.step(batch, now=float(pos))
+        clipped += out.clipped
+        sequence_batches += len(out.calls) == 1 and len(batch) > 3
+        for p in out.predictions:
+            assert p is not None, f"seed={seed}"
+            got[p.stream].append(p.value)
+    run = bundle_run(lstm)
+    for s, values in series.items():
+        want = clip.segment(np.array(values), run, lstm.zero_state(1), start, spread.WEIGHT, 3.0)
+        np.testing.assert_allclose(got[s], want, rtol=0, atol=1e-5, err_msg=f"seed={seed} {s}")
+    assert clipped >= 5 and sequence_batches >= 5, f"seed={seed}: {clipped}, {sequence_batches}"

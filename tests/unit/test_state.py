@@ -78,7 +78,7 @@ def test_rejects_bad_configuration(shapes: list[tuple[int, int]], kwargs: dict[s
 
 def test_memory_accounting() -> None:
     store = StateStore(LSTM, max_streams=100, initial_capacity=10)
-    assert store.bytes_per_stream == 2 * (2 * 8 * 4) + 6 * 8
+    assert store.bytes_per_stream == 2 * (2 * 8 * 4) + 7 * 8
     assert store.nbytes == 10 * store.bytes_per_stream
 
 
