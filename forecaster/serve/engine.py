@@ -276,6 +276,26 @@ class Outcome:
     journal_error: str | None = None  # why the journal append failed, if it did
     snapshot: str | None = None  # "ok"/"failed" when this step forced a snapshot (bound, rescue)
 
+    @staticmethod
+    def joined(parts: Sequence[Outcome]) -> Outcome:
+        """The outcomes of consecutive parts of one micro-batch as the batch's own."""
+        out = Outcome(predictions=[p for part in parts for p in part.predictions])
+        for part in parts:
+            out.drops.update(part.drops)
+            out.resets.update(part.resets)
+            out.evicted.extend(part.evicted)
+            out.calls.extend(part.calls)
+            out.abs_err.extend(part.abs_err)
+            out.naive_abs_err.extend(part.naive_abs_err)
+            out.events.update(part.events)
+            out.interval_inside += part.interval_inside
+            out.interval_outside += part.interval_outside
+            if part.interval_coverage is not None:
+                out.interval_coverage = part.interval_coverage
+            out.repeated += part.repeated
+            out.clipped += part.clipped
+        return out
+
 
 def count_interval(
     out: Outcome,
@@ -301,6 +321,9 @@ def _scaling(manifest: Manifest) -> tuple[float, float] | None:
 
 
 _WARM_FLAG = 1
+#: Readings in the part stepped after a clipped reading of a busy stream (doubling after each
+#: part without one): see ``Engine._step``.
+_AFTER_CLIP = 8
 _RETRY_S = 5.0  # least seconds between snapshots forced by failing journal appends
 
 
@@ -569,18 +592,37 @@ class Engine:
 
     def _step(self, readings: Sequence[Reading], now: float) -> Outcome:
         bundle = self._bundle
-        if readings and bundle.mode == "stateful" and getattr(bundle, "sequence", False):
-            done = self._step_sequence(readings, now)
-            if done is not None:
-                return done
+        if not (readings and bundle.mode == "stateful" and getattr(bundle, "sequence", False)):
+            return self._step_waves(readings, now)
+        parts: list[Outcome] = []
+        rest, size = readings, len(readings)
+        while rest:
+            part = rest[:size]
+            done = self._step_sequence(part, now)
+            if isinstance(done, Outcome) or done is None or done < 1:
+                parts.append(done if isinstance(done, Outcome) else self._step_waves(part, now))
+                rest, size = rest[len(part) :], 2 * size
+                continue
+            # One stream, whose reading ``done`` would be clipped: the readings before it as one
+            # batch, then the rest, which starts with it (a row's first reading is clipped
+            # before the call), in parts that start small after each clip so that the work
+            # after the next one is not done twice. The outcome is the waves' own, in a few
+            # calls per clip instead of one per reading.
+            head = self._step_sequence(part[:done], now)
+            parts.append(head if isinstance(head, Outcome) else self._step_waves(part[:done], now))
+            rest, size = rest[done:], _AFTER_CLIP
+        return parts[0] if len(parts) == 1 else Outcome.joined(parts)
+
+    def _step_waves(self, readings: Sequence[Reading], now: float) -> Outcome:
         out = Outcome(predictions=[None] * len(readings))
         for wave in waves([r.stream for r in readings]):
             self._step_wave([readings[i] for i in wave], wave, now, out)
         return out
 
-    def _step_sequence(self, readings: Sequence[Reading], now: float) -> Outcome | None:
+    def _step_sequence(self, readings: Sequence[Reading], now: float) -> Outcome | int | None:
         """The micro-batch as one padded batch (see the module docstring); None, with nothing
-        changed, when it must go through waves instead.
+        changed, when it must go through waves instead; for a batch of one stream whose reading
+        at some position (not a row's first) would be clipped, that position, nothing changed.
 
         Plan first (cache hits, duplicate/out-of-order/gap verdicts per stream, rows), run the
         model on states gathered read-only, and only when every valid output is finite commit:
@@ -657,7 +699,29 @@ class Engine:
             grid = np.empty((n_rows, width), dtype=np.float64)
             grid[:] = vals[ends - 1][:, None]  # padding repeats the row's last reading
             grid[row_of, t_of] = vals
-            x = grid[:, :, None]  # float64: the bundle rounds it, and puts the reading back
+            # Each row's stream as stored (a row that does not continue a stored state: none).
+            stored_slot = np.where(plan.row_stored, known_arr[plan.row_stream], 0)
+            first_val = np.where(plan.row_stored, store.last_value[stored_slot], np.nan)
+            manifest = self.bundle.manifest
+            scaling = _scaling(manifest)
+            limit = manifest.clip if scaling is not None else None
+            x = grid  # float64: the bundle rounds it, and puts the reading back
+            row_sp = sp_grid = clipped0 = None
+            if scaling is not None:
+                weight, begin = scaling
+                stored_sp = np.where(plan.row_stored, store.spread[stored_slot], np.nan)
+                row_sp = spread.resumed(stored_sp, begin)  # when each row's first was predicted
+                if limit is not None:
+                    # A row's first reading meets its stream's stored prediction: clipped here,
+                    # exactly as a wave would clip it.
+                    first_pred = np.where(plan.row_stored, store.last_pred[stored_slot], np.nan)
+                    after = np.where(plan.row_stored, store.clipped[stored_slot], np.nan) > 0
+                    seen0, clipped0 = clip.inputs(
+                        grid[:, 0], first_pred, clip.limits(row_sp, begin, limit), after
+                    )
+                    if clipped0.any():
+                        x = grid.copy()
+                        x[:, 0] = seen0
             from_store = np.flatnonzero(plan.row_stored)
             src = known_arr[plan.row_stream[from_store]]
             if len(from_store) == n_rows:  # every row continues a stored state: no zeros
@@ -667,26 +731,20 @@ class Engine:
                 if len(from_store):
                     for z, g in zip(init, store.gather(src), strict=True):
                         z[:, from_store] = g
-            y, new = self._run_rows(x, lens, init, out)
+            y, new = self._run_rows(x[:, :, None], lens, init, out)
             y_flat = y[row_of, t_of]
             if not np.isfinite(y_flat).all() or not finite_rows(new).all():
                 return None  # waves drop and reset exactly the reading that blew up
-            # Each row's stream as stored (a row that does not continue a stored state: none).
-            stored_slot = np.where(plan.row_stored, known_arr[plan.row_stream], 0)
-            first_val = np.where(plan.row_stored, store.last_value[stored_slot], np.nan)
-            scaling = _scaling(self.bundle.manifest)
-            row_sp = sp_grid = None
-            if scaling is not None:
-                # Each stream's spread after each reading, and when its first was predicted.
-                weight, begin = scaling
-                stored_sp = np.where(plan.row_stored, store.spread[stored_slot], np.nan)
-                row_sp = spread.resumed(stored_sp, begin)
-                sp_grid = spread.rows(grid, first_val, row_sp, weight)
-                limit = self.bundle.manifest.clip
-                if limit is not None and self._would_clip(
-                    grid, y, lens, plan.row_stored, stored_slot, row_sp, sp_grid, begin, limit
-                ):
-                    return None  # a clipped reading changes what follows it: waves
+            if row_sp is not None:
+                sp_grid = spread.rows(grid, first_val, row_sp, weight)  # after each reading
+            if limit is not None and row_sp is not None and sp_grid is not None:
+                assert clipped0 is not None  # noqa: S101 - set with limit
+                cut = self._first_clip(grid, y, lens, clipped0, sp_grid, begin, limit)
+                if cut is not None:
+                    # The predictions after it assumed it unclipped. One stream: cut there;
+                    # several: the waves' order of touches and evictions is theirs alone.
+                    at = int(np.asarray(flat)[(ends - lens)[cut[0]] + cut[1]])
+                    return at if len(streams) == 1 else None
 
         # Commit.
         slots, evicted = store.acquire_many(streams, now)
@@ -747,42 +805,44 @@ class Engine:
             y64[last_flat],
             now,
             None if sp is None else sp[last_flat],
-            None if self.bundle.manifest.clip is None else np.zeros(len(last_flat)),
+            # A row's last reading was clipped only if it is also its first (else: cut above).
+            None if clipped0 is None else (clipped0 & (lens == 1))[ends_rows].astype(np.float64),
         )
+        if clipped0 is not None:
+            out.clipped += int(np.count_nonzero(clipped0))
         warm = prior_seen + 1 >= self.warmup
         self._publish(readings, flat, y64, sp, warm, len(streams), n, hits, out)
         for i, first in plan.echoes:
             preds[i] = preds[first]
         return out
 
-    def _would_clip(
-        self,
+    @staticmethod
+    def _first_clip(
         grid: np.ndarray,
         y: np.ndarray,
         lens: np.ndarray,
-        row_stored: np.ndarray,
-        stored_slot: np.ndarray,
-        row_sp: np.ndarray,
+        clipped0: np.ndarray,
         sp_grid: np.ndarray,
         begin: float,
         limit: float,
-    ) -> bool:
-        """Whether a reading of the padded batch lies farther from its prediction than the
-        clip limit (:mod:`forecaster.model.clip`), its stream's previous reading not clipped.
-        The predictions after such a reading assumed it unclipped, so the batch must go through
-        waves; those before the first one in a row are exact, so none is missed."""
-        store = self.store
-        pred = np.empty_like(grid)
-        pred[:, 1:] = y[:, : grid.shape[1] - 1]
-        pred[:, 0] = np.where(row_stored, store.last_pred[stored_slot], np.nan)
-        prev_sp = np.empty_like(sp_grid)
-        prev_sp[:, 1:] = sp_grid[:, :-1]
-        prev_sp[:, 0] = row_sp
+    ) -> tuple[int, int] | None:
+        """``(row, position)`` of the first reading after a row's first that lies farther
+        from its prediction than the clip limit (:mod:`forecaster.model.clip`; the reading
+        right after a clipped first one is exempt), in row order; None when there is none.
+        Predictions up to a row's first such reading are exact, so none is missed."""
+        width = grid.shape[1]
+        if width < 2:
+            return None
+        # Reading t >= 1 was predicted after reading t - 1, at the spread after it.
+        pred, prev_sp = y[:, : width - 1], sp_grid[:, : width - 1]
         with np.errstate(invalid="ignore"):
-            far = np.abs(grid - pred) > clip.limits(prev_sp, begin, limit)
-            far[:, 0] &= ~(np.where(row_stored, store.clipped[stored_slot], np.nan) > 0)
-        far &= np.arange(grid.shape[1]) < lens[:, None]
-        return bool(far.any())
+            far = np.abs(grid[:, 1:] - pred) > clip.limits(prev_sp, begin, limit)
+        far[:, 0] &= ~clipped0
+        far &= np.arange(1, width) < lens[:, None]
+        if not far.any():
+            return None
+        rows, cols = np.nonzero(far)  # row-major: the first is the earliest of one stream's
+        return int(rows[0]), int(cols[0]) + 1
 
     def _run_rows(
         self, x: np.ndarray, lens: np.ndarray, init: list[np.ndarray], out: Outcome
