@@ -71,9 +71,9 @@ def segment(
     """One stream's predictions over a segment from ``state``, its readings clipped as the
     daemon clips them (``out[t]`` is the prediction made after reading ``t``).
 
-    Runs the model over chunks of the readings as they are; where the first reading of a chunk
+    Runs the model over a chunk of the readings as they are; at the chunk's first reading that
     lies too far from its prediction, the readings before it are run again to reach the state
-    there, the reading is clipped and stepped alone, and the next chunk starts after it."""
+    there, that reading is clipped and stepped alone, and the next chunk starts after it."""
     v = np.asarray(values, dtype=np.float64)
     n = len(v)
     seen = v.copy()
