@@ -276,26 +276,6 @@ class Outcome:
     journal_error: str | None = None  # why the journal append failed, if it did
     snapshot: str | None = None  # "ok"/"failed" when this step forced a snapshot (bound, rescue)
 
-    @staticmethod
-    def joined(parts: Sequence[Outcome]) -> Outcome:
-        """The outcomes of consecutive parts of one micro-batch as the batch's own."""
-        out = Outcome(predictions=[p for part in parts for p in part.predictions])
-        for part in parts:
-            out.drops.update(part.drops)
-            out.resets.update(part.resets)
-            out.evicted.extend(part.evicted)
-            out.calls.extend(part.calls)
-            out.abs_err.extend(part.abs_err)
-            out.naive_abs_err.extend(part.naive_abs_err)
-            out.events.update(part.events)
-            out.interval_inside += part.interval_inside
-            out.interval_outside += part.interval_outside
-            if part.interval_coverage is not None:
-                out.interval_coverage = part.interval_coverage
-            out.repeated += part.repeated
-            out.clipped += part.clipped
-        return out
-
 
 def count_interval(
     out: Outcome,
@@ -321,9 +301,6 @@ def _scaling(manifest: Manifest) -> tuple[float, float] | None:
 
 
 _WARM_FLAG = 1
-#: Readings in the part stepped after a clipped reading of a busy stream (doubling after each
-#: part without one): see ``Engine._step``.
-_AFTER_CLIP = 8
 _RETRY_S = 5.0  # least seconds between snapshots forced by failing journal appends
 
 
@@ -592,26 +569,11 @@ class Engine:
 
     def _step(self, readings: Sequence[Reading], now: float) -> Outcome:
         bundle = self._bundle
-        if not (readings and bundle.mode == "stateful" and getattr(bundle, "sequence", False)):
-            return self._step_waves(readings, now)
-        parts: list[Outcome] = []
-        rest, size = readings, len(readings)
-        while rest:
-            part = rest[:size]
-            done = self._step_sequence(part, now)
-            if isinstance(done, Outcome) or done is None or done < 1:
-                parts.append(done if isinstance(done, Outcome) else self._step_waves(part, now))
-                rest, size = rest[len(part) :], 2 * size
-                continue
-            # One stream, whose reading ``done`` would be clipped: the readings before it as one
-            # batch, then the rest, which starts with it (a row's first reading is clipped
-            # before the call), in parts that start small after each clip so that the work
-            # after the next one is not done twice. The outcome is the waves' own, in a few
-            # calls per clip instead of one per reading.
-            head = self._step_sequence(part[:done], now)
-            parts.append(head if isinstance(head, Outcome) else self._step_waves(part[:done], now))
-            rest, size = rest[done:], _AFTER_CLIP
-        return parts[0] if len(parts) == 1 else Outcome.joined(parts)
+        if readings and bundle.mode == "stateful" and getattr(bundle, "sequence", False):
+            done = self._step_sequence(readings, now)
+            if done is not None:
+                return done
+        return self._step_waves(readings, now)
 
     def _step_waves(self, readings: Sequence[Reading], now: float) -> Outcome:
         out = Outcome(predictions=[None] * len(readings))
@@ -619,10 +581,9 @@ class Engine:
             self._step_wave([readings[i] for i in wave], wave, now, out)
         return out
 
-    def _step_sequence(self, readings: Sequence[Reading], now: float) -> Outcome | int | None:
+    def _step_sequence(self, readings: Sequence[Reading], now: float) -> Outcome | None:
         """The micro-batch as one padded batch (see the module docstring); None, with nothing
-        changed, when it must go through waves instead; for a batch of one stream whose reading
-        at some position (not a row's first) would be clipped, that position, nothing changed.
+        changed, when it must go through waves instead.
 
         Plan first (cache hits, duplicate/out-of-order/gap verdicts per stream, rows), run the
         model on states gathered read-only, and only when every valid output is finite commit:
@@ -732,19 +693,16 @@ class Engine:
                     for z, g in zip(init, store.gather(src), strict=True):
                         z[:, from_store] = g
             y, new = self._run_rows(x[:, :, None], lens, init, out)
+            if row_sp is not None:
+                sp_grid = spread.rows(grid, first_val, row_sp, weight)  # after each reading
+            last_clipped = None
+            if limit is not None and sp_grid is not None and clipped0 is not None:
+                y, new, last_clipped = self._clip_rows(
+                    grid, x, y, new, init, lens, clipped0, clip.limits(sp_grid, begin, limit), out
+                )
             y_flat = y[row_of, t_of]
             if not np.isfinite(y_flat).all() or not finite_rows(new).all():
                 return None  # waves drop and reset exactly the reading that blew up
-            if row_sp is not None:
-                sp_grid = spread.rows(grid, first_val, row_sp, weight)  # after each reading
-            if limit is not None and row_sp is not None and sp_grid is not None:
-                assert clipped0 is not None  # noqa: S101 - set with limit
-                cut = self._first_clip(grid, y, lens, clipped0, sp_grid, begin, limit)
-                if cut is not None:
-                    # The predictions after it assumed it unclipped. One stream: cut there;
-                    # several: the waves' order of touches and evictions is theirs alone.
-                    at = int(np.asarray(flat)[(ends - lens)[cut[0]] + cut[1]])
-                    return at if len(streams) == 1 else None
 
         # Commit.
         slots, evicted = store.acquire_many(streams, now)
@@ -805,44 +763,87 @@ class Engine:
             y64[last_flat],
             now,
             None if sp is None else sp[last_flat],
-            # A row's last reading was clipped only if it is also its first (else: cut above).
-            None if clipped0 is None else (clipped0 & (lens == 1))[ends_rows].astype(np.float64),
+            None if last_clipped is None else last_clipped[ends_rows].astype(np.float64),
         )
-        if clipped0 is not None:
-            out.clipped += int(np.count_nonzero(clipped0))
         warm = prior_seen + 1 >= self.warmup
         self._publish(readings, flat, y64, sp, warm, len(streams), n, hits, out)
         for i, first in plan.echoes:
             preds[i] = preds[first]
         return out
 
-    @staticmethod
-    def _first_clip(
+    def _clip_rows(
+        self,
         grid: np.ndarray,
+        seen: np.ndarray,
         y: np.ndarray,
+        new: list[np.ndarray],
+        init: list[np.ndarray],
         lens: np.ndarray,
         clipped0: np.ndarray,
-        sp_grid: np.ndarray,
-        begin: float,
-        limit: float,
-    ) -> tuple[int, int] | None:
-        """``(row, position)`` of the first reading after a row's first that lies farther
-        from its prediction than the clip limit (:mod:`forecaster.model.clip`; the reading
-        right after a clipped first one is exempt), in row order; None when there is none.
-        Predictions up to a row's first such reading are exact, so none is missed."""
-        width = grid.shape[1]
-        if width < 2:
-            return None
-        # Reading t >= 1 was predicted after reading t - 1, at the spread after it.
-        pred, prev_sp = y[:, : width - 1], sp_grid[:, : width - 1]
-        with np.errstate(invalid="ignore"):
-            far = np.abs(grid[:, 1:] - pred) > clip.limits(prev_sp, begin, limit)
-        far[:, 0] &= ~clipped0
-        far &= np.arange(1, width) < lens[:, None]
-        if not far.any():
-            return None
-        rows, cols = np.nonzero(far)  # row-major: the first is the earliest of one stream's
-        return int(rows[0]), int(cols[0]) + 1
+        limit: np.ndarray,
+        out: Outcome,
+    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """The padded batch's predictions and end states with every reading far from its
+        prediction clipped (:mod:`forecaster.model.clip`), as the waves would step them.
+
+        ``grid`` holds the readings, ``seen`` what the first call was given (each row's first
+        reading already clipped where ``clipped0``), ``y``/``new`` its outputs, ``limit[r, t]``
+        the limit for reading ``t + 1``. A row's predictions are exact up to its first reading
+        after a clip-free stretch that lies too far from its prediction; from there on they
+        assumed it unclipped. So, for every such row at once: run the readings before it again
+        from the row's state to reach the state there, clip it, and run the rest of the row
+        from it; repeat until no row has one. Two calls per round; rounds = the most clips in
+        one row. Returns ``y``, the end states and whether each row's last reading was clipped.
+        """
+        n_rows, width = grid.shape
+        y = np.array(y, dtype=np.float64)
+        new = [np.array(s) for s in new]
+        seen = np.array(seen, dtype=np.float64)
+        state = [np.array(s) for s in init]  # each row's state before reading ``at``
+        at = np.zeros(n_rows, dtype=np.intp)  # readings before it are final
+        after = clipped0.copy()  # reading ``at`` was clipped: ``at + 1`` may not be
+        last = clipped0 & (lens == 1)
+        out.clipped += int(np.count_nonzero(clipped0))
+        t = np.arange(1, width)
+        while True:
+            with np.errstate(invalid="ignore"):
+                far = np.abs(grid[:, 1:] - y[:, :-1]) > limit[:, :-1]
+            far &= (t > at[:, None]) & (t < lens[:, None])
+            far &= ~((t == at[:, None] + 1) & after[:, None])
+            rows = np.flatnonzero(far.any(axis=1))
+            if not rows.size:
+                return y, new, last
+            first = np.argmax(far[rows], axis=1) + 1  # the reading to clip, per row
+            begin = at[rows]
+            # The state after the readings before it.
+            head = self._shifted(seen[rows], begin, first - begin)
+            _, reached = self._run_rows(head, first - begin, [s[:, rows] for s in state], out)
+            clipped, _ = clip.inputs(
+                grid[rows, first], y[rows, first - 1], limit[rows, first - 1], False
+            )
+            seen[rows, first] = clipped
+            out.clipped += int(rows.size)
+            for s, got in zip(state, reached, strict=True):
+                s[:, rows] = got
+            at[rows], after[rows] = first, True
+            last[rows] = first == lens[rows] - 1
+            # The rest of each row, from the clipped reading on.
+            rest = self._shifted(seen[rows], first, lens[rows] - first)
+            y_rest, ended = self._run_rows(
+                rest, lens[rows] - first, [s[:, rows] for s in state], out
+            )
+            for k, (r, f) in enumerate(zip(rows.tolist(), first.tolist(), strict=True)):
+                y[r, f : lens[r]] = y_rest[k, : lens[r] - f]
+            for s, got in zip(new, ended, strict=True):
+                s[:, rows] = got
+
+    @staticmethod
+    def _shifted(values: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """``[R, max(count), 1]``: row ``r``'s ``values[r, start[r] : start[r] + count[r]]``
+        left-aligned, padded with its last one."""
+        width = int(count.max())
+        cols = start[:, None] + np.minimum(np.arange(width), count[:, None] - 1)
+        return np.take_along_axis(values, cols, axis=1)[:, :, None]
 
     def _run_rows(
         self, x: np.ndarray, lens: np.ndarray, init: list[np.ndarray], out: Outcome
