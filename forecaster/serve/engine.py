@@ -12,8 +12,11 @@ model's intermediate results or on evictions among their own streams (a non-fini
 batch wider than ``max_streams``, the same reading twice with the recent cache on) are stepped
 in *waves* instead, as format 1-2 bundles always are: wave k holds the k-th reading of every
 stream in the batch, in arrival order, and is one gather, one ONNX call and one scatter. Both
-paths apply the same per-reading rules and give the same outcome. This module holds no I/O: the
-daemon feeds it readings and turns the :class:`Outcome` into MQTT messages and metrics.
+paths apply the same per-reading rules and give the same outcome. A bundle that clips readings
+far from their prediction (``model/clip.py``) clips a row's first reading before the call and
+any later one in rounds before committing (:meth:`Engine._clip_rows`): the predictions after a
+clipped reading depend on it. This module holds no I/O: the daemon feeds it readings and turns
+the :class:`Outcome` into MQTT messages and metrics.
 
 A window model (see ``window.py``) goes through the same waves: each reading is pushed into its
 stream's buffer of the last W readings and the full buffers of a wave are run as one ``[B, W, F]``
