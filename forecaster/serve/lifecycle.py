@@ -374,12 +374,14 @@ class Daemon:
 
             # SIGHUP sets _reload; the worker reloads between its turns
             return run_nats(self.cfg, self.metrics, self._stop, self._reload, self.config_path)
+        # Read at each scrape, so the gauge says what /readyz says at that moment (a value set
+        # by this loop lagged it by up to a turn, longer on a busy machine).
+        self.metrics.ready.set_function(lambda: 1.0 if self._ready()[0] else 0.0)
         self.start()
         last_status = 0.0
         last_count = 0
         while not self._stop.wait(0.2):
             ready, _why = self._ready()
-            self.metrics.ready.set(1 if ready else 0)
             if ready and not self._ready_sent:
                 self._ready_sent = True
                 self.notifier.ready()
@@ -401,9 +403,8 @@ class Daemon:
         started = self._clock()
         self._stop_deadline = started + STOP_TIMEOUT
         self.notifier.stopping()
-        self.metrics.ready.set(0)
         self.intake.stop_accepting()
-        self._stop.set()
+        self._stop.set()  # not ready from here on (the gauge reads it)
         if not self._worker_done.wait(timeout=max(0.0, STOP_TIMEOUT - 1.5)):
             # Still answering or waiting on a full window: stop the waits and the draining;
             # what is not sent stays unacknowledged and is redelivered to the next run.

@@ -33,7 +33,7 @@ def test_daemon_restart_applies_the_changed_config(tmp_path: Path) -> None:
         d = make_daemon(tmp_path, broker.port, 0, MODEL, snapshot_interval=0)
         try:
             d.start()
-            assert d.wait_metric("forecaster_ready", 1) == 1  # follows /readyz within 0.2 s
+            assert d.wait_metric("forecaster_ready", 1) == 1  # read from the same check as /readyz
             assert d.stop() == 0
             d.config.daemon.snapshot_interval = 0.25
             d.start()
