@@ -139,15 +139,24 @@ def coverages(
     return out[0], out[1]
 
 
-def line_run(ar: linear.LinearAR) -> clip.Run:
-    """The line as a :data:`clip.Run`: its state the readings its buffer still needs (None: a
-    new stream, whose buffer its first reading fills, as the graph's does)."""
+def line_run(ar: linear.LinearAR) -> clip.Rows:
+    """The line over the rows of a padded batch (:data:`clip.Rows`), its state ``[1, R, P]``:
+    a "filled" flag and the ``P - 1`` readings its buffer still needs (a new stream's buffer is
+    filled with its first reading, as the graph's is)."""
+    keep = max(ar.size - 1, 0)
 
-    def run(x: np.ndarray, state: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        v = np.asarray(x, dtype=np.float64)
-        pad = np.full(max(ar.size - 1, 0), v[0]) if state is None else state
-        full = np.concatenate([pad, v])
-        return linear.ar_segment(full, ar)[len(pad) :], full[len(full) - len(pad) :]
+    def run(
+        x: np.ndarray, lens: np.ndarray, state: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = np.empty(x.shape[:2], dtype=np.float64)
+        ends = np.empty((1, x.shape[0], keep + 1))
+        for r, n in enumerate(np.asarray(lens).tolist()):
+            v = x[r, :n, 0]
+            filled, buf = state[0][0, r, 0], state[0][0, r, 1:]
+            full = np.concatenate([buf if filled else np.full(keep, v[0]), v])
+            out[r, :n] = linear.ar_segment(full, ar)[keep:]
+            ends[0, r] = np.concatenate([[1.0], full[len(full) - keep :]])
+        return out, [ends]
 
     return run
 
@@ -158,7 +167,8 @@ def predictions(
     """The line's one-step predictions over a segment, readings clipped at ``k`` spreads."""
     if k is None:
         return linear.ar_segment(values, ar)
-    return clip.segment(values, line_run(ar), None, start, spread.WEIGHT, k)
+    zero = [np.zeros((1, 1, max(ar.size - 1, 0) + 1))]
+    return clip.segment(values, line_run(ar), zero, start, spread.WEIGHT, k)
 
 
 def described(ar: linear.LinearAR) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -153,51 +152,61 @@ def unroll(
 SEQUENCE_CHUNK = 4096
 
 
-def bundle_run(bundle: Bundle) -> clip.Run:
-    """Run the ONNX graph over readings from a state, as the daemon does: a sequence graph
-    (format 3) takes them in calls of up to ``SEQUENCE_CHUNK`` readings (the daemon's
-    micro-batches cut them elsewhere; the fused RNN steps the same arithmetic either way); a
-    one-step graph (format 1-2) one reading at a time."""
+def bundle_run(bundle: Bundle) -> clip.Rows:
+    """The ONNX graph over the rows of a padded batch, as the daemon runs it: a sequence graph
+    (format 3) in one call; a one-step graph (format 1-2) one reading at a time, each row's
+    state kept once its readings end."""
     if bundle.sequence:
 
-        def run(values: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
-            out = np.empty(len(values), dtype=np.float64)
-            x = np.asarray(values, dtype=np.float64).reshape(1, -1, 1)
-            for lo in range(0, len(values), SEQUENCE_CHUNK):
-                part = x[:, lo : lo + SEQUENCE_CHUNK]
-                lengths = np.array([part.shape[1]], dtype=np.int64)
-                y, state = bundle.run(part, lengths, state)
-                out[lo : lo + part.shape[1]] = y[0]
-            return out, state
+        def rows(
+            x: np.ndarray, lens: np.ndarray, state: list[np.ndarray]
+        ) -> tuple[np.ndarray, list[np.ndarray]]:
+            y, new = bundle.run(x, lens, state)
+            return np.asarray(y, dtype=np.float64), list(new)
 
-        return run
+        return rows
 
-    def step(values: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
-        out = np.empty(len(values), dtype=np.float64)
-        x = np.empty((1, bundle.n_features), dtype=np.float64)
-        for k, v in enumerate(values):
-            x[0, 0] = v
-            y, state = bundle.step(x, state)
-            out[k] = float(y[0])
-        return out, state
+    def steps(
+        x: np.ndarray, lens: np.ndarray, state: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        y = np.empty(x.shape[:2], dtype=np.float64)
+        for t in range(x.shape[1]):
+            y[:, t], new = bundle.step(x[:, t], state)
+            going = (t < lens)[None, :, None]
+            state = [np.where(going, n, s) for n, s in zip(new, state, strict=True)]
+        return y, state
 
-    return step
+    return steps
 
 
-def clipped(
-    run: clip.Run,
-    zero: Callable[[], Any],
+def predictor(
+    run: clip.Rows,
+    zero: Callable[[], list[np.ndarray]],
     limit: float | None,
     spreading: tuple[float, float] | None,
+    chunk: int | None = SEQUENCE_CHUNK,
 ) -> SegmentPredictor:
-    """Each segment through ``run`` from the state ``zero()`` gives, its readings clipped at
-    ``limit`` spreads (:mod:`forecaster.model.clip`; ``spreading``: the spread's weight and a
-    new stream's start) when there is a limit."""
-    if limit is None or spreading is None:
-        return lambda values: run(np.asarray(values, dtype=np.float64), zero())[0]
-    weight, start = spreading
-    k = limit
-    return lambda values: clip.segment(values, run, zero(), start, weight, k)
+    """Each segment through ``run`` from the state ``zero()``: in calls of up to ``chunk``
+    readings (None: one call; the state is carried, and the fused RNN steps the same
+    arithmetic either way), or, with a clip ``limit`` and the interval's ``spreading`` (weight,
+    a new stream's spread), through :func:`clip.segment`, as the daemon clips them."""
+    if limit is not None and spreading is not None:
+        weight, start = spreading
+        k = limit
+        return lambda values: clip.segment(values, run, zero(), start, weight, k)
+
+    def plain(values: np.ndarray) -> np.ndarray:
+        v = np.asarray(values, dtype=np.float64)
+        out = np.empty(len(v), dtype=np.float64)
+        state = zero()
+        step = chunk or max(len(v), 1)
+        for lo in range(0, len(v), step):
+            part = v[None, lo : lo + step, None]
+            y, state = run(part, np.array([part.shape[1]], dtype=np.int64), state)
+            out[lo : lo + part.shape[1]] = y[0]
+        return out
+
+    return plain
 
 
 def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
@@ -205,7 +214,7 @@ def bundle_predictor(bundle: Bundle) -> SegmentPredictor:
     manifest says."""
     m = bundle.manifest
     spreading = None if m.interval is None else m.interval.spreading
-    return clipped(bundle_run(bundle), lambda: bundle.zero_state(1), m.clip, spreading)
+    return predictor(bundle_run(bundle), lambda: list(bundle.zero_state(1)), m.clip, spreading)
 
 
 @dataclass

@@ -14,8 +14,8 @@ in *waves* instead, as format 1-2 bundles always are: wave k holds the k-th read
 stream in the batch, in arrival order, and is one gather, one ONNX call and one scatter. Both
 paths apply the same per-reading rules and give the same outcome. A bundle that clips readings
 far from their prediction (``model/clip.py``) clips a row's first reading before the call and
-any later one in rounds before committing (:meth:`Engine._clip_rows`): the predictions after a
-clipped reading depend on it. This module holds no I/O: the daemon feeds it readings and turns
+any later one before committing (``clip.settle``): the predictions after a clipped reading
+depend on it. This module holds no I/O: the daemon feeds it readings and turns
 the :class:`Outcome` into MQTT messages and metrics.
 
 A window model (see ``window.py``) goes through the same waves: each reading is pushed into its
@@ -576,9 +576,6 @@ class Engine:
             done = self._step_sequence(readings, now)
             if done is not None:
                 return done
-        return self._step_waves(readings, now)
-
-    def _step_waves(self, readings: Sequence[Reading], now: float) -> Outcome:
         out = Outcome(predictions=[None] * len(readings))
         for wave in waves([r.stream for r in readings]):
             self._step_wave([readings[i] for i in wave], wave, now, out)
@@ -700,9 +697,19 @@ class Engine:
                 sp_grid = spread.rows(grid, first_val, row_sp, weight)  # after each reading
             last_clipped = None
             if limit is not None and sp_grid is not None and clipped0 is not None:
-                y, new, last_clipped = self._clip_rows(
-                    grid, x, y, new, init, lens, clipped0, clip.limits(sp_grid, begin, limit), out
+                # Later readings of a row to clip: the row runs again from each, before commit.
+                y, new, last_clipped, later = clip.settle(
+                    grid,
+                    x,
+                    y,
+                    new,
+                    init,
+                    lens,
+                    clipped0,
+                    clip.limits(sp_grid, begin, limit),
+                    lambda xs, ls, st: self._run_rows(xs, ls, st, out),
                 )
+                out.clipped += int(np.count_nonzero(clipped0)) + later
             y_flat = y[row_of, t_of]
             if not np.isfinite(y_flat).all() or not finite_rows(new).all():
                 return None  # waves drop and reset exactly the reading that blew up
@@ -773,80 +780,6 @@ class Engine:
         for i, first in plan.echoes:
             preds[i] = preds[first]
         return out
-
-    def _clip_rows(
-        self,
-        grid: np.ndarray,
-        seen: np.ndarray,
-        y: np.ndarray,
-        new: list[np.ndarray],
-        init: list[np.ndarray],
-        lens: np.ndarray,
-        clipped0: np.ndarray,
-        limit: np.ndarray,
-        out: Outcome,
-    ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """The padded batch's predictions and end states with every reading far from its
-        prediction clipped (:mod:`forecaster.model.clip`), as the waves would step them.
-
-        ``grid`` holds the readings, ``seen`` what the first call was given (each row's first
-        reading already clipped where ``clipped0``), ``y``/``new`` its outputs, ``limit[r, t]``
-        the limit for reading ``t + 1``. A row's predictions are exact up to its first reading
-        after a clip-free stretch that lies too far from its prediction; from there on they
-        assumed it unclipped. So, for every such row at once: run the readings before it again
-        from the row's state to reach the state there, clip it, and run the rest of the row
-        from it; repeat until no row has one. Two calls per round; rounds = the most clips in
-        one row. Returns ``y``, the end states and whether each row's last reading was clipped.
-        """
-        n_rows, width = grid.shape
-        y = np.array(y, dtype=np.float64)
-        new = [np.array(s) for s in new]
-        seen = np.array(seen, dtype=np.float64)
-        state = [np.array(s) for s in init]  # each row's state before reading ``at``
-        at = np.zeros(n_rows, dtype=np.intp)  # readings before it are final
-        after = clipped0.copy()  # reading ``at`` was clipped: ``at + 1`` may not be
-        last = clipped0 & (lens == 1)
-        out.clipped += int(np.count_nonzero(clipped0))
-        t = np.arange(1, width)
-        while True:
-            with np.errstate(invalid="ignore"):
-                far = np.abs(grid[:, 1:] - y[:, :-1]) > limit[:, :-1]
-            far &= (t > at[:, None]) & (t < lens[:, None])
-            far &= ~((t == at[:, None] + 1) & after[:, None])
-            rows = np.flatnonzero(far.any(axis=1))
-            if not rows.size:
-                return y, new, last
-            first = np.argmax(far[rows], axis=1) + 1  # the reading to clip, per row
-            begin = at[rows]
-            # The state after the readings before it.
-            head = self._shifted(seen[rows], begin, first - begin)
-            _, reached = self._run_rows(head, first - begin, [s[:, rows] for s in state], out)
-            clipped, _ = clip.inputs(
-                grid[rows, first], y[rows, first - 1], limit[rows, first - 1], False
-            )
-            seen[rows, first] = clipped
-            out.clipped += int(rows.size)
-            for s, got in zip(state, reached, strict=True):
-                s[:, rows] = got
-            at[rows], after[rows] = first, True
-            last[rows] = first == lens[rows] - 1
-            # The rest of each row, from the clipped reading on.
-            rest = self._shifted(seen[rows], first, lens[rows] - first)
-            y_rest, ended = self._run_rows(
-                rest, lens[rows] - first, [s[:, rows] for s in state], out
-            )
-            for k, (r, f) in enumerate(zip(rows.tolist(), first.tolist(), strict=True)):
-                y[r, f : lens[r]] = y_rest[k, : lens[r] - f]
-            for s, got in zip(new, ended, strict=True):
-                s[:, rows] = got
-
-    @staticmethod
-    def _shifted(values: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
-        """``[R, max(count), 1]``: row ``r``'s ``values[r, start[r] : start[r] + count[r]]``
-        left-aligned, padded with its last one."""
-        width = int(count.max())
-        cols = start[:, None] + np.minimum(np.arange(width), count[:, None] - 1)
-        return np.take_along_axis(values, cols, axis=1)[:, :, None]
 
     def _run_rows(
         self, x: np.ndarray, lens: np.ndarray, init: list[np.ndarray], out: Outcome

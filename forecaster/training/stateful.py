@@ -40,7 +40,7 @@ import torch
 
 from forecaster.data import Dataset, Series
 from forecaster.errors import DataError
-from forecaster.evaluation.unroll import Unroll, clipped, unroll
+from forecaster.evaluation.unroll import Unroll, predictor, unroll
 from forecaster.model import clip, spread
 from forecaster.model.bundle import restore_last
 from forecaster.training import glitches, intervals, linear
@@ -339,17 +339,23 @@ def finish(
     return report
 
 
-def torch_run(model: RNNForecaster) -> clip.Run:
-    """The network over readings from a state, with the last reading restored as the bundle's
-    users restore it (:func:`restore_last`), so validation scores what will ship."""
+def torch_run(model: RNNForecaster) -> clip.Rows:
+    """The network over rows of equal length from numpy states, with the last reading restored
+    as the bundle's users restore it (:func:`restore_last`), so validation scores what will
+    ship."""
     restores = model.spec.head == "delta" and model.spec.task == "regress"
 
-    def run(values: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+    def run(
+        x: np.ndarray, lens: np.ndarray, state: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        if (lens != x.shape[1]).any():
+            raise ValueError("torch_run steps rows of equal length only")
+        values = x[:, :, 0]
         with torch.no_grad():
-            x = torch.as_tensor(values, dtype=torch.float32).reshape(-1, 1, 1)
-            _, y, after = model.forward_seq(x, state)
-        out = y[:, 0].double().numpy()
-        return (restore_last(out, values) if restores else out), after
+            xs = torch.as_tensor(values.T[:, :, None], dtype=torch.float32)  # [T, R, 1]
+            _, y, after = model.forward_seq(xs, tuple(torch.as_tensor(s) for s in state))
+        out = y.T.double().numpy()
+        return (restore_last(out, values) if restores else out), [a.numpy() for a in after]
 
     return run
 
@@ -361,7 +367,11 @@ def torch_predictor(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A full-sequence unroll from a zero state: the reference the ONNX stepping must match
     (readings clipped at ``limit`` spreads when given, as the bundle will clip them)."""
-    return clipped(torch_run(model), lambda: model.zero_state(1), limit, spreading)
+
+    def zero() -> list[np.ndarray]:
+        return [s.numpy() for s in model.zero_state(1)]
+
+    return predictor(torch_run(model), zero, limit, spreading, chunk=None)
 
 
 def pick_clip(unclipped: float, by_limit: dict[float, float]) -> float | None:
@@ -386,21 +396,21 @@ def choose_clip(
     validation part, and the best is kept only when its RMSE is :data:`CLIP_GAIN` below the
     unclipped one's (a spike's echoes are large errors: RMSE, not the robust loss, sees them)."""
     base = plain.score().rmse
-    runs: dict[float, tuple[float, Unroll]] = {}
-    for k in CLIP_LIMITS:
-        predict = torch_predictor(model, k, (spread.WEIGHT, start))
-        u = unroll(prep.series, predict, warmup, prep.cuts)
-        runs[k] = (u.score().rmse, u)
-    tried = {f"{k:g}": rmse for k, (rmse, _) in runs.items()}
+    runs = {
+        k: unroll(prep.series, torch_predictor(model, k, (spread.WEIGHT, start)), warmup, prep.cuts)
+        for k in CLIP_LIMITS
+    }
+    by_limit = {k: u.score().rmse for k, u in runs.items()}
+    tried = {f"{k:g}": rmse for k, rmse in by_limit.items()}
     record: dict[str, Any] = {"limit": None, "unclipped_val_rmse": base, "val_rmse": tried}
-    chosen = pick_clip(base, {k: rmse for k, (rmse, _) in runs.items()})
+    chosen = pick_clip(base, by_limit)
     if chosen is not None:
         record["limit"] = chosen
         log(
             f"clipping: readings farther than {chosen:g} spreads from their prediction enter "
-            f"the model clipped (validation RMSE {runs[chosen][0]:.4g}, unclipped {base:.4g})"
+            f"the model clipped (validation RMSE {by_limit[chosen]:.4g}, unclipped {base:.4g})"
         )
-        return runs[chosen][1], record
+        return runs[chosen], record
     log(f"clipping: none (no limit lowers the validation RMSE {base:.4g} by {CLIP_GAIN:.0%})")
     return plain, record
 

@@ -39,24 +39,39 @@ def test_limits_follow_the_floored_spread() -> None:
 
 
 class Line:
-    """A two-lag line ``y = 1.5 x_t − 0.5 x_{t−1}`` (a constant predicts itself), its state the
-    last reading seen: small, and with memory, so a clipped reading changes what follows it."""
+    """A two-lag line ``y = 1.5 x_t − 0.5 x_{t−1}`` (a constant predicts itself), its state
+    ``[1, R, 1]`` the last reading seen: small, and with memory, so a clipped reading changes
+    what follows it. Steps rows of a padded batch (:data:`clip.Rows`)."""
 
     @staticmethod
-    def run(x: np.ndarray, state: float) -> tuple[np.ndarray, float]:
-        prev = np.concatenate(([state], x[:-1]))
-        return 1.5 * x - 0.5 * prev, float(x[-1])
+    def run(
+        x: np.ndarray, lens: np.ndarray, state: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        v = x[:, :, 0]
+        prev = np.concatenate([state[0][0], v[:, :-1]], axis=1)
+        end = v[np.arange(len(lens)), np.asarray(lens) - 1]
+        return 1.5 * v - 0.5 * prev, [end[None, :, None]]
+
+    @staticmethod
+    def zero() -> list[np.ndarray]:
+        return [np.zeros((1, 1, 1))]
+
+    @staticmethod
+    def plain(values: np.ndarray) -> np.ndarray:
+        """The line over a whole series, nothing clipped."""
+        return Line.run(values[None, :, None], np.array([len(values)]), Line.zero())[0][0]
 
     @staticmethod
     def reference(values: np.ndarray, start: float, weight: float, k: float) -> np.ndarray:
         """One reading at a time, as the daemon's waves step one stream."""
         out = np.empty(len(values))
-        state, pred, sp, after = 0.0, np.nan, start, False
+        state, pred, sp, after = Line.zero(), np.nan, start, False
         prev_value = np.nan
         for t, v in enumerate(values.tolist()):
             limit = clip.limits(np.array([sp]), start, k)
             seen, was = clip.inputs(np.array([v]), np.array([pred]), limit, after)
-            y, state = Line.run(seen, state)
+            y, state = Line.run(seen[None, :, None], np.array([1]), state)
+            y = y[0]
             out[t], pred, after = y[0], y[0], bool(was[0])
             sp = float(spread.advance(sp, prev_value, v, weight))
             prev_value = v
@@ -78,25 +93,23 @@ def spiky(rng: np.random.Generator, n: int) -> np.ndarray:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_segment_equals_the_reading_by_reading_rule(seed: int, monkeypatch: Any) -> None:
     """Chunks, reruns and the restart after each clip give exactly the one-at-a-time loop's
-    predictions, with small chunks too (many clips per chunk, clips at chunk edges)."""
+    predictions, with small chunks too (several clips per chunk, clips at chunk edges)."""
     rng = np.random.default_rng(seed)
     values = spiky(rng, int(rng.integers(50, 600)))
     start, weight, k = 1.0, spread.WEIGHT, float(rng.choice([2.0, 3.0, 5.0]))
     want = Line.reference(values, start, weight, k)
-    for chunk, first in ((clip.CHUNK, clip.FIRST_CHUNK), (7, 2)):
+    for chunk in (clip.CHUNK, 7, 1):
         monkeypatch.setattr(clip, "CHUNK", chunk)
-        monkeypatch.setattr(clip, "FIRST_CHUNK", first)
-        got = clip.segment(values, Line.run, 0.0, start, weight, k)
+        got = clip.segment(values, Line.run, Line.zero(), start, weight, k)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-9, err_msg=f"seed={seed} {chunk}")
-    plain, _ = Line.run(values, 0.0)
-    assert not np.allclose(want, plain), f"seed={seed}: nothing was clipped"
+    assert not np.allclose(want, Line.plain(values)), f"seed={seed}: nothing was clipped"
 
 
 def test_a_spike_is_removed_and_a_level_shift_passes_after_one_reading() -> None:
     """Flat at 10, a one-reading spike to 100, back to 10, then a shift to 40 that stays."""
     values = np.array([10.0] * 20 + [100.0] + [10.0] * 10 + [40.0] * 10)
-    got = clip.segment(values, Line.run, 0.0, 1.0, spread.WEIGHT, 3.0)
-    plain, _ = Line.run(values, 0.0)
+    got = clip.segment(values, Line.run, Line.zero(), 1.0, spread.WEIGHT, 3.0)
+    plain = Line.plain(values)
     # The spike's echo (the prediction after the next reading, through the second lag) is gone.
     assert abs(plain[21] - 10.0) > 30 and abs(got[21] - 10.0) < 1
     # The shift: its first reading is clipped, the second passes, and the line catches up
@@ -106,8 +119,8 @@ def test_a_spike_is_removed_and_a_level_shift_passes_after_one_reading() -> None
 
 def test_no_clip_is_the_plain_run() -> None:
     values = np.linspace(0, 10, 50)
-    got = clip.segment(values, Line.run, 0.0, 1.0, spread.WEIGHT, 1e6)
-    np.testing.assert_array_equal(got, Line.run(values, 0.0)[0])
+    got = clip.segment(values, Line.run, Line.zero(), 1.0, spread.WEIGHT, 1e6)
+    np.testing.assert_array_equal(got, Line.plain(values))
 
 
 def test_a_manifest_clips_only_with_a_spread_scaled_interval() -> None:

@@ -838,7 +838,8 @@ def test_real_bundle_clips_exactly_as_evaluate_does(lstm: Bundle, seed: int, nam
             got[p.stream].append(p.value)
     run = bundle_run(lstm)
     for s, values in series.items():
-        want = clip.segment(np.array(values), run, lstm.zero_state(1), start, spread.WEIGHT, 3.0)
+        zero = list(lstm.zero_state(1))
+        want = clip.segment(np.array(values), run, zero, start, spread.WEIGHT, 3.0)
         np.testing.assert_allclose(got[s], want, rtol=0, atol=1e-5, err_msg=f"seed={seed} {s}")
     assert clipped >= 5, f"seed={seed}: {clipped} clipped"
     assert sequence_batches >= 3 or len(names) == 1, f"seed={seed}: {sequence_batches}"
