@@ -288,10 +288,25 @@ def py_spy() -> str | None:
 
 
 def start_profile(pid: int, out: Path, duration: float) -> subprocess.Popen[bytes]:
-    """py-spy, sampling without pausing the target, collapsed stacks with thread names."""
+    """py-spy, sampling without pausing the target, collapsed stacks with thread names.
+
+    Only the thread holding the GIL is sampled (``--gil``): one process runs one thread of
+    Python at a time, so that is what bounds its throughput. ONNX Runtime, which lets the GIL
+    go while it runs, and threads waiting for the GIL are left out (a profile without it
+    counted a thread waiting for the GIL as busy in whatever line it waited at)."""
     spy = py_spy() or "py-spy"
     cmd = [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(duration)))]
-    cmd += ["--rate", "200", "--format", "raw", "--threads", "--nonblocking", "-o", str(out)]
+    cmd += [
+        "--rate",
+        "200",
+        "--format",
+        "raw",
+        "--threads",
+        "--nonblocking",
+        "--gil",
+        "-o",
+        str(out),
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

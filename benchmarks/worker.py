@@ -6,9 +6,13 @@ with a micro-batch, in one thread: decode each message (the codec's fast path or
 step the engine, encode and hand the predictions to a publisher that only counts them. It prints
 CPU microseconds per reading for each phase, so a change to one phase can be judged on its own.
 
+The route is built as the daemon builds it: the recent-predictions cache at its default size, and
+the journal (in a scratch folder; ``--no-journal`` leaves it out), so their costs are counted.
+
 Scenarios: gateway batches of 100 readings over 1,000 streams (``batch``); single-reading
-messages over 1,000 streams (``single``); one stream whose every micro-batch holds 100 of its
-readings (``one-stream``). Every scenario runs the same number of readings.
+messages over 1,000 streams (``single``); one stream whose every micro-batch holds only its
+readings (``one-stream``). Micro-batches are cut at ``--per-batch`` readings (the daemon's
+``max_batch``, 256), never splitting a message. Every scenario runs the same number of readings.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from forecaster.model.bundle import Bundle
 from forecaster.serve import codec, fastcodec
-from forecaster.serve.config import RouteConfig
+from forecaster.serve.config import DaemonConfig, RouteConfig
 from forecaster.serve.engine import Engine
 from forecaster.serve.intake import Work
 from forecaster.serve.metrics import Metrics
@@ -77,15 +82,31 @@ def _messages(kind: str, readings: int) -> list[tuple[str, bytes]]:
     ]
 
 
-def run(kind: str, decode_fn: Callable[..., codec.Decoded], readings: int) -> dict[str, float]:
+def run(
+    kind: str,
+    decode_fn: Callable[..., codec.Decoded],
+    readings: int,
+    per_batch: int = 256,
+    journal: Path | None = None,
+) -> dict[str, float]:
     bundle = Bundle.load(MODEL)
     rc = RouteConfig.model_validate(
         {"name": "bench", "subscribe": ["sensors/+/flow", "gateway/batch"], "bundle": str(MODEL)}
     )
-    route = Route(rc, Engine(bundle, new_store(rc, bundle.state_shapes)))
+    # As the daemon builds a route: its recent-predictions cache, and its journal (in a
+    # scratch folder; the append is timed, the snapshots its bound forces are too).
+    engine = Engine(bundle, new_store(rc, bundle.state_shapes), recent=rc.recent_predictions)
+    d = DaemonConfig()
+    if journal is not None:
+        engine.recover(
+            journal / "bench.snapshot",
+            journal / "bench.journal",
+            now=T0,
+            max_journal_bytes=d.journal_max_bytes,
+        )
+    route = Route(rc, engine)
     responder = Responder(CountingPublisher(), Metrics(CollectorRegistry()))
     messages = _messages(kind, readings)
-    per_batch = 100  # readings per micro-batch, as daemon.max_batch would cut them
     decode_s = respond_s = 0.0
     works: list[Work] = []
     n = pending = 0
@@ -116,13 +137,21 @@ def run(kind: str, decode_fn: Callable[..., codec.Decoded], readings: int) -> di
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--readings", type=int, default=20_000)
+    p.add_argument("--readings", type=int, default=200_000)
+    p.add_argument(
+        "--per-batch",
+        type=int,
+        default=256,
+        help="readings per micro-batch (the daemon's max_batch; a message is never split)",
+    )
+    p.add_argument("--no-journal", action="store_true", help="step without the journal")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     a = p.parse_args(argv)
     results: dict[str, dict[str, float]] = {}
     for kind in ("batch", "single", "one-stream"):
         for name, fn in (("reference codec", codec.decode), ("fast codec", fastcodec.decode)):
-            r = run(kind, fn, a.readings)
+            with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+                r = run(kind, fn, a.readings, a.per_batch, None if a.no_journal else Path(tmp))
             results[f"{kind} / {name}"] = r
             print(
                 f"{kind:10s} {name:15s} decode {r['decode_us_per_reading']:6.1f}  "
