@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ from forecaster.serve.journal import (
     encode_wave,
     scan_journal,
 )
+from forecaster.serve.recent import WARM_FLAG, RecentPredictions
 from forecaster.serve.snapshot import SnapshotData, SnapshotError, load_snapshot, previous_path
 from forecaster.serve.state import StateStore, Verdict, finite_rows
 from forecaster.serve.window import as_batch, push
@@ -303,149 +305,8 @@ def _scaling(manifest: Manifest) -> tuple[float, float] | None:
     return None if iv is None or manifest.task == "classify" else iv.spreading
 
 
-_WARM_FLAG = 1
+_STREAM, _TS, _VALUE = attrgetter("stream"), attrgetter("ts"), attrgetter("value")
 _RETRY_S = 5.0  # least seconds between snapshots forced by failing journal appends
-
-
-class RecentPredictions:
-    """The last ``capacity`` predictions, by ``(stream, ts)``, oldest evicted first.
-
-    Why: after a crash the broker redelivers every reading not yet acknowledged, and readings
-    whose effect a restored state already holds would otherwise be dropped as duplicates without
-    a prediction. Looking them up here answers them with the original prediction. The bound is
-    the number of readings that can be stepped but unacknowledged at once (see
-    ``recent_predictions`` in the configuration); ~250 bytes per entry.
-
-    Entries are the :class:`Prediction` objects themselves, which hold only strings and numbers
-    and are never tracked by the garbage collector (see :class:`Reading`); their keys are tuples
-    of a string and a float, which the collector stops tracking the first time it sees them. A
-    filling cache so costs one cheap young-generation pass per entry and nothing after, where
-    tens of thousands of tracked objects promoted through every generation made 30-60 ms pauses
-    that the readings in flight waited behind.
-    """
-
-    #: Stale copies of keys in the deque beyond which (and beyond the entries) it is rebuilt.
-    COMPACT_AT = 1024
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 0:
-            raise ValueError(f"capacity must be >= 0, got {capacity}")
-        self.capacity = int(capacity)
-        # The entries, and their keys oldest first: a plain dict and a deque take and evict an
-        # entry in about 0.25 µs, an OrderedDict in 0.6 (measured with 65,536 entries). A key
-        # put again is appended again; ``_stale`` counts its older copies still in the deque,
-        # which eviction and :meth:`keys` skip.
-        self._map: dict[tuple[str, float], Prediction] = {}
-        self._order: deque[tuple[str, float]] = deque()
-        self._stale: dict[tuple[str, float], int] = {}
-        self._stale_total = 0
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    def get(self, stream: str, ts: float) -> Prediction | None:
-        return self._map.get((stream, ts))
-
-    def put(self, p: Prediction) -> None:
-        """:meth:`put_many` of one prediction (the waves' and the replay's way)."""
-        key = (p.stream, p.ts)
-        m = self._map
-        if self.capacity == 0 or key in m:
-            self.put_many((p,))
-            return
-        m[key] = p
-        self._order.append(key)
-        while len(m) > self.capacity:
-            self._drop(self._order.popleft())
-
-    def holds_any(self, streams: Sequence[str], ts: Sequence[float]) -> bool:
-        """Whether any ``(streams[i], ts[i])`` is cached: one C-level pass, so a batch with no
-        redelivery (nearly every one) skips the per-reading lookups."""
-        return bool(self._map) and not self._map.keys().isdisjoint(zip(streams, ts, strict=True))
-
-    def put_many(self, preds: Sequence[Prediction]) -> None:
-        """Put each of ``preds`` in order, as the newest entry (an entry already there moves
-        to the newest end), then evict the oldest beyond the capacity."""
-        if self.capacity == 0:
-            return
-        m, order = self._map, self._order
-        keys = [(p.stream, p.ts) for p in preds]
-        fresh = m.keys().isdisjoint(keys)
-        present = set() if fresh else {k for k in keys if k in m}
-        before = len(m)
-        m.update(zip(keys, preds, strict=True))
-        order.extend(keys)
-        if not fresh or len(m) - before != len(keys):
-            # Puts again (a replay, or a key twice in one call): older copies are now stale.
-            stale = self._stale
-            seen: set[tuple[str, float]] = set()
-            for k in keys:
-                if k in seen or k in present:
-                    stale[k] = stale.get(k, 0) + 1
-                    self._stale_total += 1
-                seen.add(k)
-        pop = order.popleft
-        if not self._stale:
-            for _ in range(len(m) - self.capacity):
-                del m[pop()]
-        while len(m) > self.capacity:
-            self._drop(pop())
-        if self._stale_total > max(len(m), self.COMPACT_AT):
-            self._order = deque(self.keys())
-            self._stale.clear()
-            self._stale_total = 0
-
-    def _drop(self, key: tuple[str, float]) -> None:
-        """Evict the entry of the oldest copy ``key`` in the deque, unless the copy is stale."""
-        n = self._stale.get(key) if self._stale else None
-        if n:
-            if n == 1:
-                del self._stale[key]
-            else:
-                self._stale[key] = n - 1
-            self._stale_total -= 1
-        else:
-            del self._map[key]
-
-    def keys(self) -> list[tuple[str, float]]:
-        """The cached keys, oldest first (each once, where it was last put)."""
-        if not self._stale:
-            return list(self._order)
-        skip = dict(self._stale)
-        out: list[tuple[str, float]] = []
-        for k in self._order:
-            n = skip.get(k)
-            if n:
-                skip[k] = n - 1
-            else:
-                out.append(k)
-        return out
-
-    def clear(self) -> None:
-        self._map.clear()
-        self._order.clear()
-        self._stale.clear()
-        self._stale_total = 0
-
-    def to_arrays(self) -> tuple[list[str], dict[str, np.ndarray]]:
-        """Column arrays for the snapshot file, oldest first."""
-        keys = self.keys()
-        rows = [self._map[k] for k in keys]
-        n = len(rows)
-        arrays: dict[str, np.ndarray] = {
-            "recent_ts": np.fromiter((k[1] for k in keys), dtype=np.float64, count=n),
-            "recent_value": np.fromiter((p.value for p in rows), dtype=np.float64, count=n),
-            "recent_flags": np.fromiter(
-                (_WARM_FLAG if p.warm else 0 for p in rows), dtype=np.uint8, count=n
-            ),
-            "recent_lower": np.fromiter(
-                (np.nan if p.lower is None else p.lower for p in rows), dtype=np.float64, count=n
-            ),
-            "recent_upper": np.fromiter(
-                (np.nan if p.upper is None else p.upper for p in rows), dtype=np.float64, count=n
-            ),
-        }
-        return [k[0] for k in keys], arrays
 
 
 @dataclass
@@ -593,10 +454,10 @@ class Engine:
         out = Outcome(predictions=[None] * n)
         preds = out.predictions
         recent = self.recent
-        streams_all = [r.stream for r in readings]
+        streams_all = list(map(_STREAM, readings))
         by_stream: dict[str, list[int]] | None = None
         hits = 0
-        ts_all = [r.ts for r in readings]
+        ts_all = list(map(_TS, readings))
         if recent.capacity and recent.holds_any(streams_all, ts_all):
             get = recent.get
             by_stream = {}
@@ -627,11 +488,13 @@ class Engine:
             members = by_stream
             streams = list(by_stream)
         store = self.store
-        slot_of = store.slot_of
-        known = [slot_of(s) for s in streams]
-        known_arr = np.fromiter(
-            (-1 if k is None else k for k in known), dtype=np.intp, count=len(known)
-        )
+        known = store.slots_of(streams)
+        if None in known:
+            known_arr = np.fromiter(
+                (-1 if k is None else k for k in known), dtype=np.intp, count=len(known)
+            )
+        else:
+            known_arr = np.array(known, dtype=np.intp)
         excess = len(store) + known.count(None) - store.max_streams
         if excess > 0:
             front = store.lru_front(excess)  # the victims, unless the batch touches them first
@@ -655,7 +518,10 @@ class Engine:
             row_of = np.repeat(np.arange(n_rows), lens)
             ends = np.cumsum(lens)
             t_of = np.arange(m) - np.repeat(ends - lens, lens)
-            vals = np.fromiter((readings[i].value for i in flat), dtype=np.float64, count=m)
+            if by_stream is None and m == n:  # every reading its stream's only one, stepped
+                vals = np.fromiter(map(_VALUE, readings), dtype=np.float64, count=m)
+            else:
+                vals = np.fromiter((readings[i].value for i in flat), dtype=np.float64, count=m)
             width = int(lens.max())
             grid = np.empty((n_rows, width), dtype=np.float64)
             grid[:] = vals[ends - 1][:, None]  # padding repeats the row's last reading
@@ -715,7 +581,7 @@ class Engine:
                 return None  # waves drop and reset exactly the reading that blew up
 
         # Commit.
-        slots, evicted = store.acquire_many(streams, now)
+        slots, evicted = store.acquire_many(streams, now, known)
         out.evicted.extend(evicted)
         if plan.dup:
             out.drops["duplicate"] += plan.dup
@@ -776,7 +642,9 @@ class Engine:
             None if last_clipped is None else last_clipped[ends_rows].astype(np.float64),
         )
         warm = prior_seen + 1 >= self.warmup
-        self._publish(readings, flat, y64, sp, warm, len(streams), n, hits, out)
+        self._publish(
+            readings, flat, y64, sp, warm, len(streams), n, hits, out, streams_all, ts_all
+        )
         for i, first in plan.echoes:
             preds[i] = preds[first]
         return out
@@ -852,9 +720,12 @@ class Engine:
         n: int,
         hits: int,
         out: Outcome,
+        streams_all: list[str],
+        ts_all: list[float],
     ) -> None:
         """Predictions for the stepped readings (bounds at the spreads ``sp`` when the interval
-        follows them), into the recent cache in the waves' order."""
+        follows them), into the recent cache in the waves' order (``streams_all``, ``ts_all``:
+        every reading's, the cache's keys when every reading was stepped in arrival order)."""
         manifest = self.bundle.manifest
         threshold = manifest.threshold if manifest.task == "classify" else None
         iv = manifest.interval if threshold is None else None
@@ -886,7 +757,10 @@ class Engine:
             return
         if n_streams == 1 or (not hits and n_streams == n):
             # One stream, or each its own stream's only reading: ``flat`` is in arrival order.
-            self.recent.put_many(made)
+            if len(flat) == n:  # and holds every reading
+                self.recent.put_many(made, streams_all, ts_all)
+            else:
+                self.recent.put_many(made)
             return
         # Wave k holds the k-th reading of each stream (cache hits included).
         occurrence = self._occurrences(readings)
@@ -1228,7 +1102,7 @@ class Engine:
                 data.recent.get("recent_upper", ()),
                 strict=True,
             ):
-                warm = bool(flags & _WARM_FLAG)
+                warm = bool(flags & WARM_FLAG)
                 bounds = (float(lo), float(hi))
                 self.recent.put(self._prediction(stream, float(ts), float(value), warm, bounds))
             after = data.journal_seq if data.journal_seq is not None else -1

@@ -9,10 +9,8 @@ because bit-exact replay through ONNX Runtime is the point there.
 
 from __future__ import annotations
 
-import gc
 import random
 import shutil
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -28,7 +26,6 @@ from forecaster.serve.engine import (
     PAD_FACTOR,
     PAD_SLACK,
     Engine,
-    RecentPredictions,
     length_groups,
     waves,
 )
@@ -184,60 +181,6 @@ def test_cache_is_bounded_and_older_redeliveries_are_dropped() -> None:
     out = e.step([r("a", 1), r("a", 3)], now=1.0)
     assert values(out.predictions) == [None, 3]
     assert out.drops == {"out_of_order": 1} and out.repeated == 1
-
-
-def test_recent_predictions_keep_classifier_fields() -> None:
-    cache = RecentPredictions(3)
-    p = Prediction("s", 1.0, 0.75, True, 0.75, True)
-    cache.put(p)
-    assert cache.get("s", 1.0) == p
-    ids, arrays = cache.to_arrays()
-    assert ids == ["s"] and arrays["recent_value"].tolist() == [0.75]
-    with pytest.raises(ValueError):
-        RecentPredictions(-1)
-
-
-def test_recent_predictions_leave_the_garbage_collector_nothing_to_track() -> None:
-    """A filled cache must not be walked by every collection (pauses in the hot path)."""
-    cache = RecentPredictions(100)
-    for i in range(100):
-        cache.put(Prediction(f"s{i}", float(i), 1.5, True, lower=1.0, upper=2.0))
-    gc.collect()
-    entries = [obj for item in cache._map.items() for obj in item]
-    assert entries and not any(gc.is_tracked(obj) for obj in entries)
-    assert cache.get("s7", 7.0) == Prediction("s7", 7.0, 1.5, True, lower=1.0, upper=2.0)
-
-
-@pytest.mark.parametrize("compact_at", [1024, 4])
-def test_put_many_leaves_the_cache_as_puts_one_by_one_would(seed: int, compact_at: int) -> None:
-    """Keys already cached or repeated within one call move to the newest end, as a put of
-    each in turn into an ordered dict would move them; the oldest go beyond the capacity.
-    ``compact_at`` 4: the deque of keys is rebuilt without its stale copies very often."""
-    rng = random.Random(seed)
-    cache = RecentPredictions(12)
-    cache.COMPACT_AT = compact_at
-    want: OrderedDict[tuple[str, float], Prediction] = OrderedDict()
-    for k in range(300):
-        batch = [
-            Prediction(rng.choice("abc"), float(rng.randint(0, 8)), float(k), rng.random() < 0.5)
-            for _ in range(rng.randint(0, 9))
-        ]
-        if len(batch) == 1 and k % 2:
-            cache.put(batch[0])
-        else:
-            cache.put_many(batch)
-        for p in batch:
-            want[(p.stream, p.ts)] = p
-            want.move_to_end((p.stream, p.ts))
-            while len(want) > cache.capacity:
-                want.popitem(last=False)
-        where = f"seed={seed} call={k}"
-        assert [(key, cache.get(*key)) for key in cache.keys()] == list(want.items()), where
-        assert len(cache) == len(want), where
-        probe = [(rng.choice("abcd"), float(rng.randint(0, 9))) for _ in range(3)]
-        assert cache.holds_any([s for s, _ in probe], [t for _, t in probe]) == any(
-            key in want for key in probe
-        ), where
 
 
 # ------------------------------------------------------------------ journal and recovery (fake)
