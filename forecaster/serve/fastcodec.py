@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import repeat
+from operator import attrgetter
 
 import msgspec
 import numpy as np
@@ -59,6 +61,8 @@ class _Out(msgspec.Struct, omit_defaults=True):
 
 
 _ENCODER = msgspec.json.Encoder()
+# An item's fields, as the typed decoders below name them (s, v, t, l).
+_S, _V, _T, _L = (attrgetter(k) for k in ("s", "v", "t", "l"))
 
 
 @lru_cache(maxsize=256)
@@ -180,39 +184,57 @@ def clean_batch(payload: bytes, topic: str, spec: PayloadSpec, received: float) 
     # the last copy; the reference refuses the item), or sit in a value: the reference decides.
     if _quoted(body, spec.stream_key) != n or _quoted(body, spec.value_key) != n:
         return None
-    ts_raw = [it.t for it in items]  # type: ignore[attr-defined]
-    labels = [it.l for it in items]  # type: ignore[attr-defined]
-    if _quoted(body, spec.ts_key) != sum(t is not UNSET for t in ts_raw):
+    # Columns read with C-level getters: no Python step per item where the batch is usual
+    # (every item with a ts, none with a label).
+    ts_raw = list(map(_T, items))
+    labels = list(map(_L, items))
+    no_ts = ts_raw.count(UNSET)
+    if _quoted(body, spec.ts_key) != n - no_ts:
         return None
-    if _quoted(body, spec.label_key) != sum(x is not UNSET for x in labels):
+    unlabelled = labels.count(UNSET)
+    if _quoted(body, spec.label_key) != n - unlabelled:
         return None
     if _long_integer(body):
         return None
-    streams = [it.s for it in items]  # type: ignore[attr-defined]
+    streams = list(map(_S, items))
     if not _streams_ok(streams, spec.max_stream_bytes):
         return None
-    values = np.fromiter((it.v for it in items), dtype=np.float64, count=n)  # type: ignore[attr-defined]
+    values = np.fromiter(map(_V, items), dtype=np.float64, count=n)
     if not np.all(np.abs(values) <= FLOAT32_MAX):  # also False for NaN
         return None
-    ts = np.fromiter(
-        (received if t is None or t is UNSET else t for t in ts_raw), dtype=np.float64, count=n
-    )
+    if no_ts == 0 and ts_raw.count(None) == 0:
+        ts = np.fromiter(ts_raw, dtype=np.float64, count=n)
+    else:
+        ts = np.fromiter(
+            (received if t is None or t is UNSET else t for t in ts_raw), dtype=np.float64, count=n
+        )
     if not np.all(ts >= 0) or not np.all(np.isfinite(ts)):
         return None
     if spec.max_future_s > 0 and np.any(ts - received > spec.max_future_s):
         return None
-    label_of: list[float | None] = []
-    for x in labels:
-        if x is None or x is UNSET:
-            label_of.append(None)
-        elif x == 0.0 or x == 1.0:
-            label_of.append(float(x))
-        else:
-            return None
-    readings = [
-        Reading(s, v, t, received, topic, lab)
-        for s, v, t, lab in zip(streams, values.tolist(), ts.tolist(), label_of, strict=True)
-    ]
+    label_of: list[float | None]
+    if unlabelled + labels.count(None) == n:
+        label_of = [None] * n
+    else:
+        label_of = []
+        for x in labels:
+            if x is None or x is UNSET:
+                label_of.append(None)
+            elif x == 0.0 or x == 1.0:
+                label_of.append(float(x))
+            else:
+                return None
+    readings = list(
+        map(
+            Reading,
+            streams,
+            values.tolist(),
+            ts.tolist(),
+            repeat(received),
+            repeat(topic),
+            label_of,
+        )
+    )
     return Decoded(readings, [], True)
 
 

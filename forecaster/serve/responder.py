@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from itertools import chain, repeat
+from operator import attrgetter
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -42,6 +44,8 @@ from forecaster.serve.routes import Route
 log = logging.getLogger("forecaster.serve.responder")
 
 __all__ = ["Publisher", "Responder"]
+
+_RECEIVED = attrgetter("received")
 
 
 class Publisher(Protocol):
@@ -83,7 +87,7 @@ class Responder:
             by_route.setdefault(w.route.name, []).append(w)
         for works in by_route.values():
             route = works[0].route
-            readings = [r for w in works for r in w.readings]
+            readings = list(chain.from_iterable(w.readings for w in works))
             try:
                 outcome = route.engine.step(readings, now)
             except Exception as exc:
@@ -127,23 +131,34 @@ class Responder:
             self._error("metrics", route.name, exc)
         manifest = route.engine.bundle.manifest
         published = 0
-        latencies: list[float] = []
+        # Each answered reading's receive time and its message's publish time, gathered with
+        # C-level passes (no Python step per reading of a gateway batch).
+        received: list[float] = []
+        sent: list[float] = []
         pos = 0
         for w in works:
-            preds = outcome.predictions[pos : pos + len(w.readings)]
-            pos += len(w.readings)
-            answered = [(r, p) for r, p in zip(w.readings, preds, strict=True) if p is not None]
-            if not answered:
+            k = len(w.readings)
+            preds = outcome.predictions[pos : pos + k]
+            pos += k
+            missing = preds.count(None)
+            if missing == k:
                 w.settled = True
                 self.publisher.ack(w.mid, w.qos)
                 continue
-            if self._publish(route, w, [p for _, p in answered], manifest.name, manifest.version):
+            if missing:
+                keep = [i for i, p in enumerate(preds) if p is not None]
+                answered = [cast(Prediction, preds[i]) for i in keep]
+                stepped = [w.readings[i] for i in keep]
+            else:
+                answered, stepped = cast(list[Prediction], preds), w.readings
+            if self._publish(route, w, answered, manifest.name, manifest.version):
                 published += len(answered)
-                sent = self._wall()
-                latencies.extend(sent - r.received for r, _ in answered)
+                received.extend(map(_RECEIVED, stepped))
+                sent.extend(repeat(self._wall(), len(answered)))
         m = self.metrics
-        if latencies:
-            m.end_to_end_seconds.observe_many(np.maximum(np.asarray(latencies), 0.0))
+        if received:
+            latencies = np.asarray(sent) - np.asarray(received)
+            m.end_to_end_seconds.observe_many(np.maximum(latencies, 0.0))
         m.predictions.labels(route.name).inc(published)
         m.streams.labels(route.name).set(len(route.engine.store))
         self.processed += len(readings)

@@ -22,10 +22,11 @@ beside them.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -222,6 +223,10 @@ class StateStore:
     def slot_of(self, stream: str) -> int | None:
         return self._lru.get(stream)
 
+    def slots_of(self, streams: Sequence[str]) -> list[int | None]:
+        """:meth:`slot_of` each of ``streams`` (one C-level pass)."""
+        return list(map(self._lru.get, streams))
+
     def stream_of(self, slot: int) -> str | None:
         return self._ids[slot] if 0 <= slot < len(self._ids) else None
 
@@ -258,10 +263,19 @@ class StateStore:
         self._last_used[slot] = now
         return slot, evicted
 
-    def acquire_many(self, streams: Sequence[str], now: float) -> tuple[list[int], list[str]]:
+    def acquire_many(
+        self, streams: Sequence[str], now: float, known: Sequence[int | None] | None = None
+    ) -> tuple[list[int], list[str]]:
         """:meth:`acquire` each of ``streams`` in order: their slots, and the streams evicted to
         make room, oldest first. One call per micro-batch: the live streams (nearly all of them)
-        cost a dict lookup and an LRU move each, and their last-used times one array write."""
+        cost a dict lookup and an LRU move each, and their last-used times one array write.
+        ``known``: :meth:`slots_of` the same streams, just read; when every one is live, the
+        moves are one C-level pass."""
+        if known is not None and streams and None not in known:
+            deque(map(self._lru.move_to_end, streams), maxlen=0)
+            live = cast(list[int], list(known))  # no None in it
+            self._last_used[np.asarray(live, dtype=np.intp)] = now
+            return live, []
         lru = self._lru
         get = lru.get
         move = lru.move_to_end
