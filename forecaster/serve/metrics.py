@@ -181,7 +181,8 @@ class Metrics:
         )
         self.ready = Gauge(
             "forecaster_ready",
-            "1 while the daemon reports ready (models loaded and warm, MQTT subscribed), else 0.",
+            "1 while the daemon reports ready (models loaded and warm, MQTT subscribed; under "
+            "NATS: connected, streams and buckets set up), else 0: what /readyz answers.",
             registry=r,
         )
         self.model_info = Gauge(

@@ -50,6 +50,7 @@ def test_mqtt_in_predictions_out_equal_evaluate(
         assert len(preds) == 12
         check_exact(preds, reference, 150)
         assert d.wait_metric("forecaster_readings_rejected_total", 2, route="water") == 2
+        assert d.metric("forecaster_ready") == 1  # the gauge follows /readyz here too
         # the server put every stream in the partition partition_of computes
         for subject, _ in read_stream(srv.url, "FORECASTER_READINGS"):
             k, topic = split_subject(subject)

@@ -101,6 +101,8 @@ class NatsWorker:
             self.bundles[rc.name] = bundle
             m = bundle.manifest
             self.metrics.set_model(rc.name, m.name, m.version, m.onnx_sha256)
+        # Read at each scrape from the check /readyz answers with, as the MQTT daemon does.
+        self.metrics.ready.set_function(lambda: 1.0 if self._ready()[0] else 0.0)
         if self.cfg.metrics.enabled:
             self.server = MetricsServer(
                 self.registry,
