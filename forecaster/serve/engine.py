@@ -1093,6 +1093,7 @@ class Engine:
             self.store = StateStore.from_data(
                 data, shapes, store.max_streams, store.reset_after, store.idle_ttl, now=now
             )
+            kept: list[Prediction] = []
             for stream, ts, value, flags, lo, hi in zip(
                 data.recent_ids,
                 data.recent.get("recent_ts", ()),
@@ -1104,7 +1105,8 @@ class Engine:
             ):
                 warm = bool(flags & WARM_FLAG)
                 bounds = (float(lo), float(hi))
-                self.recent.put(self._prediction(stream, float(ts), float(value), warm, bounds))
+                kept.append(self._prediction(stream, float(ts), float(value), warm, bounds))
+            self.recent.put_many(kept)  # oldest first, as they were put
             after = data.journal_seq if data.journal_seq is not None else -1
         rec.streams = len(self.store)
         self._seq = max(after, 0)

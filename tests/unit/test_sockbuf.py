@@ -8,6 +8,7 @@ seeded (the seed is printed on failure).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 from collections.abc import Iterator
@@ -136,8 +137,124 @@ def test_any_split_of_a_stream_reads_back_whole(
 
 
 def test_paho_hook_still_exists() -> None:
-    """The wrapper rides on paho's private ``_create_socket`` and ``_loop_rc_handle``: fail
-    loudly if they go away."""
-    assert callable(getattr(paho.Client, "_create_socket", None))
-    assert callable(getattr(paho.Client, "_loop_rc_handle", None))
+    """The wrapper rides on paho's private ``_create_socket``, ``_loop_rc_handle``, its packet
+    read and the record it keeps of the packet being read: fail loudly if they go away."""
+    for name in ("_create_socket", "_loop_rc_handle", "_packet_read", "_packet_handle"):
+        assert callable(getattr(paho.Client, name, None)), name
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    assert set(client._in_packet) == {
+        "command",
+        "have_remaining",
+        "remaining_count",
+        "remaining_mult",
+        "remaining_length",
+        "packet",
+        "to_process",
+        "pos",
+    }
+    assert hasattr(client, "_msgtime_mutex") and hasattr(client, "_last_bytes_received")
     assert BufferedClient._create_socket is not paho.Client._create_socket
+
+
+def mqtt_packets(rng: random.Random, count: int) -> list[tuple[int, bytes]]:
+    """Random packets: header byte and body, bodies long enough for 1-3 length bytes."""
+    sizes = [0, 2, 5, 127, 128, 300, 16383, 16384, 20000]
+    return [
+        (rng.choice((0x30, 0x32, 0x40, 0x90, 0xD0)), rng.randbytes(rng.choice(sizes)))
+        for _ in range(count)
+    ]
+
+
+def wire(packets: list[tuple[int, bytes]]) -> bytes:
+    out = bytearray()
+    for command, body in packets:
+        out.append(command)
+        n = len(body)
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                break
+        out += body
+    return bytes(out)
+
+
+def test_whole_packets_come_out_of_any_split(
+    pair: tuple[socket.socket, socket.socket], seed: int
+) -> None:
+    """``packet()`` hands out each packet once it is whole, whatever the split of the stream
+    and the read size, and takes nothing while it is not."""
+    rng = random.Random(seed)
+    a, b = pair
+    sock = BufferedSocket(a, read_size=rng.choice((1, 7, 64, 4096, 256 * 1024)))
+    sent = mqtt_packets(rng, 60)
+    data = wire(sent)
+    got: list[tuple[int, bytes]] = []
+    b.setblocking(False)
+    at = tries = 0
+    while len(got) < len(sent):
+        whole = sock.packet()
+        if whole is None:
+            # once all is sent, each call reads at least a byte more (read_size) or a packet
+            tries += at == len(data)
+            assert tries <= len(data), f"stuck at packet {len(got)} (seed {seed})"
+            with contextlib.suppress(BlockingIOError):
+                at += b.send(data[at : at + rng.randint(1, 3000)])
+            continue
+        got.append((whole[0], bytes(whole[1])))
+    assert got == sent, f"seed {seed}"
+    assert sock.pending() == 0
+
+
+def test_a_malformed_remaining_length_is_left_to_paho(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    sock = BufferedSocket(a)
+    b.sendall(b"\x30\x80\x80\x80\x80\x00")  # five length bytes (for 0): MQTT allows four
+    assert sock.packet() is None
+    assert sock.recv(1) == b"\x30"  # nothing was taken
+
+
+class Recording(BufferedClient):
+    """A client that records the packets it would handle instead of handling them."""
+
+    handled: list[tuple[int, bytes]]
+
+    def _packet_handle(self) -> paho.MQTTErrorCode:
+        self.handled.append((self._in_packet["command"], bytes(self._in_packet["packet"])))
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def test_the_whole_packet_read_hands_paho_what_its_own_read_does(
+    pair: tuple[socket.socket, socket.socket], seed: int
+) -> None:
+    """The same stream, split at random, read by ``BufferedClient.loop_read`` (whole packets
+    at once) and by paho's own byte-by-byte read on the same buffered socket: the same packets
+    reach ``_packet_handle``, and ``_in_packet`` is left fresh after each."""
+    rng = random.Random(seed)
+    sent = mqtt_packets(rng, 40)
+    data = wire(sent)
+    results = []
+    for own_read in (False, True):
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        client = Recording(paho.CallbackAPIVersion.VERSION2)
+        client.handled = []
+        sock = BufferedSocket(a, read_size=rng.choice((5, 512, 256 * 1024)))
+        client._sock = sock
+        if own_read:  # paho's read of every packet, as without the whole-packet path
+            client._packet_read = lambda c=client: paho.Client._packet_read(c)  # type: ignore[method-assign]
+        b.setblocking(False)  # what the kernel takes now: the reader is never left behind
+        at = 0
+        while len(client.handled) < len(sent):
+            if at < len(data):
+                with contextlib.suppress(BlockingIOError):
+                    at += b.send(data[at : at + rng.randint(1, 5000)])
+            assert client.loop_read() == paho.MQTTErrorCode.MQTT_ERR_SUCCESS, f"seed {seed}"
+        assert client._in_packet["command"] == 0 and not client._in_packet["packet"]
+        results.append(client.handled)
+        client._sock = None
+        a.close()
+        b.close()
+    assert results[0] == results[1] == sent, f"seed {seed}"
