@@ -124,14 +124,17 @@ class Decoded:
         return sum(r.readings for r in self.rejects)
 
 
-class Prediction(msgspec.Struct, gc=False):
+class Prediction(msgspec.Struct, gc=False, omit_defaults=True):
     """One forecast for the next reading of ``stream``; ``warm`` is False while state is young.
     Never changed once made; a msgspec struct for the reasons :class:`Reading` gives.
 
     An event classifier's prediction also carries ``probability`` (= ``value``) and ``event``
     (probability ≥ the model's threshold); both stay None, and out of the JSON, otherwise.
     A regression bundle with a prediction interval adds ``lower`` and ``upper``: the bounds the
-    next reading should fall between at the bundle's coverage (None, and absent, otherwise)."""
+    next reading should fall between at the bundle's coverage (None, and absent, otherwise).
+
+    The fields are in the published document's key order, which :mod:`fastcodec` encodes the
+    struct in (the model's name and version go in before ``warm``)."""
 
     stream: str
     ts: float

@@ -45,21 +45,6 @@ def _long_integer(body: bytes) -> bool:
     return len(body) > _LONG and _LONG_RUN in body.translate(_DIGITS)
 
 
-class _Out(msgspec.Struct, omit_defaults=True):
-    """One prediction as published; field order is the JSON key order."""
-
-    stream: str
-    ts: float | None
-    value: float | None
-    model: str
-    version: str
-    warm: bool
-    probability: float | None = None
-    event: bool | None = None
-    lower: float | None = None
-    upper: float | None = None
-
-
 _ENCODER = msgspec.json.Encoder()
 # An item's fields, as the typed decoders below name them (s, v, t, l).
 _S, _V, _T, _L = (attrgetter(k) for k in ("s", "v", "t", "l"))
@@ -255,19 +240,16 @@ def encode_predictions(preds: Sequence[Prediction], model: str, version: str, ba
         raise ValueError(f"a non-batch message carries exactly one prediction, got {len(preds)}")
     if not (model + version + "".join(p.stream for p in preds)).isascii():
         return codec.encode_predictions(preds, model, version, batch)
-    outs = [
-        _Out(
-            p.stream,
-            p.ts,
-            p.value,
-            model,
-            version,
-            p.warm,
-            p.probability,
-            p.event,
-            p.lower,
-            p.upper,
-        )
-        for p in preds
-    ]
-    return _ENCODER.encode(outs if batch else outs[0])
+    # A prediction's fields are the document's keys in order (those that are None omitted, as
+    # the reference omits them), with the model's name and version to go before "warm". Every
+    # string in the document is JSON-escaped, so the key's bytes are found nowhere else.
+    body = _ENCODER.encode(preds if batch else preds[0])
+    return body.replace(_WARM_KEY, _model_keys(model, version))
+
+
+_WARM_KEY = b',"warm":'
+
+
+@lru_cache(maxsize=64)
+def _model_keys(model: str, version: str) -> bytes:
+    return b',"model":%s,"version":%s,"warm":' % (_ENCODER.encode(model), _ENCODER.encode(version))

@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,6 +173,16 @@ def test_encoded_predictions_are_the_reference_document(rows: list[Any], batch: 
     # Same document (floats compare as numbers; NaN never appears: both write null).
     assert json.loads(got) == json.loads(want)
     assert list(_keys(json.loads(got))) == list(_keys(json.loads(want)))
+
+
+@pytest.mark.parametrize("stream", ['a,"warm":1', ',"warm":', 'x\\","warm":', '"', "\\"])
+def test_stream_ids_that_look_like_keys_stay_stream_ids(stream: str) -> None:
+    preds = [Prediction(stream, 1.0, 2.0, True), Prediction("b", 2.0, 3.0, False, lower=1.0)]
+    for batch in (True, False):
+        one = preds if batch else preds[:1]
+        got = json.loads(fastcodec.encode_predictions(one, 'm,"warm":', "v", batch))
+        want = json.loads(codec.encode_predictions(one, 'm,"warm":', "v", batch))
+        assert got == want and list(_keys(got)) == list(_keys(want))
 
 
 def _keys(doc: Any) -> list[str]:
