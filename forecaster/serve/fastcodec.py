@@ -9,7 +9,8 @@ that may be repeated, an ISO timestamp) goes to :func:`codec.decode`, so the two
 results on every payload (``tests/unit/test_fastcodec.py`` checks that with generated batches);
 the fast path only decides how quickly a clean batch is accepted.
 
-Predictions are encoded by msgspec from typed records: the same JSON document as
+Predictions are encoded by msgspec from the :class:`~forecaster.serve.codec.Prediction` structs
+themselves, with the model's name and version put in: the same JSON document as
 :func:`codec.encode_predictions` (same keys in the same order, ``null`` for non-finite numbers,
 absent optional fields), written as UTF-8; stream ids that are not ASCII take the reference
 encoder, which escapes them.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from itertools import repeat
 from operator import attrgetter
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -50,36 +52,49 @@ _ENCODER = msgspec.json.Encoder()
 _S, _V, _T, _L = (attrgetter(k) for k in ("s", "v", "t", "l"))
 
 
-@lru_cache(maxsize=256)
-def _batch_decoder(spec: PayloadSpec) -> msgspec.json.Decoder[list[msgspec.Struct]] | None:
-    """A typed decoder for this route's item keys (None when two keys share a name)."""
-    keys = (spec.stream_key, spec.value_key, spec.ts_key, spec.label_key)
-    if len(set(keys)) != len(keys):
-        return None
-    item = msgspec.defstruct(
-        "Item",
-        [
-            ("s", str, msgspec.field(name=spec.stream_key)),
-            ("v", float, msgspec.field(name=spec.value_key)),
-            ("t", float | None | UnsetType, msgspec.field(name=spec.ts_key, default=UNSET)),
-            ("l", float | None | UnsetType, msgspec.field(name=spec.label_key, default=UNSET)),
-        ],
-    )
-    return msgspec.json.Decoder(list[item])  # type: ignore[valid-type]
+class _Plan(NamedTuple):
+    """What the fast paths need of a route's payload spec, made once per spec."""
+
+    one: msgspec.json.Decoder[msgspec.Struct] | None  # None: value, ts and label keys not distinct
+    batch: msgspec.json.Decoder[list[msgspec.Struct]] | None  # None: two of its keys share a name
+    value: bytes  # each key as it appears quoted in a payload
+    stream: bytes
+    ts: bytes
+    label: bytes
 
 
 @lru_cache(maxsize=256)
-def _object_decoder(spec: PayloadSpec) -> msgspec.json.Decoder[msgspec.Struct]:
-    """A typed decoder for one reading object (its stream id is the topic)."""
-    item = msgspec.defstruct(
-        "One",
-        [
-            ("v", float, msgspec.field(name=spec.value_key)),
-            ("t", float | None | UnsetType, msgspec.field(name=spec.ts_key, default=UNSET)),
-            ("l", float | None | UnsetType, msgspec.field(name=spec.label_key, default=UNSET)),
-        ],
-    )
-    return msgspec.json.Decoder(item)
+def _made(spec: PayloadSpec) -> _Plan:
+    ts = ("t", float | None | UnsetType, msgspec.field(name=spec.ts_key, default=UNSET))
+    label = ("l", float | None | UnsetType, msgspec.field(name=spec.label_key, default=UNSET))
+    value = ("v", float, msgspec.field(name=spec.value_key))
+    stream = ("s", str, msgspec.field(name=spec.stream_key))
+    keys = (spec.value_key, spec.ts_key, spec.label_key)
+    one = None
+    if len(set(keys)) == len(keys):  # a reading object's stream id is its topic
+        one = msgspec.json.Decoder(msgspec.defstruct("One", [value, ts, label]))
+    batch = None
+    if spec.stream_key not in keys and one is not None:
+        item = msgspec.defstruct("Item", [stream, value, ts, label])
+        batch = msgspec.json.Decoder(list[item])  # type: ignore[valid-type]
+    quoted = [b'"' + k.encode() + b'"' for k in (*keys[:1], spec.stream_key, *keys[1:])]
+    return _Plan(one, batch, *quoted)
+
+
+#: Plans by the identity of their spec (a route's spec is one object for the route's life), so
+#: a message costs one lookup, not the hash and comparison of the spec's fields.
+_PLANS: dict[int, tuple[PayloadSpec, _Plan]] = {}
+
+
+def _plan(spec: PayloadSpec) -> _Plan:
+    hit = _PLANS.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    plan = _made(spec)
+    if len(_PLANS) >= 256:
+        _PLANS.clear()
+    _PLANS[id(spec)] = (spec, plan)  # the spec held: its id is not reused while here
+    return plan
 
 
 def decode(payload: bytes, topic: str, spec: PayloadSpec, received: float) -> Decoded:
@@ -88,15 +103,6 @@ def decode(payload: bytes, topic: str, spec: PayloadSpec, received: float) -> De
     if fast is None:
         fast = clean_batch(payload, topic, spec, received)
     return fast if fast is not None else codec.decode(payload, topic, spec, received)
-
-
-@lru_cache(maxsize=1024)
-def _quote(key: str) -> bytes:
-    return b'"' + key.encode() + b'"'
-
-
-def _quoted(body: bytes, key: str) -> int:
-    return body.count(_quote(key))
 
 
 def clean_object(payload: bytes, topic: str, spec: PayloadSpec, received: float) -> Decoded | None:
@@ -108,20 +114,18 @@ def clean_object(payload: bytes, topic: str, spec: PayloadSpec, received: float)
         return None
     if body.count(b"{") != 1 or body.count(b"}") != 1 or b"[" in body:
         return None
-    keys = (spec.value_key, spec.ts_key, spec.label_key)
-    if len(set(keys)) != len(keys) or codec._topic_too_long(topic, spec.max_stream_bytes):
+    plan = _plan(spec)
+    if plan.one is None or codec._topic_too_long(topic, spec.max_stream_bytes):
         return None
     try:
-        one = _object_decoder(spec).decode(body)
+        one = plan.one.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError):
         return None
     t, lab = one.t, one.l  # type: ignore[attr-defined]
     # Each key the reference reads at most once, so none can be repeated (see clean_batch).
-    if _quoted(body, spec.value_key) != 1 or _quoted(body, spec.stream_key) > 1:
+    if body.count(plan.value) != 1 or body.count(plan.stream) > 1:
         return None
-    if _quoted(body, spec.ts_key) != (t is not UNSET) or _quoted(body, spec.label_key) != (
-        lab is not UNSET
-    ):
+    if body.count(plan.ts) != (t is not UNSET) or body.count(plan.label) != (lab is not UNSET):
         return None
     if _long_integer(body):
         return None
@@ -156,7 +160,8 @@ def clean_batch(payload: bytes, topic: str, spec: PayloadSpec, received: float) 
         return None
     if codec._topic_too_long(topic, spec.max_stream_bytes):
         return None
-    decoder = _batch_decoder(spec)
+    plan = _plan(spec)
+    decoder = plan.batch
     if decoder is None:
         return None
     try:
@@ -167,17 +172,17 @@ def clean_batch(payload: bytes, topic: str, spec: PayloadSpec, received: float) 
         return None
     # A key quoted more often than items hold it may be repeated inside one item (msgspec keeps
     # the last copy; the reference refuses the item), or sit in a value: the reference decides.
-    if _quoted(body, spec.stream_key) != n or _quoted(body, spec.value_key) != n:
+    if body.count(plan.stream) != n or body.count(plan.value) != n:
         return None
     # Columns read with C-level getters: no Python step per item where the batch is usual
     # (every item with a ts, none with a label).
     ts_raw = list(map(_T, items))
     labels = list(map(_L, items))
     no_ts = ts_raw.count(UNSET)
-    if _quoted(body, spec.ts_key) != n - no_ts:
+    if body.count(plan.ts) != n - no_ts:
         return None
     unlabelled = labels.count(UNSET)
-    if _quoted(body, spec.label_key) != n - unlabelled:
+    if body.count(plan.label) != n - unlabelled:
         return None
     if _long_integer(body):
         return None
