@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.procstat import cpu_seconds, memory_kb
+from benchmarks.procstat import cpu_seconds, memory_kb, thread_cpu_seconds
 from benchmarks.rawmqtt import HOST, purge_session
 from forecaster import harness
 from forecaster.harness import DaemonProcess, wait_file, write_config
@@ -181,6 +181,7 @@ class Trial:
     cpu_s_per_million: float = 0.0
     rss_kb: int = 0
     curve: list[list[float]] = field(default_factory=list)  # (offered, p99 ms) for the plot
+    thread_cpu_s: dict[int, float] = field(default_factory=dict)  # profiled trials: by thread id
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -226,11 +227,14 @@ def run_trial(
             pub_cmd += ["--window", str(window), "--counter", str(counter)]
         pub = subprocess.Popen(pub_cmd, cwd=ROOT)
         spy: subprocess.Popen[bytes] | None = None
+        threads0: dict[int, float] = {}
         if profile_to is not None:
+            threads0 = thread_cpu_seconds(contender.pid)
             spy = start_profile(contender.pid, profile_to, duration)
         pub.wait(timeout=timeout)
         sub.wait(timeout=timeout + 30)
         cpu1, bcpu1 = cpu_seconds(contender.pid), cpu_seconds(broker.pid)
+        threads1 = thread_cpu_seconds(contender.pid) if profile_to is not None else {}
         if spy is not None:
             spy.wait(timeout=60)
         info = json.loads(done.read_text())
@@ -240,6 +244,7 @@ def run_trial(
     trial.broker_cpu_s = bcpu1 - bcpu0
     trial.cpu_s_per_million = trial.cpu_s / trial.received * 1e6 if trial.received else 0.0
     trial.rss_kb = memory_kb(contender.pid).get("VmRSS", 0)
+    trial.thread_cpu_s = {t: c - threads0.get(t, 0.0) for t, c in threads1.items()}
     return trial
 
 
@@ -308,6 +313,32 @@ def start_profile(pid: int, out: Path, duration: float) -> subprocess.Popen[byte
         str(out),
     ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def thread_names(path: Path) -> dict[int, str]:
+    """Thread id to name, from py-spy's collapsed stacks (``thread (ID): NAME;frame;...``)."""
+    names: dict[int, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            head = line.split(";", 1)[0]
+            if head.startswith("thread (") and "): " in head:
+                tid, _, name = head[len("thread (") :].partition("): ")
+                if tid.isdigit():
+                    names[int(tid)] = name
+    return names
+
+
+def thread_cpu(trial: Trial, names: dict[int, str]) -> dict[str, float]:
+    """CPU µs per reading of each thread that used any in a profiled trial, busiest first
+    (unnamed threads: ONNX Runtime's, the main thread, ... by id)."""
+    if not trial.received:
+        return {}
+    per = {
+        names.get(tid, f"thread {tid}"): round(cpu / trial.received * 1e6, 2)
+        for tid, cpu in trial.thread_cpu_s.items()
+        if cpu > 0
+    }
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
 def summarise_profile(path: Path, top: int = 12) -> dict[str, Any]:

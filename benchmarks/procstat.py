@@ -24,6 +24,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """utime + stime of each thread of ``pid``, by its thread id; empty once it has gone."""
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     """``VmRSS`` and ``VmHWM`` (peak RSS) in KiB; empty once the process has gone."""
     out: dict[str, int] = {}

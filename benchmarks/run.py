@@ -30,6 +30,8 @@ from benchmarks.harness import (
     run_trial,
     search,
     summarise_profile,
+    thread_cpu,
+    thread_names,
     window_for,
 )
 from benchmarks.procstat import host_info, memory_kb
@@ -229,7 +231,7 @@ class Runner:
                 out["profile"] = {"error": "not profiled (--no-report, or py-spy not installed)"}
             elif sc.profile and kind == "forecaster":
                 prof = self.workdir / sc.name / "forecaster-profile.txt"
-                run_trial(
+                profiled = run_trial(
                     c,
                     broker,
                     load,
@@ -239,6 +241,11 @@ class Runner:
                     profile_to=prof,
                 )
                 out["profile"] = summarise_profile(prof)
+                # Where the CPU went, by thread, at saturation (the profile samples the GIL).
+                out["profile"]["readings_per_s"] = profiled.delivered
+                out["profile"]["thread_cpu_us_per_reading"] = thread_cpu(
+                    profiled, thread_names(prof)
+                )
                 saved = RESULTS / f"profile-{sc.name}.txt"
                 if prof.exists():
                     saved.write_text(prof.read_text())

@@ -96,13 +96,13 @@ def run(
     # As the daemon builds a route: its recent-predictions cache, and its journal (in a
     # scratch folder; the append is timed, the snapshots its bound forces are too).
     engine = Engine(bundle, new_store(rc, bundle.state_shapes), recent=rc.recent_predictions)
-    d = DaemonConfig()
+    defaults = DaemonConfig()
     if journal is not None:
         engine.recover(
             journal / "bench.snapshot",
             journal / "bench.journal",
             now=T0,
-            max_journal_bytes=d.journal_max_bytes,
+            max_journal_bytes=defaults.journal_max_bytes,
         )
     route = Route(rc, engine)
     responder = Responder(CountingPublisher(), Metrics(CollectorRegistry()))
