@@ -243,18 +243,27 @@ def encode_predictions(preds: Sequence[Prediction], model: str, version: str, ba
     """:func:`codec.encode_predictions`'s document, encoded by msgspec."""
     if not batch and len(preds) != 1:
         raise ValueError(f"a non-batch message carries exactly one prediction, got {len(preds)}")
-    if not (model + version + "".join(p.stream for p in preds)).isascii():
-        return codec.encode_predictions(preds, model, version, batch)
     # A prediction's fields are the document's keys in order (those that are None omitted, as
     # the reference omits them), with the model's name and version to go before "warm". Every
     # string in the document is JSON-escaped, so the key's bytes are found nowhere else.
-    body = _ENCODER.encode(preds if batch else preds[0])
-    return body.replace(_WARM_KEY, _model_keys(model, version))
+    try:
+        body = _ENCODER.encode(preds if batch else preds[0])
+    except UnicodeEncodeError:  # a lone surrogate in a stream id
+        body = b"\x80"
+    if not body.isascii():  # a stream id that is not ASCII: the reference escapes it
+        return codec.encode_predictions(preds, model, version, batch)
+    keys = _model_keys(model, version)
+    if keys is None:
+        return codec.encode_predictions(preds, model, version, batch)
+    return body.replace(_WARM_KEY, keys)
 
 
 _WARM_KEY = b',"warm":'
 
 
 @lru_cache(maxsize=64)
-def _model_keys(model: str, version: str) -> bytes:
+def _model_keys(model: str, version: str) -> bytes | None:
+    """The model's keys to go before "warm"; None when its name or version is not ASCII."""
+    if not (model + version).isascii():
+        return None
     return b',"model":%s,"version":%s,"warm":' % (_ENCODER.encode(model), _ENCODER.encode(version))

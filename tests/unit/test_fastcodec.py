@@ -175,7 +175,9 @@ def test_encoded_predictions_are_the_reference_document(rows: list[Any], batch: 
     assert list(_keys(json.loads(got))) == list(_keys(json.loads(want)))
 
 
-@pytest.mark.parametrize("stream", ['a,"warm":1', ',"warm":', 'x\\","warm":', '"', "\\"])
+@pytest.mark.parametrize(
+    "stream", ['a,"warm":1', ',"warm":', 'x\\","warm":', '"', "\\", "ü/流", "x\ud800y"]
+)
 def test_stream_ids_that_look_like_keys_stay_stream_ids(stream: str) -> None:
     preds = [Prediction(stream, 1.0, 2.0, True), Prediction("b", 2.0, 3.0, False, lower=1.0)]
     for batch in (True, False):
