@@ -12,7 +12,7 @@ the journal (in a scratch folder; ``--no-journal`` leaves it out), so their cost
 Scenarios: gateway batches of 100 readings over 1,000 streams (``batch``); single-reading
 messages over 1,000 streams (``single``); one stream whose every micro-batch holds only its
 readings (``one-stream``). Micro-batches are cut at ``--per-batch`` readings (the daemon's
-``max_batch``, 256), never splitting a message. Every scenario runs the same number of readings.
+``max_batch``, 512), never splitting a message. Every scenario runs the same number of readings.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run(
     kind: str,
     decode_fn: Callable[..., codec.Decoded],
     readings: int,
-    per_batch: int = 256,
+    per_batch: int = 512,
     journal: Path | None = None,
 ) -> dict[str, float]:
     bundle = Bundle.load(MODEL)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--per-batch",
         type=int,
-        default=256,
+        default=512,
         help="readings per micro-batch (the daemon's max_batch; a message is never split)",
     )
     p.add_argument("--no-journal", action="store_true", help="step without the journal")

@@ -168,7 +168,7 @@ class DaemonConfig(_Section):
     """Batching, back-pressure and persistence of the serving loop."""
 
     max_batch: int = Field(
-        default=256, ge=1, le=65536, description="Most readings per inference call."
+        default=512, ge=1, le=65536, description="Most readings per inference call."
     )
     max_delay_ms: float = Field(
         default=5.0, ge=0, le=1000, description="Longest a reading waits for its batch to fill, ms."

@@ -50,7 +50,7 @@ def test_defaults_with_one_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert cfg.mqtt == MQTTConfig()
     assert cfg.mqtt.tls.enabled is False
     assert cfg.metrics.port == 18090
-    assert cfg.daemon.max_batch == 256
+    assert cfg.daemon.max_batch == 512
     assert cfg.daemon.state_dir == tmp_path / "state"  # defaults resolve against the CWD
     [route] = cfg.routes
     assert route.name == "water"
@@ -98,7 +98,7 @@ def test_env_overrides(tmp_path: Path) -> None:
         "FORECASTER_MQTT__HOST": "broker.example",
         "FORECASTER_MQTT__PORT": "8883",
         "FORECASTER_MQTT__TLS__ENABLED": "true",
-        "forecaster_daemon__max_batch": "512",  # case-insensitive
+        "forecaster_daemon__max_batch": "1024",  # case-insensitive
         "FORECASTER_DAEMON__ON_FULL": "drop_oldest",
         "FORECASTER_METRICS__ENABLED": "0",
         "FORECASTER_CONFIG": "/etc/forecaster/forecaster.toml",  # reserved, not a setting
@@ -108,7 +108,7 @@ def test_env_overrides(tmp_path: Path) -> None:
     assert cfg.mqtt.host == "broker.example"
     assert cfg.mqtt.port == 8883
     assert cfg.mqtt.tls.enabled is True
-    assert cfg.daemon.max_batch == 512
+    assert cfg.daemon.max_batch == 1024
     assert cfg.daemon.on_full == "drop_oldest"
     assert cfg.metrics.enabled is False
 
