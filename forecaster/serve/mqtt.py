@@ -49,7 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from forecaster.serve import matcher, packets, wakeup
+from forecaster.serve import matcher, packets, pubinfo, wakeup
 from forecaster.serve.config import MQTTConfig
 from forecaster.serve.probe import tls_context, why_unreachable
 from forecaster.serve.sockbuf import BufferedClient
@@ -320,6 +320,7 @@ class _Link:
         matcher.install(self.client)  # no reference cycle per received message
         wakeup.install(self.client)  # one wake-up byte per wake-up, not per queued packet
         packets.install(self.client)  # no empty MQTT 5 property sets decoded per message
+        pubinfo.install()  # no condition variable made and notified per published message
         if cfg.username:
             self.client.username_pw_set(cfg.username, password)
         if cfg.tls.enabled:
