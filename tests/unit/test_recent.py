@@ -7,6 +7,7 @@ import gc
 import random
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 
 from forecaster.serve.codec import Prediction
@@ -32,6 +33,9 @@ class Reference:
 
 def agree(cache: RecentPredictions, want: Reference, where: str) -> None:
     assert len(cache) == len(want.entries), where
+    ids, arrays = cache.to_arrays()  # read without making the dict exact
+    assert list(zip(ids, arrays["recent_ts"].tolist(), strict=True)) == list(want.entries), where
+    assert arrays["recent_value"].tolist() == [p.value for p in want.entries.values()], where
     assert [(key, cache.get(*key)) for key in cache.keys()] == list(want.entries.items()), where
 
 
@@ -56,7 +60,14 @@ def test_recent_predictions_leave_the_garbage_collector_nothing_to_track() -> No
     gc.collect()
     gc.collect()  # a chunk's tuple is let go the collection after its column tuples are
     assert cache._pending and not any(gc.is_tracked(chunk) for chunk in cache._pending)
-    cache.keys()  # into the dict
+    before = cache.to_arrays()
+    assert cache._pending  # a snapshot reads the chunks where they are
+    cache.get("s0", 0.0)  # a lookup makes the dict exact
+    assert not cache._pending
+    after = cache.to_arrays()
+    assert before[0] == after[0] and all(
+        np.array_equal(before[1][k], after[1][k], equal_nan=True) for k in before[1]
+    )
     gc.collect()
     entries = [obj for item in cache._map.items() for obj in item]
     assert entries and not any(gc.is_tracked(obj) for obj in entries)
