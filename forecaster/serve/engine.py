@@ -63,7 +63,7 @@ from forecaster.serve.journal import (
     encode_wave,
     scan_journal,
 )
-from forecaster.serve.recent import WARM_FLAG, RecentPredictions
+from forecaster.serve.recent import WARM_FLAG, Columns, RecentPredictions
 from forecaster.serve.snapshot import SnapshotData, SnapshotError, load_snapshot, previous_path
 from forecaster.serve.state import StateStore, Verdict, finite_rows
 from forecaster.serve.window import as_batch, push
@@ -732,6 +732,7 @@ class Engine:
         stepped = [readings[i] for i in flat]
         values, warms = y.tolist(), warm.tolist()
         made: list[Prediction]
+        lows = highs = None
         if iv is not None:
             lows, highs = iv.bounds(y, sp)
             made = [
@@ -758,7 +759,10 @@ class Engine:
         if n_streams == 1 or (not hits and n_streams == n):
             # One stream, or each its own stream's only reading: ``flat`` is in arrival order.
             if len(flat) == n:  # and holds every reading
-                self.recent.put_many(made, streams_all, ts_all)
+                if lows is None or highs is None:
+                    lows = highs = np.full(len(flat), np.nan)
+                columns = Columns(y, warm, lows, highs)
+                self.recent.put_many(made, streams_all, ts_all, columns)
             else:
                 self.recent.put_many(made)
             return

@@ -34,12 +34,13 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import repeat
 from operator import attrgetter, itemgetter
+from typing import NamedTuple
 
 import numpy as np
 
 from forecaster.serve.codec import Prediction
 
-__all__ = ["WARM_FLAG", "RecentPredictions"]
+__all__ = ["WARM_FLAG", "Columns", "RecentPredictions"]
 
 #: Bit of the snapshot's ``recent_flags`` column: the prediction was warm.
 WARM_FLAG = 1
@@ -49,8 +50,21 @@ _FIRST, _SECOND = itemgetter(0), itemgetter(1)
 _VALUE, _WARM, _LOWER, _UPPER = (attrgetter(k) for k in ("value", "warm", "lower", "upper"))
 
 Key = tuple[str, float]
-#: Predictions put in one call, not yet in the dict: their streams, ts and the predictions.
-Chunk = tuple[tuple[str, ...], tuple[float, ...], tuple[Prediction, ...]]
+
+
+class Columns(NamedTuple):
+    """The snapshot's columns of predictions put in one call, when the caller has them as
+    arrays: value, warm, lower and upper (NaN where a prediction has no bound)."""
+
+    value: np.ndarray
+    warm: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+#: Predictions put in one call, not yet in the dict: their streams, ts, the predictions, and
+#: their columns when the caller gave them (a snapshot then reads no prediction one by one).
+Chunk = tuple[tuple[str, ...], tuple[float, ...], tuple[Prediction, ...], Columns | None]
 
 
 class RecentPredictions:
@@ -115,10 +129,12 @@ class RecentPredictions:
         preds: Sequence[Prediction],
         streams: Sequence[str] | None = None,
         ts: Sequence[float] | None = None,
+        columns: Columns | None = None,
     ) -> None:
         """Put each of ``preds`` in order, as the newest entry (an entry already there moves
-        to the newest end), then evict the oldest beyond the capacity. ``streams`` and ``ts``,
-        when the caller has them, are the predictions' own (``p.stream``, ``p.ts``)."""
+        to the newest end), then evict the oldest beyond the capacity. ``streams``, ``ts`` and
+        ``columns``, when the caller has them, are the predictions' own (``p.stream``,
+        ``p.ts``, ...; the arrays are kept, and must not change)."""
         if self.capacity == 0 or not preds:
             return
         if streams is None or ts is None:
@@ -126,7 +142,7 @@ class RecentPredictions:
             ts = [p.ts for p in preds]
         if self._distinct(streams, ts) and not self.could_hold(streams, ts):
             # Every key new: appended as it is, the dict catches up only if ever read.
-            self._pending.append((tuple(streams), tuple(ts), tuple(preds)))
+            self._pending.append((tuple(streams), tuple(ts), tuple(preds), columns))
             self._pending_n += len(preds)
             self._newest.update(zip(streams, ts, strict=True))  # each above its bound
             self._trim()
@@ -177,7 +193,7 @@ class RecentPredictions:
         pending, self._pending = self._pending, deque()
         skip = max(0, self._pending_n - self.capacity)  # evicted by the chunks after them
         self._pending_n = 0
-        for streams, ts, preds in pending:
+        for streams, ts, preds, _ in pending:
             if skip >= len(preds):
                 skip -= len(preds)
                 continue
@@ -190,7 +206,7 @@ class RecentPredictions:
         for s, t in self._map:
             if t > newest.get(s, _NEVER):
                 newest[s] = t
-        for streams, ts, _ in self._pending:  # each ts above every earlier one of its stream
+        for streams, ts, _, _ in self._pending:  # each ts above every earlier one of its stream
             newest.update(zip(streams, ts, strict=True))
         self._newest = newest
 
@@ -235,25 +251,27 @@ class RecentPredictions:
 
     def keys(self) -> list[Key]:
         """The cached keys, oldest first (each once, where it was last put)."""
-        streams, ts, _ = self._columns()
-        return list(zip(streams, ts, strict=True))
+        streams, ts, _ = self._parts()
+        return list(zip(streams, ts, strict=True))[self._evicted() :]
 
-    def _columns(self) -> tuple[list[str], list[float], list[Prediction]]:
-        """Every entry's stream, ts and prediction, oldest first, read where they are: the
-        dict's entries, then the pending chunks', less the oldest beyond the capacity (a
-        snapshot must not pay for making the dict exact: ~30 ms at 65,536 entries)."""
+    def _evicted(self) -> int:
+        # Pending keys are new: beyond the capacity, the oldest entries of the two parts go.
+        return max(0, len(self._map) + self._pending_n - self.capacity)
+
+    def _parts(self) -> tuple[list[str], list[float], list[Columns]]:
+        """Every entry's stream and ts, and their snapshot columns in parts, oldest first,
+        read where they are: the dict's entries, then the pending chunks' (a snapshot must not
+        pay for making the dict exact: ~30 ms at 65,536 entries). Entries beyond the
+        capacity (:meth:`_evicted`) are still in."""
         keys = self._exact_keys()
         streams = list(map(_FIRST, keys))
         ts = list(map(_SECOND, keys))
-        preds = list(map(self._map.__getitem__, keys))
-        for chunk_streams, chunk_ts, chunk_preds in self._pending:
+        parts = [_columns_of(list(map(self._map.__getitem__, keys)))]
+        for chunk_streams, chunk_ts, chunk_preds, columns in self._pending:
             streams.extend(chunk_streams)
             ts.extend(chunk_ts)
-            preds.extend(chunk_preds)
-        skip = max(0, len(preds) - self.capacity)  # pending keys are new: the oldest go
-        if skip:
-            return streams[skip:], ts[skip:], preds[skip:]
-        return streams, ts, preds
+            parts.append(_columns_of(chunk_preds) if columns is None else columns)
+        return streams, ts, parts
 
     def _exact_keys(self) -> list[Key]:
         if not self._stale:
@@ -282,17 +300,28 @@ class RecentPredictions:
 
     def to_arrays(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """Column arrays for the snapshot file, oldest first."""
-        streams, ts, rows = self._columns()
-        n = len(rows)
-        warm = np.fromiter(map(_WARM, rows), dtype=bool, count=n)
+        streams, ts, parts = self._parts()
+        skip = self._evicted()
+        value, warm, lower, upper = (np.concatenate(c)[skip:] for c in zip(*parts, strict=True))
         arrays: dict[str, np.ndarray] = {
-            "recent_ts": np.array(ts, dtype=np.float64).reshape(n),
-            "recent_value": np.fromiter(map(_VALUE, rows), dtype=np.float64, count=n),
+            "recent_ts": np.array(ts[skip:], dtype=np.float64).reshape(len(streams) - skip),
+            "recent_value": value.astype(np.float64),
             "recent_flags": np.where(warm, WARM_FLAG, 0).astype(np.uint8),
-            "recent_lower": _bounds(map(_LOWER, rows), n),
-            "recent_upper": _bounds(map(_UPPER, rows), n),
+            "recent_lower": lower.astype(np.float64),
+            "recent_upper": upper.astype(np.float64),
         }
-        return streams, arrays
+        return streams[skip:], arrays
+
+
+def _columns_of(preds: Sequence[Prediction]) -> Columns:
+    """The snapshot's columns of ``preds``, read one prediction at a time."""
+    n = len(preds)
+    return Columns(
+        np.fromiter(map(_VALUE, preds), dtype=np.float64, count=n),
+        np.fromiter(map(_WARM, preds), dtype=bool, count=n),
+        _bounds(map(_LOWER, preds), n),
+        _bounds(map(_UPPER, preds), n),
+    )
 
 
 def _bounds(values: Iterator[float | None], n: int) -> np.ndarray:

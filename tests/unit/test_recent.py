@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from forecaster.serve.codec import Prediction
-from forecaster.serve.recent import RecentPredictions
+from forecaster.serve.recent import Columns, RecentPredictions
 
 Key = tuple[str, float]
 
@@ -35,7 +35,9 @@ def agree(cache: RecentPredictions, want: Reference, where: str) -> None:
     assert len(cache) == len(want.entries), where
     ids, arrays = cache.to_arrays()  # read without making the dict exact
     assert list(zip(ids, arrays["recent_ts"].tolist(), strict=True)) == list(want.entries), where
-    assert arrays["recent_value"].tolist() == [p.value for p in want.entries.values()], where
+    kept = list(want.entries.values())
+    assert arrays["recent_value"].tolist() == [p.value for p in kept], where
+    assert arrays["recent_flags"].tolist() == [int(p.warm) for p in kept], where
     assert [(key, cache.get(*key)) for key in cache.keys()] == list(want.entries.items()), where
 
 
@@ -142,8 +144,15 @@ def test_lazy_puts_answer_as_an_exact_cache_would(seed: int, capacity: int) -> N
             batch.append(Prediction(s, clock[s] - rng.choice((0.0, 1.0)), float(k), True))
             if rng.random() < 0.5:
                 batch.insert(1, Prediction(pair[1], clock[pair[1]], float(k), True))
-        if rng.random() < 0.3:
-            cache.put_many(batch, [p.stream for p in batch], [p.ts for p in batch])
+        if rng.random() < 0.3:  # as the engine puts a batch: keys and snapshot columns given
+            nan = float("nan")
+            columns = Columns(
+                np.array([p.value for p in batch]),
+                np.array([p.warm for p in batch]),
+                np.array([nan if p.lower is None else p.lower for p in batch]),
+                np.array([nan if p.upper is None else p.upper for p in batch]),
+            )
+            cache.put_many(batch, [p.stream for p in batch], [p.ts for p in batch], columns)
         else:
             cache.put_many(batch)
         want.put_many(batch)
