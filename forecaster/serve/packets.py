@@ -61,15 +61,26 @@ def empty_publish_properties() -> Properties:
 
 
 def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion) -> Any:
-    """paho's ``decode_publish``, with an empty MQTT 5 property block decoded for nothing."""
+    """paho's ``decode_publish``, with an empty MQTT 5 property block decoded for nothing.
+
+    Without properties the packet is laid out as under MQTT 3.1.1 (where a topic must not be
+    empty: MQTT 5 allows it with a topic alias, which is a property), and is read here in
+    place: paho's unpacking copies the rest of the packet at each of its three steps."""
     if protocol == MQTTProtocolVersion.MQTTv5 and len(packet) >= 2:
         topic_len = (packet[0] << 8) | packet[1]
-        at = 2 + topic_len + (2 if header & 0x06 else 0)  # the property length, after the mid
+        qos = (header & 0x06) >> 1
+        at = 2 + topic_len + (2 if qos else 0)  # the property length, after the mid
         if topic_len and len(packet) > at and packet[at] == 0:
-            # Without properties the rest is laid out as under MQTT 3.1.1 (where a topic must
-            # not be empty: MQTT 5 allows it with a topic alias, which is a property).
-            out = _paho_decode_publish(header, packet, MQTTProtocolVersion.MQTTv311)
-            return out._replace(payload=out.payload[1:], properties=empty_publish_properties())
+            mid = (packet[at - 2] << 8) | packet[at - 1] if qos else 0
+            return _packet.PublishPacket(
+                dup=(header & 0x08) != 0,
+                qos=qos,
+                retain=(header & 0x01) != 0,
+                topic=bytes(packet[2 : 2 + topic_len]),
+                mid=mid,
+                properties=empty_publish_properties(),
+                payload=bytes(packet[at + 1 :]),
+            )
     return _paho_decode_publish(header, packet, protocol)
 
 

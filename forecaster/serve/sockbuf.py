@@ -180,21 +180,6 @@ class BufferedSocket:
         return getattr(self._sock, name)
 
 
-def _in_packet(command: int, body: bytearray) -> Any:
-    """paho's record of the packet being read, as its own read leaves it once a packet is
-    whole (``command`` 0 and an empty body: no packet started)."""
-    return {
-        "command": command,
-        "have_remaining": 1 if command else 0,
-        "remaining_count": [],
-        "remaining_mult": 1,
-        "remaining_length": len(body),
-        "packet": body,
-        "to_process": 0,
-        "pos": 0,
-    }
-
-
 class BufferedClient(paho.Client):
     """A paho client whose socket reads are buffered (:class:`BufferedSocket`)."""
 
@@ -223,13 +208,23 @@ class BufferedClient(paho.Client):
         if whole is None:
             return super()._packet_read()
         command, body = whole
-        self._in_packet = _in_packet(command, body)
+        # paho's record of the packet being read, filled in place (it is fresh: no packet is
+        # started) and left fresh again: paho's read makes a new one per packet.
+        record = self._in_packet
+        record["command"] = command
+        record["have_remaining"] = 1
+        record["remaining_length"] = len(body)
+        record["packet"] = body
         try:
             rc = self._packet_handle()
         except MalformedPacket as exc:
             self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
             rc = paho.MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = _in_packet(0, bytearray())
+        record = self._in_packet
+        record["command"] = 0
+        record["have_remaining"] = 0
+        record["remaining_length"] = 0
+        record["packet"] = bytearray()
         with self._msgtime_mutex:
             self._last_bytes_received = time_func()
         return rc

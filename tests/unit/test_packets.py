@@ -92,7 +92,10 @@ def _decoded(decode: Any, header: int, body: bytes, protocol: MQTTProtocolVersio
     except MalformedPacket as exc:
         return ("malformed", str(exc))
     props = out.properties
-    return out._replace(properties=None if props is None else (props.packetType, props.json()))
+    kinds = (type(out.topic), type(out.payload))  # bytes equals bytearray: compare the types too
+    return out._replace(
+        properties=None if props is None else (props.packetType, props.json())
+    ), kinds
 
 
 @pytest.mark.parametrize("protocol", [MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5])
