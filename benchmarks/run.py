@@ -408,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             "trial_seconds": settings.duration,
             "probe_seconds": settings.probe_duration,
             "search_fractions": list(settings.fractions[: settings.max_trials]),
+            "search_up_fractions": list(settings.up_fractions),
             "latency_points": list(settings.latency_points),
-            "sustained_rule": "open-loop rate with no loss and < 0.25 s of backlog at the end",
+            "sustained_rule": "open-loop rate with no loss and < 0.25 s of backlog at the end "
+            "(descending from the probe's rate; above it while passing when it passes)",
         },
         "scenarios": {},
     }
