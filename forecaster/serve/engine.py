@@ -41,7 +41,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ import numpy as np
 from forecaster.model import clip, spread
 from forecaster.model.bundle import Bundle, Interval, Manifest
 from forecaster.model.classify import counts
-from forecaster.serve.codec import Prediction, Reading
+from forecaster.serve.codec import STREAM_OF, TS_OF, VALUE_OF, Prediction, Reading
 from forecaster.serve.journal import (
     KIND_FORGET,
     KIND_WAVE,
@@ -305,7 +304,6 @@ def _scaling(manifest: Manifest) -> tuple[float, float] | None:
     return None if iv is None or manifest.task == "classify" else iv.spreading
 
 
-_STREAM, _TS, _VALUE = attrgetter("stream"), attrgetter("ts"), attrgetter("value")
 _RETRY_S = 5.0  # least seconds between snapshots forced by failing journal appends
 
 
@@ -454,11 +452,14 @@ class Engine:
         out = Outcome(predictions=[None] * n)
         preds = out.predictions
         recent = self.recent
-        streams_all = list(map(_STREAM, readings))
+        streams_all = list(map(STREAM_OF, readings))
         by_stream: dict[str, list[int]] | None = None
         hits = 0
-        ts_all = list(map(_TS, readings))
-        if recent.capacity and recent.holds_any(streams_all, ts_all):
+        ts_all = list(map(TS_OF, readings))
+        # Every reading newer than what the cache holds for its stream (nearly every batch): no
+        # lookup, and its predictions go in as they are (``put_many``'s ``new``).
+        maybe_cached = recent.capacity > 0 and recent.could_hold(streams_all, ts_all)
+        if maybe_cached and recent.holds_any(streams_all, ts_all):
             get = recent.get
             by_stream = {}
             for i, r in enumerate(readings):
@@ -519,7 +520,7 @@ class Engine:
             ends = np.cumsum(lens)
             t_of = np.arange(m) - np.repeat(ends - lens, lens)
             if by_stream is None and m == n:  # every reading its stream's only one, stepped
-                vals = np.fromiter(map(_VALUE, readings), dtype=np.float64, count=m)
+                vals = np.fromiter(map(VALUE_OF, readings), dtype=np.float64, count=m)
             else:
                 vals = np.fromiter((readings[i].value for i in flat), dtype=np.float64, count=m)
             width = int(lens.max())
@@ -643,7 +644,18 @@ class Engine:
         )
         warm = prior_seen + 1 >= self.warmup
         self._publish(
-            readings, flat, y64, sp, warm, len(streams), n, hits, out, streams_all, ts_all
+            readings,
+            flat,
+            y64,
+            sp,
+            warm,
+            len(streams),
+            n,
+            hits,
+            out,
+            streams_all,
+            ts_all,
+            not maybe_cached,
         )
         for i, first in plan.echoes:
             preds[i] = preds[first]
@@ -722,10 +734,12 @@ class Engine:
         out: Outcome,
         streams_all: list[str],
         ts_all: list[float],
+        new: bool,
     ) -> None:
         """Predictions for the stepped readings (bounds at the spreads ``sp`` when the interval
         follows them), into the recent cache in the waves' order (``streams_all``, ``ts_all``:
-        every reading's, the cache's keys when every reading was stepped in arrival order)."""
+        every reading's, the cache's keys when every reading was stepped in arrival order; ``new``:
+        none of them could be cached before this batch)."""
         manifest = self.bundle.manifest
         threshold = manifest.threshold if manifest.task == "classify" else None
         iv = manifest.interval if threshold is None else None
@@ -762,7 +776,8 @@ class Engine:
                 if lows is None or highs is None:
                     lows = highs = np.full(len(flat), np.nan)
                 columns = Columns(y, warm, lows, highs)
-                self.recent.put_many(made, streams_all, ts_all, columns)
+                # Every reading stepped, in arrival order: distinct keys, each stream's rising.
+                self.recent.put_many(made, streams_all, ts_all, columns, new=new)
             else:
                 self.recent.put_many(made)
             return

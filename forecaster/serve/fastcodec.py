@@ -246,14 +246,13 @@ def encode_predictions(preds: Sequence[Prediction], model: str, version: str, ba
     # A prediction's fields are the document's keys in order (those that are None omitted, as
     # the reference omits them), with the model's name and version to go before "warm". Every
     # string in the document is JSON-escaped, so the key's bytes are found nowhere else.
+    keys = _model_keys(model, version)
     try:
         body = _ENCODER.encode(preds if batch else preds[0])
     except UnicodeEncodeError:  # a lone surrogate in a stream id
-        body = b"\x80"
-    if not body.isascii():  # a stream id that is not ASCII: the reference escapes it
-        return codec.encode_predictions(preds, model, version, batch)
-    keys = _model_keys(model, version)
-    if keys is None:
+        body = None
+    # Anything not ASCII (a stream id, the model's name): the reference escapes it.
+    if keys is None or body is None or not body.isascii():
         return codec.encode_predictions(preds, model, version, batch)
     return body.replace(_WARM_KEY, keys)
 

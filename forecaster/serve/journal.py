@@ -37,13 +37,20 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from forecaster.serve.codec import Prediction, Reading
+from forecaster.serve.codec import (
+    LABEL_OF,
+    STREAM_OF,
+    TS_OF,
+    VALUE_OF,
+    WARM_OF,
+    Prediction,
+    Reading,
+)
 from forecaster.serve.snapshot import fsync_dir
 
 __all__ = [
@@ -77,8 +84,6 @@ KIND_FORGET = 2  # streams the engine forgot (idle expiry)
 _HAS_PRED = 1
 _WARM = 2
 _HAS_LABEL = 4
-_TS, _VALUE, _LABEL, _STREAM = (attrgetter(k) for k in ("ts", "value", "label", "stream"))
-_WARM_OF = attrgetter("warm")
 
 RefusalReason = Literal["torn", "corrupt", "gap", "foreign"]
 REFUSAL_REASONS: tuple[RefusalReason, ...] = ("torn", "corrupt", "gap", "foreign")
@@ -114,9 +119,9 @@ def encode_wave(readings: Sequence[Reading], predictions: Sequence[Prediction | 
         raise ValueError(f"{n} readings but {len(predictions)} predictions")
     # Columns read with C-level getters, and the usual batch (no labels, every reading
     # predicted, ASCII ids) without a Python step per reading: this runs for every micro-batch.
-    ts = np.fromiter(map(_TS, readings), dtype="<f8", count=n)
-    values = np.fromiter(map(_VALUE, readings), dtype="<f8", count=n)
-    labels_in = list(map(_LABEL, readings))
+    ts = np.fromiter(map(TS_OF, readings), dtype="<f8", count=n)
+    values = np.fromiter(map(VALUE_OF, readings), dtype="<f8", count=n)
+    labels_in = list(map(LABEL_OF, readings))
     flags = np.zeros(n, dtype=np.uint8)
     if labels_in.count(None) == n:
         labels = np.zeros(n, dtype="<f8")
@@ -126,8 +131,8 @@ def encode_wave(readings: Sequence[Reading], predictions: Sequence[Prediction | 
             (0 if x is None else _HAS_LABEL for x in labels_in), dtype=np.uint8, count=n
         )
     if predictions.count(None) == 0:
-        preds = np.fromiter(map(_VALUE, predictions), dtype="<f8", count=n)
-        warm = np.fromiter(map(_WARM_OF, predictions), dtype=bool, count=n)
+        preds = np.fromiter(map(VALUE_OF, predictions), dtype="<f8", count=n)
+        warm = np.fromiter(map(WARM_OF, predictions), dtype=bool, count=n)
         flags |= np.where(warm, _HAS_PRED | _WARM, _HAS_PRED).astype(np.uint8)
     else:
         preds = np.fromiter(
@@ -138,7 +143,7 @@ def encode_wave(readings: Sequence[Reading], predictions: Sequence[Prediction | 
             dtype=np.uint8,
             count=n,
         )
-    streams = list(map(_STREAM, readings))
+    streams = list(map(STREAM_OF, readings))
     joined = "".join(streams)
     if joined.isascii():  # one byte per character
         lengths = np.fromiter(map(len, streams), dtype="<u4", count=n)

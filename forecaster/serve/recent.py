@@ -33,12 +33,12 @@ import operator
 from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import repeat
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
 
-from forecaster.serve.codec import Prediction
+from forecaster.serve.codec import LOWER_OF, UPPER_OF, VALUE_OF, WARM_OF, Prediction
 
 __all__ = ["WARM_FLAG", "Columns", "RecentPredictions"]
 
@@ -47,7 +47,6 @@ WARM_FLAG = 1
 
 _NEVER = -float("inf")
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)
-_VALUE, _WARM, _LOWER, _UPPER = (attrgetter(k) for k in ("value", "warm", "lower", "upper"))
 
 Key = tuple[str, float]
 
@@ -130,17 +129,21 @@ class RecentPredictions:
         streams: Sequence[str] | None = None,
         ts: Sequence[float] | None = None,
         columns: Columns | None = None,
+        *,
+        new: bool = False,
     ) -> None:
         """Put each of ``preds`` in order, as the newest entry (an entry already there moves
         to the newest end), then evict the oldest beyond the capacity. ``streams``, ``ts`` and
         ``columns``, when the caller has them, are the predictions' own (``p.stream``,
-        ``p.ts``, ...; the arrays are kept, and must not change)."""
+        ``p.ts``, ...; the arrays are kept, and must not change). ``new``: the caller knows the
+        keys are distinct, each stream's ``ts`` rising, and :meth:`could_hold` said False of
+        them with no put since (the engine checks that once per batch, before stepping)."""
         if self.capacity == 0 or not preds:
             return
         if streams is None or ts is None:
             streams = [p.stream for p in preds]
             ts = [p.ts for p in preds]
-        if self._distinct(streams, ts) and not self.could_hold(streams, ts):
+        if new or (self._distinct(streams, ts) and not self.could_hold(streams, ts)):
             # Every key new: appended as it is, the dict catches up only if ever read.
             self._pending.append((tuple(streams), tuple(ts), tuple(preds), columns))
             self._pending_n += len(preds)
@@ -317,10 +320,10 @@ def _columns_of(preds: Sequence[Prediction]) -> Columns:
     """The snapshot's columns of ``preds``, read one prediction at a time."""
     n = len(preds)
     return Columns(
-        np.fromiter(map(_VALUE, preds), dtype=np.float64, count=n),
-        np.fromiter(map(_WARM, preds), dtype=bool, count=n),
-        _bounds(map(_LOWER, preds), n),
-        _bounds(map(_UPPER, preds), n),
+        np.fromiter(map(VALUE_OF, preds), dtype=np.float64, count=n),
+        np.fromiter(map(WARM_OF, preds), dtype=bool, count=n),
+        _bounds(map(LOWER_OF, preds), n),
+        _bounds(map(UPPER_OF, preds), n),
     )
 
 

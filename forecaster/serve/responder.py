@@ -27,13 +27,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from itertools import chain, repeat
-from operator import attrgetter
 from typing import Protocol, cast
 
 import numpy as np
 
 from forecaster.logs import RateLimitedLog
-from forecaster.serve.codec import Prediction, Reading, prediction_topic
+from forecaster.serve.codec import RECEIVED_OF, Prediction, Reading, prediction_topic
 from forecaster.serve.engine import Outcome
 from forecaster.serve.fastcodec import encode_predictions
 from forecaster.serve.intake import Work
@@ -44,8 +43,6 @@ from forecaster.serve.routes import Route
 log = logging.getLogger("forecaster.serve.responder")
 
 __all__ = ["Publisher", "Responder"]
-
-_RECEIVED = attrgetter("received")
 
 
 class Publisher(Protocol):
@@ -153,7 +150,7 @@ class Responder:
                 answered, stepped = cast(list[Prediction], preds), w.readings
             if self._publish(route, w, answered, manifest.name, manifest.version):
                 published += len(answered)
-                received.extend(map(_RECEIVED, stepped))
+                received.extend(map(RECEIVED_OF, stepped))
                 sent.extend(repeat(self._wall(), len(answered)))
         m = self.metrics
         if received:
