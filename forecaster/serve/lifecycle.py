@@ -94,6 +94,7 @@ def mqtt_transport(d: Daemon) -> Link:
         on_state=d.on_mqtt_state,
         on_wait=d.waiting_for_broker,
         on_refused=d.on_prediction_refused,
+        on_messages=d.intake.on_messages,
     )
 
 

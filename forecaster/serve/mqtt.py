@@ -24,6 +24,10 @@ project's original design notes:
 - paho's network thread is woken by one byte per wake-up, not one per queued packet
   (:mod:`forecaster.serve.wakeup`): a micro-batch's predictions, or a burst of acknowledgements,
   cost one system call, not one each.
+- The messages one buffered read brought (:mod:`forecaster.serve.sockbuf`) are handed to the
+  daemon together (``on_messages``), so its intake decodes a burst of reading objects in one
+  call and takes its queue's lock once, not per message; the readings the PUBACKs of one read
+  make due are acknowledged with one queued write.
 - A PUBLISH without MQTT 5 properties is decoded without building an empty property set, and a
   success PUBACK (two bytes) from its message id alone (:mod:`forecaster.serve.packets`).
 - Reconnects use exponential backoff with full jitter (paho's own has none, so a fleet of
@@ -38,11 +42,12 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -56,8 +61,18 @@ from forecaster.serve.sockbuf import BufferedClient
 
 log = logging.getLogger("forecaster.serve.mqtt")
 
+#: Most messages held back for one hand-over to ``on_messages``: a read step that brings more
+#: (a backlog after a reconnect) hands them over in parts, so the first is queued promptly.
+STAGED_MAX = 256
+
+#: An acknowledgement on the wire: command (PUBACK for QoS 1, PUBCOMP for QoS 2), length 2, id.
+_ACK_PACKET = struct.Struct("!BBH")
+_ACK_COMMAND = {1: 0x40, 2: 0x70}
+
 #: (topic, payload, mid, qos) of a received message. It may block (back-pressure).
 MessageHandler = Callable[[str, bytes, int, int], None]
+#: Takes the messages one read of the socket brought, in order: (topic, payload, mid, qos) each.
+ManyHandler = Callable[[list[tuple[str, bytes, int, int]]], None]
 
 #: (incoming mid, qos) of a reading to acknowledge once its prediction is out.
 Ack = tuple[int, int]
@@ -424,10 +439,15 @@ class Transport:
         on_state: Callable[[bool], None] | None = None,
         on_wait: Callable[[], None] | None = None,
         on_refused: RefusalHandler | None = None,
+        on_messages: ManyHandler | None = None,
     ) -> None:
         self.cfg = cfg
         self.filters = filters
         self._on_message = on_message
+        self._on_messages = on_messages
+        # Messages handled by the read step under way, handed to ``on_messages`` together at
+        # its end (buffered reads only: paho's own read handles one packet per step).
+        self._staged: list[tuple[str, bytes, int, int]] = []
         self._on_error = on_error
         self._on_state = on_state or (lambda _connected: None)
         # Called about every WAIT_TURN s while publish()/flush() wait for the broker.
@@ -445,6 +465,9 @@ class Transport:
         sub.on_connect = self._sub.guard("on_connect", self._sub_connect)
         sub.on_disconnect = self._sub.guard("on_disconnect", self._sub_disconnect)
         sub.on_message = self._sub.guard("on_message", self._handle_message)
+        self._staging = on_messages is not None and isinstance(sub, BufferedClient)
+        if isinstance(sub, BufferedClient) and self._staging:
+            sub.on_read_done = self._sub.guard("on_message", self._hand_over)
         sub.on_subscribe = self._sub.guard("on_subscribe", self._handle_subscribe)
         # The AckBook window (max_inflight) is the only bound on publishes in flight, which
         # keeps them far below the 65,535 message ids. paho's own limit stays off (0): with a
@@ -455,6 +478,11 @@ class Transport:
         pub.on_connect = self._pub.guard("on_connect", self._pub_connect)
         pub.on_disconnect = self._pub.guard("on_disconnect", self._pub_disconnect)
         pub.on_publish = self._pub.guard("on_publish", self._handle_publish)
+        # Readings to acknowledge for the PUBACKs one read step of the publisher handled, sent
+        # together at its end (buffered reads only).
+        self._acks: list[Ack] = []
+        if isinstance(pub, BufferedClient):
+            pub.on_read_done = self._pub.guard("on_publish", self._send_acks)
 
     # ------------------------------------------------------------------ state
 
@@ -559,12 +587,37 @@ class Transport:
             self._on_error("bad_topic")  # brokers should refuse these; count and move on
             self.ack(msg.mid, msg.qos)
             return
-        self._on_message(topic, bytes(msg.payload), msg.mid, msg.qos)
+        if self._staging:
+            self._staged.append((topic, bytes(msg.payload), msg.mid, msg.qos))
+            if len(self._staged) >= STAGED_MAX:  # a long burst: the first waits no longer
+                self._hand_over()
+        else:
+            self._on_message(topic, bytes(msg.payload), msg.mid, msg.qos)
+
+    def _hand_over(self) -> None:
+        """The messages of one read step, to ``on_messages`` together (network thread)."""
+        if self._staged:
+            staged, self._staged = self._staged, []
+            cast(ManyHandler, self._on_messages)(staged)
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a reading (QoS ≥ 1) on the subscriber link; thread-safe in paho."""
         if qos > 0:
             self._sub.client.ack(mid, qos)
+
+    def ack_many(self, acks: list[Ack]) -> None:
+        """:meth:`ack` for each of ``acks``, in order, queued to paho as one write: the same
+        bytes paho's ``ack`` queues one packet at a time (a PUBACK for QoS 1, a PUBCOMP for
+        QoS 2), without its per-packet bookkeeping and lock (``_packet_queue`` is paho's
+        private queue, see the module doc of :mod:`forecaster.serve.sockbuf`)."""
+        client = self._sub.client
+        if len(acks) < 2 or not client._manual_ack:
+            for mid, qos in acks:
+                self.ack(mid, qos)
+            return
+        wire = b"".join([_ACK_PACKET.pack(_ACK_COMMAND[q], 2, m) for m, q in acks if q > 0])
+        if wire:
+            client._packet_queue(_ACK_COMMAND[1], wire, 0, 1)
 
     # ------------------------------------------------------------------ publisher link
 
@@ -627,5 +680,16 @@ class Transport:
         # A failure reason comes in an MQTT 5 PUBACK (QoS 1) or PUBREC (QoS 2, reported here by
         # packets.py). MQTT 3.1.1 has no reasons, and QoS 0 no answer: there a refused
         # prediction looks published.
-        for in_mid, in_qos in self.book.done(mid, refusal(reason)):
+        done = self.book.done(mid, refusal(reason))
+        pub = self._pub.client
+        if isinstance(pub, BufferedClient) and pub.reading:
+            self._acks.extend(done)  # sent with the rest of this read step's (_send_acks)
+            return
+        for in_mid, in_qos in done:
             self.ack(in_mid, in_qos)
+
+    def _send_acks(self) -> None:
+        """The acknowledgements one read step of the publisher made due, in one write."""
+        if self._acks:
+            acks, self._acks = self._acks, []
+            self.ack_many(acks)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -229,14 +230,28 @@ class BufferedClient(paho.Client):
             self._last_bytes_received = time_func()
         return rc
 
+    #: Called at the end of each :meth:`loop_read` (on the network thread): the transport
+    #: hands over together what all the packets that read handled brought (messages, acks).
+    on_read_done: Callable[[], None] | None = None
+    #: True while :meth:`loop_read` runs, so a callback can tell a read step's call (which
+    #: ``on_read_done`` follows) from a write step's.
+    reading = False
+
     def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
         """paho's read step, repeated while whole packets wait in the buffer."""
-        rc = super().loop_read(max_packets)
-        sock = self._sock
-        while rc == paho.MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, BufferedSocket):
-            if sock.pending() <= 0 or self._sock is not sock:
-                break
+        self.reading = True
+        try:
             rc = super().loop_read(max_packets)
+            sock = self._sock
+            while rc == paho.MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, BufferedSocket):
+                if sock.pending() <= 0 or self._sock is not sock:
+                    break
+                rc = super().loop_read(max_packets)
+        finally:
+            self.reading = False
+            done = self.on_read_done
+            if done is not None:
+                done()
         return rc
 
     def loop_write(self) -> paho.MQTTErrorCode:

@@ -235,3 +235,51 @@ def test_any_reading_object_decodes_as_the_reference_does(payload: bytes, topic:
     # must take the fast path.
     if not want.rejects and b"x" not in payload and topic == "sensors/a/flow":
         assert fastcodec.clean_object(payload, topic, SPEC, RECEIVED) == want, payload
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    objects=st.lists(
+        st.tuples(reading_object(), st.sampled_from(["sensors/a/flow", "s/b", "s/" + "x" * 300])),
+        min_size=1,
+        max_size=6,
+    ),
+    extra=st.sampled_from([b"", b"  ", b"12.5", b"[]", b"{", b"}", b'{"value":1},{"value":2}']),
+)
+def test_reading_objects_decoded_together_are_the_references_readings(
+    objects: list[tuple[bytes, str]], extra: bytes
+) -> None:
+    """Either every payload's reading, exactly as the reference decodes it one by one, or None
+    (then each is decoded alone): never a reading the reference would not give. ``extra``, when
+    not empty, is one more payload that is not a clean reading object by itself."""
+    payloads = [p for p, _ in objects]
+    topics = [t for _, t in objects]
+    if extra:
+        payloads.append(extra)
+        topics.append("sensors/e/flow")
+    got = fastcodec.clean_objects(payloads, topics, SPEC, RECEIVED)
+    want = [codec.decode(p, t, SPEC, RECEIVED) for p, t in zip(payloads, topics, strict=True)]
+    if got is not None:
+        assert all(not w.rejects and len(w.readings) == 1 for w in want), payloads
+        assert got == [w.readings[0] for w in want], payloads
+    # Clean objects (no defect but a harmless repeated ts, short topics) take the fast path.
+    clean = not extra and all(
+        not w.rejects and b'"x"' not in p and b'"stream"' not in p and b'"ts":"' not in p
+        for w, p in zip(want, payloads, strict=True)
+    )
+    if clean and all(len(t) < 64 for t in topics):
+        assert got is not None, payloads
+
+
+def test_clean_reading_objects_are_decoded_together() -> None:
+    payloads = [b'{"value": 1.5, "ts": 1699999999}', b' {"value":-2} ', b'{"value":3,"label":1}']
+    topics = ["s/a", "s/b", "s/c"]
+    got = fastcodec.clean_objects(payloads, topics, SPEC, RECEIVED)
+    assert got == [
+        codec.Reading("s/a", 1.5, 1699999999.0, RECEIVED, "s/a", None),
+        codec.Reading("s/b", -2.0, RECEIVED, RECEIVED, "s/b", None),
+        codec.Reading("s/c", 3.0, RECEIVED, RECEIVED, "s/c", 1.0),
+    ]
+    # One payload the reference must judge sends them all back to one-by-one decoding.
+    for bad in (b'{"value":NaN}', b'{"value":1,"value":2}', b'{"value":1,"x":{"y":1}}', b"7"):
+        assert fastcodec.clean_objects([*payloads, bad], [*topics, "s/d"], SPEC, RECEIVED) is None

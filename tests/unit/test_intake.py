@@ -255,3 +255,86 @@ def test_a_queue_smaller_than_a_batch_wakes_the_worker_when_full(route: Route) -
     worker.join(timeout=10)  # well before the 30 s deadline: the queue is full at 3
     assert got == [[1, 2, 3]]
     assert rig.rejected("queue_full") == 0
+
+
+MIXED = [
+    ("sensors/a/flow", b'{"value": 1.5, "ts": 12}'),
+    ("elsewhere/x", b"1"),  # no route
+    ("sensors/b/flow", b"NaN"),  # rejected
+    ("sensors/c/flow", b'[{"value": 1, "stream": "s"}, {"value": "x", "stream": "s"}]'),
+    ("sensors/d/flow", b"7.25"),  # a plain number
+    ("sensors/e/flow", b'{"value": 2, "ts": 13, "label": 1}'),
+    ("sensors/f/flow", b'{"value": 1, "value": 2}'),  # a repeated key: rejected
+]
+
+
+def _outcome(rig: Rig) -> tuple[object, ...]:
+    works = rig.intake.take(0, 1000, 0)
+    samples = sorted(
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for m in rig.registry.collect()
+        if m.name.startswith("forecaster_readings")
+        for s in m.samples
+        if not s.name.endswith("_created")
+    )
+    shown = [(w.mid, w.topic, w.batch, w.readings, w.route.name) for w in works]
+    return shown, rig.acked, samples
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_messages_taken_together_are_taken_as_one_by_one(route: Route, clean: bool) -> None:
+    """Queued works, acknowledgements and counters are the same as from on_message per
+    message, for a burst of clean reading objects (decoded together) and for a mixed one."""
+    messages = (
+        [(f"sensors/s{k}/flow", b'{"value": %d.5, "ts": %d}' % (k, 100 + k)) for k in range(20)]
+        if clean
+        else MIXED
+    )
+    alone, together = Rig(route, capacity=1000), Rig(route, capacity=1000)
+    for mid, (topic, payload) in enumerate(messages):
+        alone.intake.on_message(topic, payload, mid, 1)
+    together.intake.on_messages([(t, p, mid, 1) for mid, (t, p) in enumerate(messages)])
+    assert _outcome(together) == _outcome(alone)
+
+
+def test_messages_taken_together_respect_the_queue_policy(route: Route) -> None:
+    rig = Rig(route, capacity=3, policy="drop_newest")
+    messages = [(f"sensors/s{k}/flow", b'{"value": %d}' % k, k, 1) for k in range(5)]
+    rig.intake.on_messages(messages)
+    assert [w.mid for w in rig.intake.take(0, 1000, 0)] == [0, 1, 2]
+    assert rig.acked == [(3, 1), (4, 1)] and rig.rejected("queue_full") == 2
+    rig.intake.accepting = False
+    rig.intake.on_messages(messages)
+    assert rig.intake.empty() and len(rig.acked) == 2  # left for the broker to redeliver
+
+
+def test_a_failure_while_taking_messages_costs_only_its_message(route: Route) -> None:
+    rig = Rig(route, capacity=100)
+    real = rig.intake._route_for
+
+    def flaky(topic: str) -> Route | None:
+        if "boom" in topic:
+            raise RuntimeError("boom")
+        return real(topic)
+
+    rig.intake._route_for = flaky
+    for names in ("a boom b", "a b boom c d e"):  # one by one, and taken together
+        rig.intake.on_messages(
+            [(f"sensors/{s}/flow", b'{"value": 1}', mid, 1) for mid, s in enumerate(names.split())]
+        )
+    assert [w.mid for w in rig.intake.take(0, 100, 0)] == [0, 2, 0, 1, 3, 4, 5]
+    assert rig.acked == []  # the one that failed is left for the broker to redeliver
+    errors = {"callback": "on_message"}
+    assert rig.registry.get_sample_value("forecaster_callback_errors_total", errors) == 2
+
+
+def test_a_queue_blocked_mid_burst_wakes_the_worker_for_what_is_queued(route: Route) -> None:
+    rig = Rig(route, capacity=2, policy="block")
+    messages = [(f"sensors/s{k}/flow", b'{"value": %d}' % k, k, 1) for k in range(4)]
+    producer = threading.Thread(target=rig.intake.on_messages, args=(messages,))
+    producer.start()
+    taken: list[int] = []
+    while len(taken) < 4:
+        taken += [w.mid for w in rig.intake.take(10, 2, 10.0)]  # woken when 2 are queued
+    producer.join(timeout=10)
+    assert taken == [0, 1, 2, 3] and rig.acked == []

@@ -258,3 +258,24 @@ def test_the_whole_packet_read_hands_paho_what_its_own_read_does(
         a.close()
         b.close()
     assert results[0] == results[1] == sent, f"seed {seed}"
+
+
+def test_the_read_done_hook_follows_every_packet_of_the_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """``on_read_done`` runs once per ``loop_read``, after every whole packet in the buffer
+    was handled (the transport hands their messages over together then)."""
+    a, b = pair
+    a.setblocking(False)
+    client = Recording(paho.CallbackAPIVersion.VERSION2)
+    client.handled = []
+    calls: list[int] = []
+    client.on_read_done = lambda: calls.append(len(client.handled))
+    client._sock = BufferedSocket(a)
+    b.sendall(wire([(0x30, b"x" * 20)] * 5))
+    assert client.loop_read() == paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert calls == [5]
+    b.sendall(wire([(0x30, b"y")]))
+    client.loop_read()
+    assert calls == [5, 6]
+    client._sock = None

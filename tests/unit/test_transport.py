@@ -272,3 +272,43 @@ def test_a_refusing_puback_reaches_on_refused_through_paho() -> None:
     assert acked == [(100, 1), (101, 1)]
     assert refused == [(d1, "not_authorized")]
     assert t.inflight == 0 and t.pending_readings == 0
+
+
+def test_acks_queued_together_are_the_bytes_paho_queues_one_by_one() -> None:
+    acks = [(1, 1), (2, 0), (3, 2), (65535, 1), (258, 1)]
+    wires = []
+    for together in (True, False):
+        t = Transport(MQTTConfig(), None, ["#"], lambda *_: None, on_error=print)
+        if together:
+            t.ack_many(acks)
+        else:
+            for mid, qos in acks:
+                t.ack(mid, qos)
+        queued = list(t._sub.client._out_packet)
+        assert len(queued) == (1 if together else 4)
+        wires.append(b"".join(bytes(p["packet"]) for p in queued))
+    assert (
+        wires[0]
+        == wires[1]
+        == b"".join(struct.pack("!BBH", 0x40 if q == 1 else 0x70, 2, m) for m, q in acks if q)
+    )
+
+
+def test_the_pubacks_of_one_read_acknowledge_their_readings_together() -> None:
+    t, acked = _transport(max_inflight=3)
+    batches: list[list[tuple[int, int]]] = []
+    t.ack_many = batches.append  # type: ignore[method-assign]
+    for k in range(3):
+        assert t.publish(WATER, b"{}", 1, False, [(100 + k, 1)]) is PublishResult.SENT
+    mids = sorted(t._pub.client._out_messages)
+    pub = t._pub.client
+    pub.reading = True  # as inside BufferedClient.loop_read
+    _puback(t, mids[0], None)
+    _puback(t, mids[1], None)
+    assert acked == [] and batches == []
+    pub.reading = False
+    assert pub.on_read_done is not None
+    pub.on_read_done()
+    assert batches == [[(100, 1), (101, 1)]]
+    _puback(t, mids[2], None)  # outside a read step (a QoS 0 write): acknowledged at once
+    assert acked == [(102, 1)]
