@@ -45,7 +45,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple, cast
 
@@ -54,7 +54,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from forecaster.serve import matcher, packets, pubinfo, wakeup
+from forecaster.serve import bulkpub, matcher, packets, pubinfo, wakeup
 from forecaster.serve.config import MQTTConfig
 from forecaster.serve.probe import tls_context, why_unreachable
 from forecaster.serve.sockbuf import BufferedClient
@@ -200,6 +200,15 @@ class AckBook:
                         self._cond.acquire()
             self._inflight += 1
         return True
+
+    def take(self, qos: int, n: int) -> int:
+        """Take up to ``n`` window slots that are free now, without waiting; how many."""
+        if qos == 0:
+            return n
+        with self._cond:
+            k = max(0, min(n, self.window - self._inflight))
+            self._inflight += k
+        return k
 
     def release(self, qos: int) -> None:
         """Give back a slot taken for a message that was not sent after all."""
@@ -658,6 +667,48 @@ class Transport:
         """
         if not self.book.reserve(qos, lambda: self._stopping, self._on_wait):
             return PublishResult.STOPPING
+        return self._send(out, payload, qos, retain, acks)
+
+    def publish_many(
+        self, items: Sequence[tuple[Delivery, bytes, list[Ack]]], qos: int, retain: bool
+    ) -> list[PublishResult]:
+        """:meth:`publish` for each of ``items`` (delivery, payload, acks), in order: QoS ≥ 1
+        messages are queued to paho together (:func:`bulkpub.publish_many`: one lock hold and
+        one queued write), as many at a time as the in-flight window has free slots (a full
+        window waits for one, as :meth:`publish` does); what bulkpub declines goes through
+        paho's ``publish`` one by one."""
+        if qos == 0 or len(items) < 2:
+            return [self.publish(out, payload, qos, retain, acks) for out, payload, acks in items]
+        results: list[PublishResult] = []
+        while len(results) < len(items):
+            left = len(items) - len(results)
+            k = self.book.take(qos, left)  # the slots free now: published at once
+            if k == 0:  # the window is full: wait for a slot as publish() does
+                if not self.book.reserve(qos, lambda: self._stopping, self._on_wait):
+                    return results + [PublishResult.STOPPING] * left
+                k = 1 + self.book.take(qos, left - 1)
+            results += self._send_many(items[len(results) : len(results) + k], qos, retain)
+        return results
+
+    def _send_many(
+        self, items: Sequence[tuple[Delivery, bytes, list[Ack]]], qos: int, retain: bool
+    ) -> list[PublishResult]:
+        """:meth:`publish_many` of messages whose slots are taken."""
+        infos = None
+        if len(items) > 1:
+            messages = [(out.topic, payload) for out, payload, _ in items]
+            infos = bulkpub.publish_many(self._pub.client, messages, qos, retain)
+        if infos is None:
+            return [self._send(out, payload, qos, retain, acks) for out, payload, acks in items]
+        for info, (out, _, acks) in zip(infos, items, strict=True):
+            for in_mid, in_qos in self.book.sent(info.mid, qos, acks, out):
+                self.ack(in_mid, in_qos)
+        return [PublishResult.SENT] * len(items)
+
+    def _send(
+        self, out: Delivery, payload: bytes, qos: int, retain: bool, acks: list[Ack]
+    ) -> PublishResult:
+        """:meth:`publish` once its slot is taken."""
         # Never hold a lock of ours while calling into paho (see AckBook).
         try:
             info = self._pub.client.publish(out.topic, payload, qos=qos, retain=retain)

@@ -55,6 +55,14 @@ class Publisher(Protocol):
     def ack(self, mid: int, qos: int) -> None: ...
 
 
+#: A prediction message to publish: its delivery, payload and the readings' acknowledgements.
+Outgoing = tuple[Delivery, bytes, list[Ack]]
+#: A message with predictions: its work, its predicted readings and its prediction message.
+Ready = tuple[Work, list[Reading], Outgoing]
+#: :meth:`forecaster.serve.mqtt.Transport.publish_many`: messages, QoS, retain → a result each.
+PublishMany = Callable[[Sequence[Outgoing], int, bool], list[PublishResult]]
+
+
 class Responder:
     """Steps each route's share of a micro-batch and answers every message in it."""
 
@@ -71,6 +79,8 @@ class Responder:
         self._wall = wall
         self._clock = clock
         self._rl = rl or RateLimitedLog(log)
+        # A publisher that takes many messages at once (the MQTT transport) does.
+        self._publish_many: PublishMany | None = getattr(publisher, "publish_many", None)
         #: Readings stepped so far (for the STATUS line).
         self.processed = 0
 
@@ -127,11 +137,9 @@ class Responder:
         except Exception as exc:  # a metrics bug must not cost the predictions
             self._error("metrics", route.name, exc)
         manifest = route.engine.bundle.manifest
-        published = 0
-        # Each answered reading's receive time and its message's publish time, gathered with
-        # C-level passes (no Python step per reading of a gateway batch).
-        received: list[float] = []
-        sent: list[float] = []
+        # The messages with predictions, encoded, then published together (one paho call for a
+        # micro-batch of single-reading messages, see bulkpub.py).
+        ready: list[Ready] = []
         pos = 0
         for w in works:
             k = len(w.readings)
@@ -148,10 +156,21 @@ class Responder:
                 stepped = [w.readings[i] for i in keep]
             else:
                 answered, stepped = cast(list[Prediction], preds), w.readings
-            if self._publish(route, w, answered, manifest.name, manifest.version):
-                published += len(answered)
+            item = self._message(route, w, answered, manifest.name, manifest.version)
+            if item is not None:
+                ready.append((w, stepped, item))
+        published = 0
+        # Each answered reading's receive time and its message's publish time, gathered with
+        # C-level passes (no Python step per reading of a gateway batch).
+        received: list[float] = []
+        sent: list[float] = []
+        results = self._send(route, ready)
+        now = self._wall()
+        for (w, stepped, item), result in zip(ready, results, strict=True):
+            if self._settle(route, w, result):
+                published += item[0].predictions
                 received.extend(map(RECEIVED_OF, stepped))
-                sent.extend(repeat(self._wall(), len(answered)))
+                sent.extend(repeat(now, len(stepped)))
         m = self.metrics
         if received:
             latencies = np.asarray(sent) - np.asarray(received)
@@ -160,20 +179,49 @@ class Responder:
         m.streams.labels(route.name).set(len(route.engine.store))
         self.processed += len(readings)
 
-    def _publish(
+    def _message(
         self, route: Route, w: Work, preds: list[Prediction], name: str, version: str
-    ) -> bool:
-        """Publish one message's predictions; True if they went out (or will, for QoS ≥ 1)."""
+    ) -> Outgoing | None:
+        """One message's prediction message (delivery, payload, the reading's ack), or None when
+        it cannot be made (counted and acknowledged as an internal error)."""
         try:
             payload = encode_predictions(preds, name, version, w.batch)
             topic = prediction_topic(route.cfg.prediction_topic, w.topic)
-            out = Delivery(route.name, len(preds), topic)
-            acks = [(w.mid, w.qos)] if w.qos > 0 else []
-            result = self.publisher.publish(out, payload, route.cfg.qos, route.cfg.retain, acks)
         except Exception as exc:
             self._error("publish", route.name, exc)
             self.settle_unanswered([w], "internal_error")
-            return False
+            return None
+        return Delivery(route.name, len(preds), topic), payload, [(w.mid, w.qos)] if w.qos else []
+
+    def _send(
+        self,
+        route: Route,
+        ready: list[tuple[Work, list[Reading], tuple[Delivery, bytes, list[Ack]]]],
+    ) -> list[PublishResult | None]:
+        """Publish the messages, together where the publisher can; None where publishing raised
+        (counted and acknowledged as an internal error)."""
+        qos, retain = route.cfg.qos, route.cfg.retain
+        if self._publish_many is not None and len(ready) > 1:
+            try:
+                return list(self._publish_many([item for _, _, item in ready], qos, retain))
+            except Exception as exc:  # a bug: the messages not settled yet are answered so
+                self._error("publish", route.name, exc)
+                self.settle_unanswered([w for w, _, _ in ready], "internal_error")
+                return [None] * len(ready)
+        results: list[PublishResult | None] = []
+        for w, _, (out, payload, acks) in ready:
+            try:
+                results.append(self.publisher.publish(out, payload, qos, retain, acks))
+            except Exception as exc:
+                self._error("publish", route.name, exc)
+                self.settle_unanswered([w], "internal_error")
+                results.append(None)
+        return results
+
+    def _settle(self, route: Route, w: Work, result: PublishResult | None) -> bool:
+        """What publishing one message came to; True if it went out (or will, for QoS ≥ 1)."""
+        if result is None:
+            return False  # raised: settled as an internal error already
         if result is PublishResult.SENT:
             w.settled = True  # the transport acknowledges it once the prediction is out
             return True

@@ -1,0 +1,117 @@
+"""paho's ``publish`` for many QoS ≥ 1 messages at once: one lock hold and one queued write.
+
+The inference worker publishes a micro-batch of prediction messages at a time (one per
+single-reading message: hundreds). paho's ``publish`` does per message what the daemon has no
+need to repeat: it validates the topic, takes the message-id lock, builds the packet with a dozen
+small appends, takes the outgoing-messages lock and queues the packet (another lock and a
+wake-up). Profiles of single-reading messages put paho's ``publish`` at about a third of the
+inference worker's time under the GIL.
+
+:func:`publish_many` leaves paho exactly the records its own ``publish`` would leave: each
+message in ``_out_messages`` as an ``MQTTMessage`` waiting for its PUBACK (QoS 1) or PUBREC
+(QoS 2), counted in ``_inflight_messages``, so PUBACK handling, retries and the resend of every
+unacknowledged message after a reconnect are paho's own, unchanged. The packets' bytes are the
+ones paho's ``_send_publish`` writes (``tests/unit/test_bulkpub.py`` compares them), queued as one
+entry of paho's outgoing queue: paho does nothing per packet after writing a QoS ≥ 1 PUBLISH.
+What it does not take (QoS 0, whose packets paho reports as published one by one once written;
+a link that is down; a topic paho would refuse) it declines, with nothing changed, and the
+caller publishes those one by one through paho.
+
+It relies on paho's private ``_mid_generate_mutex``, ``_last_mid``, ``_out_message_mutex``,
+``_out_messages``, ``_inflight_messages``, ``_max_inflight_messages``, ``_sock``, ``_protocol``
+and ``_packet_queue`` (paho-mqtt 2.x, pinned below 3 in pyproject.toml);
+``tests/unit/test_bulkpub.py`` fails if they disappear.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import paho.mqtt.client as paho
+from paho.mqtt.client import time_func
+
+__all__ = ["publish_many", "publish_packet"]
+
+_PUBLISH = 0x30
+_U16 = struct.Struct("!H")
+_MAX_TOPIC = 65535
+_MAX_PAYLOAD = 268_435_455 - _MAX_TOPIC - 5  # what paho's publish takes, and room for the rest
+
+
+def _length(n: int) -> bytes:
+    """MQTT's variable-length remaining length."""
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+def publish_packet(
+    topic: bytes, payload: bytes, qos: int, retain: bool, mid: int, v5: bool
+) -> bytes:
+    """The PUBLISH packet paho's ``_send_publish`` writes for a first (not dup) QoS ≥ 1 send
+    without properties (MQTT 5: an empty property set, one zero byte)."""
+    remaining = 4 + len(topic) + len(payload) + (1 if v5 else 0)
+    return b"".join(
+        (
+            bytes((_PUBLISH | (qos << 1) | int(retain),)),
+            _length(remaining),
+            _U16.pack(len(topic)),
+            topic,
+            _U16.pack(mid),
+            b"\x00" if v5 else b"",
+            payload,
+        )
+    )
+
+
+def publish_many(
+    client: paho.Client, messages: Sequence[tuple[str, bytes]], qos: int, retain: bool
+) -> list[paho.MQTTMessageInfo] | None:
+    """Queue ``messages`` ((topic, payload) each) as paho's ``publish`` would, in order, and
+    return their records (``mid``, ``rc`` success); None, with nothing changed, where paho's
+    own ``publish`` must take them (see the module doc)."""
+    if qos not in (1, 2) or not messages or client._max_inflight_messages:
+        return None
+    try:
+        topics = [t.encode("utf-8") for t, _ in messages]  # paho raises for a lone surrogate
+    except UnicodeEncodeError:
+        return None
+    for topic in topics:
+        if not topic or len(topic) > _MAX_TOPIC or b"+" in topic or b"#" in topic:
+            return None  # paho's publish refuses these: let it say so
+    if max(len(p) for _, p in messages) > _MAX_PAYLOAD:
+        return None
+    v5 = client._protocol == paho.MQTTv5
+    now = time_func()
+    state = paho.mqtt_ms_wait_for_puback if qos == 1 else paho.mqtt_ms_wait_for_pubrec
+    with client._mid_generate_mutex:  # as paho's _mid_generate, once for all
+        last = client._last_mid
+        mids = []
+        for _ in range(len(messages)):
+            last = 1 if last >= 65535 else last + 1
+            mids.append(last)
+        client._last_mid = last
+    with client._out_message_mutex:
+        if client._sock is None or any(mid in client._out_messages for mid in mids):
+            return None  # paho queues for the reconnect, or reports ids in use, per message
+        wire = []
+        infos = []
+        out = client._out_messages
+        for mid, topic, (_, payload) in zip(mids, topics, messages, strict=True):
+            message = paho.MQTTMessage(mid, topic)
+            message.timestamp = now
+            message.payload = payload
+            message.qos = qos
+            message.retain = retain
+            message.dup = False
+            message.state = state
+            out[mid] = message
+            infos.append(message.info)
+            wire.append(publish_packet(topic, payload, qos, retain, mid, v5))
+        client._inflight_messages += len(mids)
+        client._packet_queue(_PUBLISH | (qos << 1), b"".join(wire), mids[-1], qos)
+    return infos
