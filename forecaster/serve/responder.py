@@ -193,11 +193,7 @@ class Responder:
             return None
         return Delivery(route.name, len(preds), topic), payload, [(w.mid, w.qos)] if w.qos else []
 
-    def _send(
-        self,
-        route: Route,
-        ready: list[tuple[Work, list[Reading], tuple[Delivery, bytes, list[Ack]]]],
-    ) -> list[PublishResult | None]:
+    def _send(self, route: Route, ready: list[Ready]) -> list[PublishResult | None]:
         """Publish the messages, together where the publisher can; None where publishing raised
         (counted and acknowledged as an internal error)."""
         qos, retain = route.cfg.qos, route.cfg.retain
