@@ -12,20 +12,9 @@ from __future__ import annotations
 import socket
 import struct
 
+from forecaster.serve.bulkpub import remaining_length as varint
+
 HOST = "127.0.0.1"  # loopback only: benchmarks never talk to any other address
-
-
-def varint(n: int) -> bytes:
-    """MQTT "remaining length" encoding."""
-    out = bytearray()
-    while True:
-        byte = n % 128
-        n //= 128
-        if n:
-            byte |= 0x80
-        out.append(byte)
-        if not n:
-            return bytes(out)
 
 
 def _utf8(s: str) -> bytes:

@@ -1,4 +1,4 @@
-"""paho's ``publish`` for many QoS ≥ 1 messages at once: one lock hold and one queued write.
+"""paho's ``publish`` and ``ack`` for many messages at once: one lock hold and one queued write.
 
 The inference worker publishes a micro-batch of prediction messages at a time (one per
 single-reading message: hundreds). paho's ``publish`` does per message what the daemon has no
@@ -17,9 +17,14 @@ What it does not take (QoS 0, whose packets paho reports as published one by one
 a link that is down; a topic paho would refuse) it declines, with nothing changed, and the
 caller publishes those one by one through paho.
 
+:func:`ack_many` does the same for acknowledgements of received messages: the PUBACKs (QoS 1)
+and PUBCOMPs (QoS 2) paho's ``ack`` would queue one packet, one lock and one wake-up at a time,
+queued as one write (the publisher's thread acknowledges the readings of a whole read of PUBACKs
+at once).
+
 It relies on paho's private ``_mid_generate_mutex``, ``_last_mid``, ``_out_message_mutex``,
-``_out_messages``, ``_inflight_messages``, ``_max_inflight_messages``, ``_sock``, ``_protocol``
-and ``_packet_queue`` (paho-mqtt 2.x, pinned below 3 in pyproject.toml);
+``_out_messages``, ``_inflight_messages``, ``_max_inflight_messages``, ``_sock``, ``_protocol``,
+``_manual_ack`` and ``_packet_queue`` (paho-mqtt 2.x, pinned below 3 in pyproject.toml);
 ``tests/unit/test_bulkpub.py`` fails if they disappear.
 """
 
@@ -31,16 +36,19 @@ from collections.abc import Sequence
 import paho.mqtt.client as paho
 from paho.mqtt.client import time_func
 
-__all__ = ["publish_many", "publish_packet"]
+__all__ = ["ack_many", "publish_many", "publish_packet", "remaining_length"]
 
 _PUBLISH = 0x30
 _U16 = struct.Struct("!H")
+#: An acknowledgement on the wire: command (PUBACK for QoS 1, PUBCOMP for QoS 2), length 2, id.
+_ACK = struct.Struct("!BBH")
+_ACK_COMMAND = {1: 0x40, 2: 0x70}
 _MAX_TOPIC = 65535
 _MAX_PAYLOAD = 268_435_455 - _MAX_TOPIC - 5  # what paho's publish takes, and room for the rest
 
 
-def _length(n: int) -> bytes:
-    """MQTT's variable-length remaining length."""
+def remaining_length(n: int) -> bytes:
+    """MQTT's variable-length "remaining length" of a packet's body."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -58,7 +66,7 @@ def publish_packet(
     return b"".join(
         (
             bytes((_PUBLISH | (qos << 1) | int(retain),)),
-            _length(remaining),
+            remaining_length(remaining),
             _U16.pack(len(topic)),
             topic,
             _U16.pack(mid),
@@ -115,3 +123,13 @@ def publish_many(
         client._inflight_messages += len(mids)
         client._packet_queue(_PUBLISH | (qos << 1), b"".join(wire), mids[-1], qos)
     return infos
+
+
+def ack_many(client: paho.Client, acks: Sequence[tuple[int, int]]) -> None:
+    """What paho's ``ack(mid, qos)`` queues for each of ``acks``, in order, as one write (nothing
+    for QoS 0, or when the client acknowledges by itself: no ``manual_ack``)."""
+    if not client._manual_ack:
+        return
+    wire = b"".join([_ACK.pack(_ACK_COMMAND[q], 2, m) for m, q in acks if q > 0])
+    if wire:
+        client._packet_queue(_ACK_COMMAND[1], wire, 0, 1)

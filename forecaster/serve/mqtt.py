@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,10 +63,6 @@ log = logging.getLogger("forecaster.serve.mqtt")
 #: Most messages held back for one hand-over to ``on_messages``: a read step that brings more
 #: (a backlog after a reconnect) hands them over in parts, so the first is queued promptly.
 STAGED_MAX = 256
-
-#: An acknowledgement on the wire: command (PUBACK for QoS 1, PUBCOMP for QoS 2), length 2, id.
-_ACK_PACKET = struct.Struct("!BBH")
-_ACK_COMMAND = {1: 0x40, 2: 0x70}
 
 #: (topic, payload, mid, qos) of a received message. It may block (back-pressure).
 MessageHandler = Callable[[str, bytes, int, int], None]
@@ -474,8 +469,9 @@ class Transport:
         sub.on_connect = self._sub.guard("on_connect", self._sub_connect)
         sub.on_disconnect = self._sub.guard("on_disconnect", self._sub_disconnect)
         sub.on_message = self._sub.guard("on_message", self._handle_message)
-        self._staging = on_messages is not None and isinstance(sub, BufferedClient)
-        if isinstance(sub, BufferedClient) and self._staging:
+        self._staging = False
+        if on_messages is not None and isinstance(sub, BufferedClient):
+            self._staging = True
             sub.on_read_done = self._sub.guard("on_message", self._hand_over)
         sub.on_subscribe = self._sub.guard("on_subscribe", self._handle_subscribe)
         # The AckBook window (max_inflight) is the only bound on publishes in flight, which
@@ -615,18 +611,13 @@ class Transport:
             self._sub.client.ack(mid, qos)
 
     def ack_many(self, acks: list[Ack]) -> None:
-        """:meth:`ack` for each of ``acks``, in order, queued to paho as one write: the same
-        bytes paho's ``ack`` queues one packet at a time (a PUBACK for QoS 1, a PUBCOMP for
-        QoS 2), without its per-packet bookkeeping and lock (``_packet_queue`` is paho's
-        private queue, see the module doc of :mod:`forecaster.serve.sockbuf`)."""
-        client = self._sub.client
-        if len(acks) < 2 or not client._manual_ack:
+        """:meth:`ack` for each of ``acks``, in order, queued to paho as one write
+        (:func:`bulkpub.ack_many`: the bytes paho's ``ack`` queues one packet at a time)."""
+        if len(acks) < 2:
             for mid, qos in acks:
                 self.ack(mid, qos)
             return
-        wire = b"".join([_ACK_PACKET.pack(_ACK_COMMAND[q], 2, m) for m, q in acks if q > 0])
-        if wire:
-            client._packet_queue(_ACK_COMMAND[1], wire, 0, 1)
+        bulkpub.ack_many(self._sub.client, acks)
 
     # ------------------------------------------------------------------ publisher link
 

@@ -118,6 +118,7 @@ def test_the_privates_it_relies_on_are_still_there() -> None:
         assert hasattr(c, name), name
     assert isinstance(c._last_mid, int) and isinstance(c._inflight_messages, int)
     assert c._max_inflight_messages >= 0 and callable(c._packet_queue)
+    assert isinstance(c._manual_ack, bool)
     assert paho.mqtt_ms_wait_for_puback != paho.mqtt_ms_wait_for_pubrec
 
 
