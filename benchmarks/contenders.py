@@ -98,6 +98,11 @@ def run_naive(cfg: Config, ready: Path) -> None:
     )
     names = ["h", "c"] if manifest["cell"] == "lstm" else ["h"]
     layers, hidden = int(manifest["layers"]), int(manifest["hidden"])
+    shapes = [(layers, 1, hidden)] * len(names)
+    lag_buffer = int(manifest.get("lag_buffer") or 0)
+    if lag_buffer:  # a model with lag inputs carries its stream's last readings as a state too
+        names.append("lags")
+        shapes.append((1, 1, lag_buffer + 1))
     outputs = ["y", *(f"{n}_out" for n in names)]
     sequence = manifest.get("graph") == "sequence"  # format 3: x [B, T, F] and lengths [B]
     one = np.ones(1, dtype=np.int64)
@@ -107,7 +112,7 @@ def run_naive(cfg: Config, ready: Path) -> None:
     def step(stream: str, value: float, ts: Any) -> dict[str, Any]:
         state = states.get(stream)
         if state is None:
-            state = [np.zeros((layers, 1, hidden), dtype=np.float32) for _ in names]
+            state = [np.zeros(shape, dtype=np.float32) for shape in shapes]
         if sequence:
             feeds = {"x": np.array([[[value]]], dtype=np.float32), "lengths": one}
         else:

@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.procstat import cpu_seconds, memory_kb, thread_cpu_seconds
 from benchmarks.rawmqtt import HOST, purge_session
 from forecaster import harness
-from forecaster.harness import DaemonProcess, wait_file, write_config
+from forecaster.harness import DaemonProcess, HarnessError, wait_file, write_config
 from forecaster.serve.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,6 +397,13 @@ class Settings:
     profile: bool = True  # py-spy the daemon at saturation (where a scenario asks for it)
 
 
+def _last_line(contender: Contender) -> str:
+    """The last line of the contender's log, to say why it answered nothing."""
+    path = contender.workdir / "contender.log"
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return f": {lines[-1][:300]}" if lines else ""
+
+
 def window_for(load: Load) -> int:
     return 3000 if load.mode == "batch" else 1000
 
@@ -423,6 +430,8 @@ def search(
         f"    probe: {probe.delivered:,.0f} readings/s closed-loop "
         f"(p99 {probe.latency_ms.get('p99', float('nan')):.1f} ms)"
     )
+    if probe.received == 0:  # every message failed (see the contender's log): not a rate
+        raise HarnessError(f"{contender.kind} answered nothing in the probe{_last_line(contender)}")
     ceiling = probe.delivered
     trials = [probe]
     best: Trial | None = None

@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.client import time_func
+from paho.mqtt.enums import MessageState
 
 __all__ = ["ack_many", "publish_many", "publish_packet", "remaining_length"]
 
@@ -47,8 +50,10 @@ _MAX_TOPIC = 65535
 _MAX_PAYLOAD = 268_435_455 - _MAX_TOPIC - 5  # what paho's publish takes, and room for the rest
 
 
+@lru_cache(maxsize=4096)
 def remaining_length(n: int) -> bytes:
-    """MQTT's variable-length "remaining length" of a packet's body."""
+    """MQTT's variable-length "remaining length" of a packet's body (cached: a daemon's
+    prediction messages come in a few sizes)."""
     out = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -62,18 +67,56 @@ def publish_packet(
 ) -> bytes:
     """The PUBLISH packet paho's ``_send_publish`` writes for a first (not dup) QoS ≥ 1 send
     without properties (MQTT 5: an empty property set, one zero byte)."""
-    remaining = 4 + len(topic) + len(payload) + (1 if v5 else 0)
-    return b"".join(
-        (
-            bytes((_PUBLISH | (qos << 1) | int(retain),)),
-            remaining_length(remaining),
-            _U16.pack(len(topic)),
-            topic,
-            _U16.pack(mid),
-            b"\x00" if v5 else b"",
-            payload,
-        )
+    return b"".join(_packet_parts(_Fixed.of(qos, retain, v5), topic, payload, mid))
+
+
+class _Fixed(NamedTuple):
+    """What every PUBLISH packet of one (QoS, retain, protocol) shares."""
+
+    command: bytes  # the first byte
+    properties: bytes  # MQTT 5: an empty property set
+    extra: int  # bytes of the body besides topic and payload
+
+    @staticmethod
+    def of(qos: int, retain: bool, v5: bool) -> _Fixed:
+        props = b"\x00" if v5 else b""
+        return _Fixed(bytes((_PUBLISH | (qos << 1) | int(retain),)), props, 4 + len(props))
+
+
+def _packet_parts(fixed: _Fixed, topic: bytes, payload: bytes, mid: int) -> tuple[bytes, ...]:
+    """:func:`publish_packet`'s bytes in pieces, for a caller that joins many packets once."""
+    return (
+        fixed.command,
+        remaining_length(fixed.extra + len(topic) + len(payload)),
+        _U16.pack(len(topic)),
+        topic,
+        _U16.pack(mid),
+        fixed.properties,
+        payload,
     )
+
+
+def _record(
+    mid: int, topic: bytes, payload: bytes, qos: int, retain: bool, state: MessageState, now: float
+) -> paho.MQTTMessage:
+    """The record paho's ``publish`` keeps of a message in flight: ``MQTTMessage(mid, topic)``
+    with the fields ``publish`` then sets, each slot set once instead of twice (its info made
+    by paho's class, which the transport replaces with ``pubinfo.MessageInfo``)."""
+    message = _new_message(paho.MQTTMessage)
+    message.timestamp = now
+    message.state = state
+    message.dup = False
+    message.mid = mid
+    message._topic = topic
+    message.payload = payload
+    message.qos = qos
+    message.retain = retain
+    message.info = paho.MQTTMessageInfo(mid)
+    message.properties = None
+    return message
+
+
+_new_message = paho.MQTTMessage.__new__
 
 
 def publish_many(
@@ -106,20 +149,15 @@ def publish_many(
     with client._out_message_mutex:
         if client._sock is None or any(mid in client._out_messages for mid in mids):
             return None  # paho queues for the reconnect, or reports ids in use, per message
-        wire = []
+        wire: list[bytes] = []
         infos = []
         out = client._out_messages
+        fixed = _Fixed.of(qos, retain, v5)
         for mid, topic, (_, payload) in zip(mids, topics, messages, strict=True):
-            message = paho.MQTTMessage(mid, topic)
-            message.timestamp = now
-            message.payload = payload
-            message.qos = qos
-            message.retain = retain
-            message.dup = False
-            message.state = state
+            message = _record(mid, topic, payload, qos, retain, state, now)
             out[mid] = message
             infos.append(message.info)
-            wire.append(publish_packet(topic, payload, qos, retain, mid, v5))
+            wire += _packet_parts(fixed, topic, payload, mid)
         client._inflight_messages += len(mids)
         client._packet_queue(_PUBLISH | (qos << 1), b"".join(wire), mids[-1], qos)
     return infos

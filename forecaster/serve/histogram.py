@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+#: At most this many values are bucketed in Python (:meth:`BulkHistogram._observe_few`).
+_FEW = 4
 
 
 class _Series:
@@ -59,6 +63,7 @@ class BulkHistogram(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._bounds = np.array(bounds)
+        self._bound_list = bounds
         self._les = [floatToGoString(b) for b in bounds]
         self._series: dict[tuple[str, ...], _Series] = {}
         self._lock = threading.Lock()
@@ -81,6 +86,9 @@ class BulkHistogram(Collector):
     def observe_many(self, values: np.ndarray, key: tuple[str, ...] = ()) -> None:
         """Count every value of ``values`` (NaN is ignored: it belongs to no bucket)."""
         v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size <= _FEW:
+            self._observe_few(v.tolist(), key)
+            return
         v = v[~np.isnan(v)]
         if not v.size:
             return
@@ -92,6 +100,21 @@ class BulkHistogram(Collector):
             series = self._series.setdefault(key, _Series(len(self._bounds)))
             series.counts += counts
             series.total += total
+
+    def _observe_few(self, values: list[float], key: tuple[str, ...]) -> None:
+        """:meth:`observe_many` of a few values, bucketed by ``bisect``: numpy's fixed cost per
+        call (a dozen calls, ~20 µs on this project's machines) is what a micro-batch's one
+        ONNX call size and time paid, every batch."""
+        got = [x for x in values if x == x]  # NaN is not equal to itself
+        if not got:
+            return
+        bounds = self._bound_list
+        with self._lock:
+            series = self._series.setdefault(key, _Series(len(bounds)))
+            counts = series.counts
+            for x in got:
+                counts[bisect_left(bounds, x)] += 1
+            series.total += sum(got)
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]

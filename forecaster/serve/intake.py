@@ -71,6 +71,8 @@ class Work:
     mid: int
     qos: int
     settled: bool = False
+    #: When it entered the queue (the intake's monotonic clock): what ``max_delay`` counts from.
+    queued: float = 0.0
 
 
 class Intake:
@@ -268,8 +270,10 @@ class Intake:
         most one wake-up of the worker; returns how many were queued."""
         dropped: list[Work] = []
         queued = 0
+        now = self._clock()
         with self._cond:
             for work in works:
+                work.queued = now  # a message that waits for room below only looks older
                 done = self._put_locked(work, dropped)
                 if done is None:
                     break  # stopping while blocked: this one and the rest stay unacknowledged
@@ -325,7 +329,15 @@ class Intake:
 
     def take(self, first_timeout: float, max_readings: int, max_delay: float) -> list[Work]:
         """A micro-batch: wait up to ``first_timeout`` for a first message, then gather more
-        until ``max_readings`` are in hand or ``max_delay`` seconds have passed since the first.
+        until ``max_readings`` are in hand or the oldest queued message has waited
+        ``max_delay`` seconds.
+
+        Counted from the oldest message's arrival, not from this call: messages that arrived
+        while the worker stepped the previous batch have waited already, and waiting a full
+        ``max_delay`` more for them (as this did before 2026-12-03) added up to a whole
+        batch's processing time to every reading's latency at moderate rates, where batches
+        never fill (measured: p50 at half the sustained rate, ~12 ms on this project's 2-core
+        machines, was about half waiting).
 
         Messages are never split, so a batch can exceed ``max_readings`` by less than one
         message. Returns [] if nothing arrived in time.
@@ -344,7 +356,7 @@ class Intake:
                     self._want = 0
                 if not self._items:
                     return []
-            deadline = self._clock() + max_delay
+            deadline = self._items[0].queued + max_delay
             # A queue smaller than a batch wakes the worker when full, not at the deadline.
             want = min(max_readings, self.capacity)
             while self._readings < want:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from itertools import chain, repeat
+from itertools import chain
+from operator import attrgetter
 from typing import Protocol, cast
 
 import numpy as np
@@ -34,7 +35,7 @@ import numpy as np
 from forecaster.logs import RateLimitedLog
 from forecaster.serve.codec import RECEIVED_OF, Prediction, Reading, prediction_topic
 from forecaster.serve.engine import Outcome
-from forecaster.serve.fastcodec import encode_predictions
+from forecaster.serve.fastcodec import encode_predictions, encode_singles
 from forecaster.serve.intake import Work
 from forecaster.serve.metrics import Metrics
 from forecaster.serve.mqtt import Ack, Delivery, PublishResult
@@ -61,6 +62,17 @@ Outgoing = tuple[Delivery, bytes, list[Ack]]
 Ready = tuple[Work, list[Reading], Outgoing]
 #: :meth:`forecaster.serve.mqtt.Transport.publish_many`: messages, QoS, retain → a result each.
 PublishMany = Callable[[Sequence[Outgoing], int, bool], list[PublishResult]]
+
+
+_READINGS_OF, _BATCH_OF = attrgetter("readings"), attrgetter("batch")
+
+
+def _all_single(works: Sequence[Work]) -> bool:
+    """Every message carries one reading as a reading object (not a batch of one, whose
+    prediction message is a list)."""
+    return list(map(len, map(_READINGS_OF, works))).count(1) == len(works) and not any(
+        map(_BATCH_OF, works)
+    )
 
 
 class Responder:
@@ -136,14 +148,44 @@ class Responder:
             self._count(route.name, outcome)
         except Exception as exc:  # a metrics bug must not cost the predictions
             self._error("metrics", route.name, exc)
-        manifest = route.engine.bundle.manifest
         # The messages with predictions, encoded, then published together (one paho call for a
         # micro-batch of single-reading messages, see bulkpub.py).
+        if len(readings) == len(works) and _all_single(works):
+            ready = self._singles(route, works, outcome.predictions)
+        else:
+            ready = self._messages(route, works, outcome.predictions)
+        published = 0
+        # Each answered reading's receive time, gathered with C-level passes (no Python step
+        # per reading of a gateway batch); all were published at ``now``.
+        received: list[float] = []
+        results = self._send(route, ready)
+        now = self._wall()
+        for (w, stepped, item), result in zip(ready, results, strict=True):
+            if self._settle(route, w, result):
+                published += item[0].predictions
+                if len(stepped) == 1:
+                    received.append(stepped[0].received)
+                else:
+                    received.extend(map(RECEIVED_OF, stepped))
+        m = self.metrics
+        if received:
+            latencies = now - np.asarray(received)
+            m.end_to_end_seconds.observe_many(np.maximum(latencies, 0.0))
+        m.predictions.labels(route.name).inc(published)
+        m.streams.labels(route.name).set(len(route.engine.store))
+        self.processed += len(readings)
+
+    def _messages(
+        self, route: Route, works: list[Work], predictions: list[Prediction | None]
+    ) -> list[Ready]:
+        """Each message's prediction message; a message none of whose readings has a
+        prediction (all dropped, a window filling) is acknowledged now instead."""
+        manifest = route.engine.bundle.manifest
         ready: list[Ready] = []
         pos = 0
         for w in works:
             k = len(w.readings)
-            preds = outcome.predictions[pos : pos + k]
+            preds = predictions[pos : pos + k]
             pos += k
             missing = preds.count(None)
             if missing == k:
@@ -159,25 +201,45 @@ class Responder:
             item = self._message(route, w, answered, manifest.name, manifest.version)
             if item is not None:
                 ready.append((w, stepped, item))
-        published = 0
-        # Each answered reading's receive time and its message's publish time, gathered with
-        # C-level passes (no Python step per reading of a gateway batch).
-        received: list[float] = []
-        sent: list[float] = []
-        results = self._send(route, ready)
-        now = self._wall()
-        for (w, stepped, item), result in zip(ready, results, strict=True):
-            if self._settle(route, w, result):
-                published += item[0].predictions
-                received.extend(map(RECEIVED_OF, stepped))
-                sent.extend(repeat(now, len(stepped)))
-        m = self.metrics
-        if received:
-            latencies = np.asarray(sent) - np.asarray(received)
-            m.end_to_end_seconds.observe_many(np.maximum(latencies, 0.0))
-        m.predictions.labels(route.name).inc(published)
-        m.streams.labels(route.name).set(len(route.engine.store))
-        self.processed += len(readings)
+        return ready
+
+    def _singles(
+        self, route: Route, works: list[Work], predictions: list[Prediction | None]
+    ) -> list[Ready]:
+        """:meth:`_messages` for single-reading messages, their payloads encoded together
+        (``fastcodec.encode_singles``): at hundreds of messages per micro-batch, the per-message
+        Python of the general path was a fifth of the inference worker's time."""
+        if predictions.count(None):
+            answered: list[Work] = []
+            for w, p in zip(works, predictions, strict=True):
+                if p is None:
+                    w.settled = True
+                    self.publisher.ack(w.mid, w.qos)
+                else:
+                    answered.append(w)
+            preds = [p for p in predictions if p is not None]
+        else:
+            answered, preds = works, cast(list[Prediction], predictions)
+        if not preds:
+            return []
+        manifest = route.engine.bundle.manifest
+        try:
+            payloads = encode_singles(preds, manifest.name, manifest.version)
+        except Exception:  # a bug: message by message, so only a message that fails pays
+            return self._messages(route, answered, list(preds))
+        name, template = route.name, route.cfg.prediction_topic
+        return [
+            (
+                w,
+                w.readings,
+                (
+                    Delivery(name, 1, prediction_topic(template, w.topic)),
+                    payload,
+                    [(w.mid, w.qos)] if w.qos else [],
+                ),
+            )
+            for w, payload in zip(answered, payloads, strict=True)
+        ]
 
     def _message(
         self, route: Route, w: Work, preds: list[Prediction], name: str, version: str

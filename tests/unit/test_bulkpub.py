@@ -37,10 +37,18 @@ def _client(protocol: int) -> paho.Client:
 
 
 def _records(c: paho.Client) -> list[tuple[object, ...]]:
-    return [
-        (m.mid, m.topic, bytes(m.payload), m.qos, m.retain, m.dup, m.state)
-        for m in c._out_messages.values()
-    ]
+    """Every slot of each record and of its ``info`` (but the time, and the condition, which
+    is each record's own); reading a slot that was never set raises, so a slot a paho release
+    adds and bulkpub does not set fails here."""
+    out = []
+    for m in c._out_messages.values():
+        fields = [
+            getattr(m, k) for k in paho.MQTTMessage.__slots__ if k not in ("info", "timestamp")
+        ]
+        slots = [k for cls in type(m.info).__mro__ for k in getattr(cls, "__slots__", ())]
+        info = [getattr(m.info, k) for k in slots if k != "_condition"]
+        out.append((*fields, *info, type(m.info), m.timestamp > 0))
+    return out
 
 
 def _wire(c: paho.Client) -> bytes:

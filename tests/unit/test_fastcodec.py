@@ -187,6 +187,25 @@ def test_stream_ids_that_look_like_keys_stay_stream_ids(stream: str) -> None:
         assert got == want and list(_keys(got)) == list(_keys(want))
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.text(max_size=6), finite_or_not, finite_or_not, st.booleans()),
+        min_size=1,
+        max_size=6,
+    ),
+    model=st.sampled_from(["m", 'm,"warm":', "mödel"]),
+)
+def test_singles_are_each_message_s_own_encoding(rows: list[Any], model: str) -> None:
+    """Encoded together (one pass over a micro-batch), each single-reading message's payload
+    is the bytes :func:`fastcodec.encode_predictions` gives it alone, whatever the ids hold
+    (non-ASCII, a lone surrogate, text that looks like a key)."""
+    preds = [Prediction(s, ts, v, w, lower=v, upper=v) for s, ts, v, w in rows]
+    assert fastcodec.encode_singles(preds, model, "v1") == [
+        fastcodec.encode_predictions([p], model, "v1", False) for p in preds
+    ]
+
+
 def _keys(doc: Any) -> list[str]:
     objs = doc if isinstance(doc, list) else [doc]
     return [k for o in objs for k in o]

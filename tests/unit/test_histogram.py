@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from forecaster.serve.histogram import BulkHistogram
@@ -39,3 +40,27 @@ def test_unlabelled_and_nan_ignored() -> None:
     assert r.get_sample_value("y_sum") == 2.505
     assert r.get_sample_value("y_bucket", {"le": "0.01"}) == 1
     assert r.get_sample_value("y_bucket", {"le": "+Inf"}) == 3
+
+
+def test_a_few_values_at_a_time_count_as_many_at_once() -> None:
+    """Calls of up to four values take a path of their own (bisect, no numpy): the same
+    buckets, count and sum as one call with all of them, bounds and NaN included."""
+    seed = 11
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([rng.lognormal(-3, 2, 300), [0.001, 0.01, 10.0, 1e9, 0.0, np.nan]])
+    rng.shuffle(values)
+    few, many = CollectorRegistry(), CollectorRegistry()
+    a = BulkHistogram("z", "doc", ["route"], buckets=BUCKETS, registry=few)
+    b = BulkHistogram("z", "doc", ["route"], buckets=BUCKETS, registry=many)
+    start = 0
+    while start < len(values):
+        size = int(rng.integers(1, 5))
+        a.labels("r").observe_many(values[start : start + size])
+        start += size
+    b.labels("r").observe_many(values)
+    for le in ("0.001", "0.01", "0.1", "1.0", "10.0", "+Inf"):
+        got = few.get_sample_value("z_bucket", {"route": "r", "le": le})
+        assert got == many.get_sample_value("z_bucket", {"route": "r", "le": le}), (le, seed)
+    assert few.get_sample_value("z_count", {"route": "r"}) == len(values) - 1
+    total = many.get_sample_value("z_sum", {"route": "r"})
+    assert few.get_sample_value("z_sum", {"route": "r"}) == pytest.approx(total, rel=1e-12)

@@ -202,6 +202,43 @@ def test_take_includes_a_message_that_arrives_within_max_delay(route: Route) -> 
         late.cancel()
 
 
+class WaitCountingCondition(threading.Condition):
+    """A condition that counts its ``wait`` calls (the worker's waits for a batch to fill)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def test_the_batching_window_counts_from_the_oldest_message_s_arrival(route: Route) -> None:
+    """Messages that waited while the worker stepped the previous batch are taken at once
+    once ``max_delay`` has passed since they arrived: no second full window for them."""
+    now = [0.0]
+    rig = Rig(route, capacity=100, policy="drop_newest", clock=lambda: now[0])
+    cond = WaitCountingCondition()
+    rig.intake._cond = cond
+    rig.intake.put(rig.work(1))
+    now[0] = 29.0  # queued 29 s ago with a 30 s window: waits for more
+    rig.intake.put(rig.work(2))
+    late = threading.Timer(0.05, lambda: rig.intake.put(rig.work(3)))
+    late.start()
+    try:
+        assert [w.mid for w in rig.intake.take(0, 3, 30.0)] == [1, 2, 3]
+    finally:
+        late.cancel()
+    assert cond.waits >= 1
+    rig.intake.put(rig.work(4))
+    now[0] = 100.0  # queued at 29, its window closed at 59
+    rig.intake.put(rig.work(5))
+    cond.waits = 0
+    assert [w.mid for w in rig.intake.take(0, 1000, 30.0)] == [4, 5]
+    assert cond.waits == 0  # taken without waiting
+
+
 def test_take_on_an_empty_queue_returns_nothing(route: Route) -> None:
     rig = Rig(route)
     assert rig.intake.take(0.0, 10, 0.0) == []

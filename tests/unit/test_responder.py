@@ -6,13 +6,16 @@ the engine and the state store are the real ones (the bundled water-flow LSTM).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from forecaster.model.bundle import Bundle
+from forecaster.serve import responder as responder_module
 from forecaster.serve.codec import Reading
 from forecaster.serve.config import RouteConfig
 from forecaster.serve.engine import Engine, Outcome
@@ -232,3 +235,58 @@ def test_a_metrics_bug_does_not_cost_the_predictions(bundle: Bundle) -> None:
     rig.responder.respond([rig.work(1, "a", 1.0), rig.work(2, "b", 2.0)])
     assert len(rig.pub.published) == 2 and rig.pub.acked == []
     assert rig.sample("forecaster_callback_errors_total", callback="metrics") == 1
+
+
+def test_single_reading_messages_are_answered_as_the_general_path_answers_them(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A micro-batch of single-reading messages takes a path of its own (payloads encoded
+    together); it publishes, acknowledges and counts exactly what the per-message path does,
+    with dropped readings (a repeated ts) and QoS 0 among them. A gateway batch of one reading
+    in the micro-batch sends it down the general path (its payload is a list)."""
+    seed = 20261203
+    rng = random.Random(seed)
+
+    taken: list[int] = []
+    singles = Responder._singles
+
+    def spy(self: Responder, route: Route, works: list[Work], preds: Any) -> Any:
+        taken.append(len(works))
+        return singles(self, route, works, preds)
+
+    def run(single_path: bool) -> tuple[Any, ...]:
+        monkeypatch.setattr(Responder, "_singles", spy)
+        rig = Rig(make_route(bundle))
+        works = []
+        for mid in range(1, 61):
+            stream = f"s{rng.randrange(8)}"
+            w = rig.work(mid, stream, rng.uniform(0, 50), qos=rng.choice((0, 1)), ts0=mid // 2)
+            works.append(w)
+        if not single_path:
+            monkeypatch.setattr(responder_module, "_all_single", lambda works: False)
+        rig.responder.respond(works)
+        monkeypatch.undo()
+        return (
+            rig.pub.published,
+            rig.pub.deliveries,
+            rig.pub.acked,
+            [w.settled for w in works],
+            rig.sample("forecaster_predictions_total", route="water"),
+            rig.rejected("duplicate"),
+            rig.sample("forecaster_end_to_end_seconds_count"),
+        )
+
+    fast = run(True)
+    rng.seed(seed)
+    general = run(False)
+    assert fast == general, f"seed {seed}"
+    assert taken == [60], f"seed {seed}: the single-reading path was not taken once"
+    _, _, acked, settled, _, duplicates, _ = fast
+    assert duplicates > 0 and acked and all(settled), f"seed {seed}: the mix lacks a case"
+
+    rig = Rig(make_route(bundle))
+    works = [rig.work(1, "a", 1.0), rig.work(2, "b", 2.0)]
+    works[1].batch = True
+    monkeypatch.setattr(Responder, "_singles", None)  # not taken: would raise
+    rig.responder.respond(works)
+    assert [payload.lstrip()[:1] for _, payload, _, _ in rig.pub.published] == [b"{", b"["]

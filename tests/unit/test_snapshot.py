@@ -8,14 +8,17 @@ test_state.py and tests/faults/test_snapshots.py; here only what version 2 added
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from forecaster.serve import snapshot
 from forecaster.serve.snapshot import (
     SNAPSHOT_VERSION,
+    Rows,
     SnapshotError,
     json_bytes,
     load_snapshot,
@@ -157,3 +160,59 @@ def test_write_is_atomic_and_keeps_previous(tmp_path: Path) -> None:
     assert load_snapshot(path, SHA, SHAPES).journal_seq == 2
     assert load_snapshot(path.with_name("r.npz.prev"), SHA, SHAPES).journal_seq == 1
     assert not path.with_name("r.npz.tmp").exists()
+
+
+# ------------------------------------------------------------------ rows gathered while written
+
+
+def test_rows_write_what_a_gather_and_savez_write(tmp_path: Path, monkeypatch: Any) -> None:
+    """Rows of a state (axis 1) and of a column (axis 0), in any slot order, chunked finer than
+    their length, read back as np.take would have made them."""
+    monkeypatch.setattr(snapshot, "ROWS_CHUNK", 3)  # 10 slots: chunks of 3, 3, 3 and 1
+    rng = np.random.default_rng(7)
+    state = rng.standard_normal((2, 12, 5)).astype(np.float32)
+    column = rng.standard_normal(12)
+    seen = rng.integers(0, 100, 12)
+    slots = rng.permutation(12)[:10]
+    path = tmp_path / "rows.npz"
+    write_snapshot(
+        path,
+        SHA,
+        [(2, 5)],
+        [f"s{i}" for i in range(10)],
+        {"state0": Rows(state, slots), "last_ts": Rows(column, slots), "seen": Rows(seen, slots)},
+    )
+    with np.load(path, allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["state0"], np.take(state, slots, axis=1))
+        np.testing.assert_array_equal(npz["last_ts"], column[slots])
+        np.testing.assert_array_equal(npz["seen"], seen[slots])
+        assert npz["seen"].dtype == seen.dtype
+    empty = tmp_path / "empty.npz"
+    write_snapshot(empty, SHA, [(2, 5)], [], {"state0": Rows(state, slots[:0])})
+    with np.load(empty, allow_pickle=False) as npz:
+        assert npz["state0"].shape == (2, 0, 5)
+
+
+def test_a_snapshot_does_not_copy_the_states(tmp_path: Path, monkeypatch: Any) -> None:
+    """The memory a snapshot allocates (numpy's allocations are traced) stays far below the
+    states it writes: their rows are gathered a chunk at a time, not copied out first."""
+    monkeypatch.setattr(snapshot, "ROWS_CHUNK", 1000)  # 20 chunks per plane, as 1M streams have
+    store = StateStore([(2, 64), (2, 64)], 20_000)
+    streams = [f"sensor-{i}" for i in range(20_000)]
+    slots, _ = store.acquire_many(streams, 1.0, store.slots_of(streams))
+    rng = np.random.default_rng(3)
+    states = [rng.standard_normal((2, 20_000, 64)).astype(np.float32) for _ in range(2)]
+    store.scatter(np.asarray(slots, dtype=np.intp), states)
+    state_bytes = sum(s.nbytes for s in states)  # ~20 MB
+    tracemalloc.start()
+    try:
+        store.snapshot(tmp_path / "big.npz", SHA)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < state_bytes / 4, f"snapshot allocated {peak:,} B for {state_bytes:,} B of states"
+    data = load_snapshot(tmp_path / "big.npz", SHA, [(2, 64), (2, 64)])
+    which = [int(stream.rsplit("-", 1)[1]) for stream in data.ids]
+    assert sorted(which) == list(range(20_000))
+    for i, s in enumerate(states):
+        np.testing.assert_array_equal(data.arrays[f"state{i}"], s[:, which])
