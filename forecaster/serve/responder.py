@@ -207,8 +207,10 @@ class Responder:
         self, route: Route, works: list[Work], predictions: list[Prediction | None]
     ) -> list[Ready]:
         """:meth:`_messages` for single-reading messages, their payloads encoded together
-        (``fastcodec.encode_singles``): at hundreds of messages per micro-batch, the per-message
-        Python of the general path was a fifth of the inference worker's time."""
+        (``fastcodec.encode_singles``): profiles put the general path's per-message encoding
+        and bookkeeping at over a third of the worker's step-and-answer time on single
+        readings; this path cut that time per reading by about a fifth (``benchmarks.worker``,
+        benchmarks/README.md, 2026-12-03)."""
         if predictions.count(None):
             answered: list[Work] = []
             for w, p in zip(works, predictions, strict=True):

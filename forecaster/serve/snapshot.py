@@ -130,7 +130,7 @@ def json_from(arr: np.ndarray) -> Any:
     return json.loads(arr.tobytes().decode("utf-8"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rows:
     """Some streams' rows of a store array, gathered only as they are written: ``index``'s
     entries of ``source`` along its stream axis (axis 1 of a ``[L, slots, H]`` state, axis 0
