@@ -39,7 +39,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.client import time_func
 from paho.mqtt.enums import MessageState
 
-__all__ = ["ack_many", "publish_many", "publish_packet", "remaining_length"]
+__all__ = ["ack_many", "publish_many", "remaining_length"]
 
 _PUBLISH = 0x30
 _U16 = struct.Struct("!H")
@@ -62,14 +62,6 @@ def remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
-def publish_packet(
-    topic: bytes, payload: bytes, qos: int, retain: bool, mid: int, v5: bool
-) -> bytes:
-    """The PUBLISH packet paho's ``_send_publish`` writes for a first (not dup) QoS ≥ 1 send
-    without properties (MQTT 5: an empty property set, one zero byte)."""
-    return b"".join(_packet_parts(_Fixed.of(qos, retain, v5), topic, payload, mid))
-
-
 class _Fixed(NamedTuple):
     """What every PUBLISH packet of one (QoS, retain, protocol) shares."""
 
@@ -84,7 +76,9 @@ class _Fixed(NamedTuple):
 
 
 def _packet_parts(fixed: _Fixed, topic: bytes, payload: bytes, mid: int) -> tuple[bytes, ...]:
-    """:func:`publish_packet`'s bytes in pieces, for a caller that joins many packets once."""
+    """The PUBLISH packet paho's ``_send_publish`` writes for a first (not dup) QoS ≥ 1 send
+    without properties (MQTT 5: an empty property set, one zero byte), in pieces: the caller
+    joins a micro-batch's packets once."""
     return (
         fixed.command,
         remaining_length(fixed.extra + len(topic) + len(payload)),

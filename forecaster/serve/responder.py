@@ -75,6 +75,12 @@ def _all_single(works: Sequence[Work]) -> bool:
     )
 
 
+def _outgoing(route: str, w: Work, predictions: int, topic: str, payload: bytes) -> Outgoing:
+    """A prediction message: where it goes and what it carries, its payload, and the reading
+    message it acknowledges once out (none for QoS 0)."""
+    return Delivery(route, predictions, topic), payload, [(w.mid, w.qos)] if w.qos else []
+
+
 class Responder:
     """Steps each route's share of a micro-batch and answers every message in it."""
 
@@ -231,15 +237,7 @@ class Responder:
             return self._messages(route, answered, list(preds))
         name, template = route.name, route.cfg.prediction_topic
         return [
-            (
-                w,
-                w.readings,
-                (
-                    Delivery(name, 1, prediction_topic(template, w.topic)),
-                    payload,
-                    [(w.mid, w.qos)] if w.qos else [],
-                ),
-            )
+            (w, w.readings, _outgoing(name, w, 1, prediction_topic(template, w.topic), payload))
             for w, payload in zip(answered, payloads, strict=True)
         ]
 
@@ -255,7 +253,7 @@ class Responder:
             self._error("publish", route.name, exc)
             self.settle_unanswered([w], "internal_error")
             return None
-        return Delivery(route.name, len(preds), topic), payload, [(w.mid, w.qos)] if w.qos else []
+        return _outgoing(route.name, w, len(preds), topic, payload)
 
     def _send(self, route: Route, ready: list[Ready]) -> list[PublishResult | None]:
         """Publish the messages, together where the publisher can; None where publishing raised
