@@ -95,11 +95,14 @@ class Collector:
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
+        #: monotonic time of every SUBACK: when the broker routes the topics to this collector
+        #: again after a reconnect (a broker killed before it saved the session forgot them)
+        self.subscribed_at: list[float] = []
         self.client = mqtt_client(
             port, client_id, persistent=persistent, auth=auth, host=host, v311=v311
         )
         self.client.on_connect = self._on_connect
-        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
         self.client.loop_start()
         if not self._subscribed.wait(timeout):
@@ -108,6 +111,16 @@ class Collector:
 
     def _on_connect(self, client: paho.Client, *_: object) -> None:
         client.subscribe([(t, 1) for t in self.topics])
+
+    def _on_subscribe(self, *_: object) -> None:
+        with self._lock:
+            self.subscribed_at.append(time.monotonic())
+        self._subscribed.set()
+
+    def subscribed_since(self, t: float) -> bool:
+        """Whether the broker acknowledged a subscription at or after monotonic time ``t``."""
+        with self._lock:
+            return any(at >= t for at in self.subscribed_at)
 
     def _on_message(self, _c: object, _u: object, msg: paho.MQTTMessage) -> None:
         with self._lock:

@@ -79,6 +79,10 @@ def outage(broker, daemon, sig: int, down_for: float) -> dict[str, object]:
     assert wait_until(lambda: watch.first(True, t_up) is not None, 30), log_text(d)
     t_ready = watch.first(True, t_up)
     assert t_ready is not None
+    # "after the return" starts once the observer is back too: a broker killed before its
+    # autosave forgot the sink's session, and what the daemon predicted before the sink
+    # subscribed again went to nobody (the broker's loss, not the daemon's)
+    assert wait_until(lambda: sink.subscribed_since(t_up), 30), "the sink never came back"
     sent_at_ready = feed.sent
     feed.join()
     after = items[sent_at_ready:]
@@ -87,7 +91,10 @@ def outage(broker, daemon, sig: int, down_for: float) -> dict[str, object]:
         raise AssertionError(
             f"{len(missing)} of {len(after)} readings published after the return never "
             f"predicted, e.g. {[(m.topic, m.seq) for m in missing[:5]]}; "
-            f"feed acked {len(set(feed.acked) & {m.seq for m in missing})} of them\n" + log_text(d)
+            f"feed acked {len(set(feed.acked) & {m.seq for m in missing})} of them; "
+            f"daemon readings {d.metric('forecaster_readings_total')}, predictions "
+            f"{d.metric('forecaster_predictions_total')}; sink subscribed at "
+            f"{[round(t - t_up, 3) for t in sink.subscribed_at]} s from the return\n" + log_text(d)
         )
     # then the rest (redeliveries): all of them, or (after a broker kill -9, which loses what
     # it had not saved) until nothing new arrives for two seconds
