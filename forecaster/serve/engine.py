@@ -56,6 +56,7 @@ from forecaster.serve.journal import (
     JournalDecodeError,
     JournalScan,
     RefusalReason,
+    WaveColumns,
     decode_forget,
     decode_wave,
     encode_forget,
@@ -279,6 +280,8 @@ class Outcome:
     clipped: int = 0  # readings that entered the model clipped (model/clip.py)
     journal_error: str | None = None  # why the journal append failed, if it did
     snapshot: str | None = None  # "ok"/"failed" when this step forced a snapshot (bound, rescue)
+    # Every reading stepped in arrival order: the columns the journal record packs.
+    wave: WaveColumns | None = None
 
 
 def count_interval(
@@ -395,7 +398,7 @@ class Engine:
             out.journal_error = "journal suspended until a snapshot succeeds"
         else:
             try:
-                self.journal.append(KIND_WAVE, encode_wave(readings, out.predictions))
+                self.journal.append(KIND_WAVE, encode_wave(readings, out.predictions, out.wave))
             except OSError as exc:
                 out.journal_error = f"{type(exc).__name__}: {exc}"
                 self._suspended = True
@@ -643,6 +646,8 @@ class Engine:
             None if last_clipped is None else last_clipped[ends_rows].astype(np.float64),
         )
         warm = prior_seen + 1 >= self.warmup
+        if by_stream is None and m == n:  # ``flat`` is every reading, in arrival order
+            out.wave = WaveColumns(streams_all, ts_arr, vals, y64, warm)
         self._publish(
             readings,
             flat,

@@ -29,7 +29,7 @@ from forecaster.serve.engine import (
     length_groups,
     waves,
 )
-from forecaster.serve.journal import journal_prev_path
+from forecaster.serve.journal import encode_wave, journal_prev_path
 from forecaster.serve.snapshot import load_snapshot
 from forecaster.serve.state import StateStore
 
@@ -395,6 +395,39 @@ def test_crash_at_any_byte_of_the_journal_recovers_exact_states(
         assert again.repeated == len(held), f"seed={seed} cut={cut}"
         for rd, p in zip(held, again.predictions, strict=True):
             assert p is not None and p.value == preds[(rd.stream, rd.ts)], f"seed={seed} {rd}"
+
+
+def test_a_gateway_batch_journals_the_record_its_objects_would(
+    tmp_path: Path, lstm: Bundle, seed: int
+) -> None:
+    """A batch whose every reading is its own stream's only one hands the journal its columns
+    (``Outcome.wave``); the record must be what the readings and predictions encode to, and a
+    batch that is not such (a duplicate, two readings of a stream) goes without columns."""
+    rng = random.Random(seed)
+    e = lstm_engine(lstm, recent=0)
+    e.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0)
+    assert e.journal is not None
+    records: list[bytes] = []
+    real = e.journal.append
+
+    def keep(kind: int, payload: bytes) -> int:
+        records.append(payload)
+        return real(kind, payload)
+
+    e.journal.append = keep  # type: ignore[method-assign]
+    for k in range(6):
+        batch = [
+            Reading(f"s{i}", rng.gauss(100, 5), 1_600_000_000.0 + k, 0.0, f"s{i}")
+            for i in rng.sample(range(50), 20)
+        ]
+        out = e.step(batch, now=float(k))
+        assert out.wave is not None, f"seed={seed} batch {k}"
+        assert records[-1] == encode_wave(batch, out.predictions), f"seed={seed} batch {k}"
+    again = [batch[0], batch[0], Reading("new", 1.0, 1_600_000_010.0, 0.0, "new")]
+    out = e.step(again, now=7.0)
+    assert out.wave is None and out.drops["duplicate"] == 2, f"seed={seed}"
+    assert records[-1] == encode_wave(again, out.predictions), f"seed={seed}"
+    e.close()
 
 
 def test_window_classifier_recovers_exactly_with_its_event_fields(tmp_path: Path) -> None:

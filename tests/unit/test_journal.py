@@ -13,6 +13,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from forecaster.serve.journal import (
     KIND_WAVE,
     Journal,
     JournalDecodeError,
+    WaveColumns,
     decode_forget,
     decode_wave,
     encode_forget,
@@ -84,6 +86,38 @@ def test_wave_round_trip(rows: list) -> None:
     assert [None if p is None else (p.stream, p.ts, p.value, p.warm) for p in back.predictions] == [
         None if p is None else (p.stream, p.ts, p.value, p.warm) for p in ps
     ]
+
+
+@settings(max_examples=200)
+@given(
+    rows=st.lists(
+        st.tuples(streams, finite, finite, st.none() | st.sampled_from([0.0, 1.0]), finite),
+        max_size=20,
+    ),
+    warm=st.lists(st.booleans(), min_size=20, max_size=20),
+)
+def test_wave_from_the_engine_s_columns_is_the_same_record(rows: list, warm: list) -> None:
+    """Every reading predicted: the columns the engine hands over pack to the very bytes the
+    reading and prediction objects do (labels still come from the readings)."""
+    rs = [Reading(s, v, t, t, s, label) for s, t, v, label, _ in rows]
+    ps: list[Prediction | None] = [
+        Prediction(s, t, p, w) for (s, t, _v, _l, p), w in zip(rows, warm, strict=False)
+    ]
+    columns = WaveColumns(
+        [r.stream for r in rs],
+        np.array([r.ts for r in rs], dtype=np.float64),
+        np.array([r.value for r in rs], dtype=np.float64),
+        np.array([p.value for p in ps if p is not None], dtype=np.float64),
+        np.array(warm[: len(rs)], dtype=bool),
+    )
+    assert encode_wave(rs, ps, columns) == encode_wave(rs, ps)
+
+
+def test_wave_columns_must_match_the_readings() -> None:
+    rs, ps = wave(0)
+    few = WaveColumns(["s0"], np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1, dtype=bool))
+    with pytest.raises(ValueError, match="columns for 1"):
+        encode_wave(rs, ps, few)
 
 
 @settings(max_examples=100)
