@@ -142,8 +142,12 @@ class Responder:
             if w.settled:
                 continue
             self.metrics.reject(w.route.name, reason, len(w.readings))
-            w.settled = True
-            self.publisher.ack(w.mid, w.qos)
+            self._ack_now(w)
+
+    def _ack_now(self, w: Work) -> None:
+        """Settle ``w`` by acknowledging it at once: no prediction message will carry its ack."""
+        w.settled = True
+        self.publisher.ack(w.mid, w.qos)
 
     # ------------------------------------------------------------------ one route
 
@@ -195,8 +199,7 @@ class Responder:
             pos += k
             missing = preds.count(None)
             if missing == k:
-                w.settled = True
-                self.publisher.ack(w.mid, w.qos)
+                self._ack_now(w)
                 continue
             if missing:
                 keep = [i for i, p in enumerate(preds) if p is not None]
@@ -221,8 +224,7 @@ class Responder:
             answered: list[Work] = []
             for w, p in zip(works, predictions, strict=True):
                 if p is None:
-                    w.settled = True
-                    self.publisher.ack(w.mid, w.qos)
+                    self._ack_now(w)
                 else:
                     answered.append(w)
             preds = [p for p in predictions if p is not None]
