@@ -115,7 +115,7 @@ class Reject(NamedTuple):
 class Decoded:
     """What one message yielded; a batch can carry good readings and rejects at once."""
 
-    readings: list[Reading]
+    readings: Sequence[Reading]  # a list, or columns (columns.py) from the fast path
     rejects: list[Reject]
     batch: bool
 

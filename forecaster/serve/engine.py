@@ -48,7 +48,8 @@ import numpy as np
 from forecaster.model import clip, spread
 from forecaster.model.bundle import Bundle, Interval, Manifest
 from forecaster.model.classify import counts
-from forecaster.serve.codec import STREAM_OF, TS_OF, VALUE_OF, Prediction, Reading
+from forecaster.serve.codec import LABEL_OF, STREAM_OF, TS_OF, VALUE_OF, Prediction, Reading
+from forecaster.serve.columns import PredictionColumns, ReadingColumns
 from forecaster.serve.journal import (
     KIND_FORGET,
     KIND_WAVE,
@@ -121,6 +122,29 @@ def waves(streams: Sequence[str]) -> list[list[int]]:
             out.append([])
         out[k].append(i)
     return out
+
+
+def _streams(readings: Sequence[Reading]) -> list[str]:
+    """Every reading's stream id: a gateway batch's column, else read from the objects."""
+    if isinstance(readings, ReadingColumns):
+        return readings.streams
+    return list(map(STREAM_OF, readings))
+
+
+def _occurrences(streams: Sequence[str]) -> list[int]:
+    """Each reading's wave: how many readings of its stream came before it in the batch."""
+    count: dict[str, int] = {}
+    occ: list[int] = []
+    for stream in streams:
+        k = count.get(stream, 0)
+        occ.append(k)
+        count[stream] = k + 1
+    return occ
+
+
+def _labels(labels: list[float | None]) -> list[float | None] | None:
+    """The labels column, None when no reading has one (as :class:`ReadingColumns` holds it)."""
+    return None if labels.count(None) == len(labels) else labels
 
 
 @dataclass
@@ -264,7 +288,7 @@ class Outcome:
     predictions that these readings resolved.
     """
 
-    predictions: list[Prediction | None]
+    predictions: Sequence[Prediction | None]  # a list, or columns when every reading has one
     drops: Counter[str] = field(default_factory=Counter)
     resets: Counter[str] = field(default_factory=Counter)
     evicted: list[str] = field(default_factory=list)
@@ -438,9 +462,10 @@ class Engine:
             done = self._step_sequence(readings, now)
             if done is not None:
                 return done
-        out = Outcome(predictions=[None] * len(readings))
-        for wave in waves([r.stream for r in readings]):
-            self._step_wave([readings[i] for i in wave], wave, now, out)
+        preds: list[Prediction | None] = [None] * len(readings)
+        out = Outcome(predictions=preds)
+        for wave in waves(_streams(readings)):
+            self._step_wave([readings[i] for i in wave], wave, now, out, preds)
         return out
 
     def _step_sequence(self, readings: Sequence[Reading], now: float) -> Outcome | None:
@@ -452,33 +477,39 @@ class Engine:
         acquire (first-seen order, as wave 0 does), resets, states, bookkeeping, the LRU order
         the waves would have left, predictions."""
         n = len(readings)
-        out = Outcome(predictions=[None] * n)
-        preds = out.predictions
+        preds: list[Prediction | None] = [None] * n
+        out = Outcome(predictions=preds)
         recent = self.recent
-        streams_all = list(map(STREAM_OF, readings))
+        # Every reading's stream, ts and value: a gateway batch's columns as decoded, else read
+        # from the objects with C-level getters.
+        if isinstance(readings, ReadingColumns):
+            streams_all, ts_all, values_all = readings.streams, readings.ts, readings.values
+        else:
+            streams_all = list(map(STREAM_OF, readings))
+            ts_all = list(map(TS_OF, readings))
+            values_all = list(map(VALUE_OF, readings))
         by_stream: dict[str, list[int]] | None = None
         hits = 0
-        ts_all = list(map(TS_OF, readings))
         # Every reading newer than what the cache holds for its stream (nearly every batch): no
         # lookup, and its predictions go in as they are (``put_many``'s ``new``).
         maybe_cached = recent.capacity > 0 and recent.could_hold(streams_all, ts_all)
         if maybe_cached and recent.holds_any(streams_all, ts_all):
             get = recent.get
             by_stream = {}
-            for i, r in enumerate(readings):
-                hit = get(r.stream, r.ts)
+            for i, (stream, ts) in enumerate(zip(streams_all, ts_all, strict=True)):
+                hit = get(stream, ts)
                 if hit is not None:
                     preds[i] = hit
                     hits += 1
                     continue
-                by_stream.setdefault(r.stream, []).append(i)
+                by_stream.setdefault(stream, []).append(i)
             out.repeated = hits
             if not by_stream:
                 return out
             if len(recent) + n - hits > recent.capacity:
                 # The waves look a later wave's readings up after earlier waves' predictions
                 # went in, which may push a hit out of a full cache: let them decide.
-                occurrence = self._occurrences(readings)
+                occurrence = _occurrences(streams_all)
                 if any(preds[i] is not None and occurrence[i] for i in range(n)):
                     return None
         members: dict[str, list[int]] | set[str]
@@ -523,9 +554,9 @@ class Engine:
             ends = np.cumsum(lens)
             t_of = np.arange(m) - np.repeat(ends - lens, lens)
             if by_stream is None and m == n:  # every reading its stream's only one, stepped
-                vals = np.fromiter(map(VALUE_OF, readings), dtype=np.float64, count=m)
+                vals = np.array(values_all, dtype=np.float64)
             else:
-                vals = np.fromiter((readings[i].value for i in flat), dtype=np.float64, count=m)
+                vals = np.fromiter(map(values_all.__getitem__, flat), dtype=np.float64, count=m)
             width = int(lens.max())
             grid = np.empty((n_rows, width), dtype=np.float64)
             grid[:] = vals[ends - 1][:, None]  # padding repeats the row's last reading
@@ -594,7 +625,9 @@ class Engine:
         if len(streams) > 1 and (hits or not n_rows == len(streams) == n):
             # Not every reading its own stream's only one, all stepped: waves touch in another
             # order than first-seen.
-            self._touch_in_wave_order(readings, streams, slots, plan.last_seen, plan.last_kept, now)
+            self._touch_in_wave_order(
+                streams_all, streams, slots, plan.last_seen, plan.last_kept, now
+            )
         if not n_rows:
             return out
 
@@ -626,6 +659,7 @@ class Engine:
         self._online_errors(
             readings, flat, vals, y64, prev_pred, prev_val, prior_seen, prev_sp, out
         )
+        in_order = by_stream is None and m == n  # ``flat`` is every reading, in arrival order
 
         done = np.flatnonzero(plan.last_row >= 0)
         ends_rows = plan.last_row[done]
@@ -635,10 +669,14 @@ class Engine:
         else:
             store.scatter(done_slots, [s[:, ends_rows] for s in new])
         last_flat = ends[ends_rows] - 1
+        if in_order:
+            last_ts = ts_arr[last_flat]
+        else:
+            last_ts = np.array([ts_all[flat[k]] for k in last_flat.tolist()], dtype=np.float64)
         store.record_runs(
             done_slots,
             lens[ends_rows],
-            np.array([ts_all[flat[k]] for k in last_flat.tolist()], dtype=np.float64),
+            last_ts,
             vals[last_flat],
             y64[last_flat],
             now,
@@ -646,10 +684,14 @@ class Engine:
             None if last_clipped is None else last_clipped[ends_rows].astype(np.float64),
         )
         warm = prior_seen + 1 >= self.warmup
-        if by_stream is None and m == n:  # ``flat`` is every reading, in arrival order
-            out.wave = WaveColumns(streams_all, ts_arr, vals, y64, warm)
+        if in_order:
+            labels = (
+                readings.labels
+                if isinstance(readings, ReadingColumns)
+                else _labels(list(map(LABEL_OF, readings)))
+            )
+            out.wave = WaveColumns(streams_all, ts_arr, vals, y64, warm, labels)
         self._publish(
-            readings,
             flat,
             y64,
             sp,
@@ -658,6 +700,7 @@ class Engine:
             n,
             hits,
             out,
+            preds,
             streams_all,
             ts_all,
             not maybe_cached,
@@ -708,10 +751,15 @@ class Engine:
         manifest = self.bundle.manifest
         judged = np.isfinite(prev_pred) & (prior_seen >= self.warmup)
         if manifest.task == "classify":
-            labels = np.array(
-                [np.nan if readings[i].label is None else readings[i].label for i in flat],
-                dtype=np.float64,
+            column = (
+                readings.labels
+                if isinstance(readings, ReadingColumns)
+                else list(map(LABEL_OF, readings))
             )
+            labels = np.full(len(flat), np.nan)
+            if column is not None:
+                got = [column[i] for i in flat]
+                labels = np.array([np.nan if x is None else x for x in got], dtype=np.float64)
             if manifest.horizon == 1:
                 self._judge(prev_pred, labels, judged, out)
             if manifest.threshold is not None and manifest.horizon == 0:
@@ -728,7 +776,6 @@ class Engine:
 
     def _publish(
         self,
-        readings: Sequence[Reading],
         flat: list[int],
         y: np.ndarray,
         sp: np.ndarray | None,
@@ -737,74 +784,66 @@ class Engine:
         n: int,
         hits: int,
         out: Outcome,
+        preds: list[Prediction | None],
         streams_all: list[str],
         ts_all: list[float],
         new: bool,
     ) -> None:
         """Predictions for the stepped readings (bounds at the spreads ``sp`` when the interval
-        follows them), into the recent cache in the waves' order (``streams_all``, ``ts_all``:
-        every reading's, the cache's keys when every reading was stepped in arrival order; ``new``:
-        none of them could be cached before this batch)."""
+        follows them), into ``preds`` (the outcome's list) or, when every reading was stepped in
+        arrival order, as the outcome's predictions themselves (columns); and into the recent
+        cache in the waves' order (``streams_all``, ``ts_all``: every reading's, the cache's
+        keys when every reading was stepped in arrival order; ``new``: none of them could be
+        cached before this batch)."""
         manifest = self.bundle.manifest
         threshold = manifest.threshold if manifest.task == "classify" else None
         iv = manifest.interval if threshold is None else None
-        stepped = [readings[i] for i in flat]
-        values, warms = y.tolist(), warm.tolist()
-        made: list[Prediction]
+        every = len(flat) == n and (n_streams == 1 or (not hits and n_streams == n))
+        if every:  # ``flat`` is every reading, in arrival order: the batch's own columns
+            streams, ts = streams_all, ts_all
+        else:
+            streams = list(map(streams_all.__getitem__, flat))
+            ts = list(map(ts_all.__getitem__, flat))
         lows = highs = None
         if iv is not None:
             lows, highs = iv.bounds(y, sp)
-            made = [
-                Prediction(r.stream, r.ts, v, w, lower=lo, upper=hi)
-                for r, v, w, lo, hi in zip(
-                    stepped, values, warms, lows.tolist(), highs.tolist(), strict=True
-                )
-            ]
-        elif threshold is None:
-            made = [
-                Prediction(r.stream, r.ts, v, w)
-                for r, v, w in zip(stepped, values, warms, strict=True)
-            ]
+        made = PredictionColumns(
+            streams,
+            ts,
+            y.tolist(),
+            warm.tolist(),
+            lower=None if lows is None else lows.tolist(),
+            upper=None if highs is None else highs.tolist(),
+            threshold=threshold,
+        )
+        if every:
+            # Every reading predicted: the columns are the outcome's predictions as they are
+            # (no object per prediction; the encoder writes the messages from them).
+            out.predictions = made
         else:
-            made = [
-                Prediction(r.stream, r.ts, v, w, v, v >= threshold)
-                for r, v, w in zip(stepped, values, warms, strict=True)
-            ]
-        preds = out.predictions
-        for i, p in zip(flat, made, strict=True):
-            preds[i] = p
+            for i, p in zip(flat, made, strict=True):
+                preds[i] = p
         if not self.recent.capacity:
             return
         if n_streams == 1 or (not hits and n_streams == n):
             # One stream, or each its own stream's only reading: ``flat`` is in arrival order.
-            if len(flat) == n:  # and holds every reading
+            if every:
                 if lows is None or highs is None:
                     lows = highs = np.full(len(flat), np.nan)
                 columns = Columns(y, warm, lows, highs)
                 # Every reading stepped, in arrival order: distinct keys, each stream's rising.
                 self.recent.put_many(made, streams_all, ts_all, columns, new=new)
             else:
-                self.recent.put_many(made)
+                self.recent.put_many(list(made))
             return
         # Wave k holds the k-th reading of each stream (cache hits included).
-        occurrence = self._occurrences(readings)
+        occurrence = _occurrences(streams_all)
         order = sorted(range(len(flat)), key=lambda k: (occurrence[flat[k]], flat[k]))
         self.recent.put_many([made[k] for k in order])
 
-    @staticmethod
-    def _occurrences(readings: Sequence[Reading]) -> list[int]:
-        """Each reading's wave: how many readings of its stream came before it in the batch."""
-        count: dict[str, int] = {}
-        occ: list[int] = []
-        for r in readings:
-            k = count.get(r.stream, 0)
-            occ.append(k)
-            count[r.stream] = k + 1
-        return occ
-
     def _touch_in_wave_order(
         self,
-        readings: Sequence[Reading],
+        streams_all: list[str],
         streams: list[str],
         slots: list[int],
         last_seen: list[int],
@@ -813,7 +852,7 @@ class Engine:
     ) -> None:
         """Leave the LRU order as the waves would: a stream's last touch is its last non-hit
         reading's wave, after that wave's acquires when the reading was stepped (recorded)."""
-        occurrence = self._occurrences(readings)
+        occurrence = _occurrences(streams_all)
         keys = []
         for j in range(len(streams)):
             i = last_seen[j]
@@ -844,7 +883,16 @@ class Engine:
             bounds = (float(lo), float(hi))
         return Prediction(stream, ts, value, warm, lower=bounds[0], upper=bounds[1])
 
-    def _step_wave(self, rs: list[Reading], where: list[int], now: float, out: Outcome) -> None:
+    def _step_wave(
+        self,
+        rs: list[Reading],
+        where: list[int],
+        now: float,
+        out: Outcome,
+        preds: list[Prediction | None],
+    ) -> None:
+        """Step one wave (at most one reading per stream); ``preds``: the outcome's predictions,
+        where this wave's go (``where[k]`` for ``rs[k]``)."""
         # Per-wave Python overhead is what a single busy stream pays per reading (one wave each),
         # so this path avoids enum lookups and work that only matters when something is wrong.
         if self.recent:
@@ -857,7 +905,7 @@ class Engine:
                 if hit is None:
                     fresh.append(pos)
                 else:
-                    out.predictions[where[pos]] = hit
+                    preds[where[pos]] = hit
                     out.repeated += 1
             if len(fresh) != len(rs):
                 if not fresh:
@@ -993,7 +1041,7 @@ class Engine:
                 p = Prediction(r.stream, r.ts, value, n_seen >= warmup)
             else:
                 p = Prediction(r.stream, r.ts, value, n_seen >= warmup, value, value >= threshold)
-            out.predictions[i] = p
+            preds[i] = p
             if remember is not None:
                 remember(p)
 

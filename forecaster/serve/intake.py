@@ -65,7 +65,7 @@ class Work:
     """
 
     route: Route
-    readings: list[Reading]
+    readings: Sequence[Reading]  # a list, or a gateway batch's columns (columns.py)
     batch: bool
     topic: str
     mid: int

@@ -121,6 +121,7 @@ class WaveColumns:
     values: np.ndarray  # float64
     predictions: np.ndarray  # float64
     warm: np.ndarray  # bool
+    labels: list[float | None] | None = None  # None: no reading has a label
 
 
 def encode_wave(
@@ -132,13 +133,15 @@ def encode_wave(
 
     ``received`` and ``topic`` are not kept: the engine never reads them, and a redelivered
     reading arrives with its own. ``columns``, when given, are these readings' and
-    predictions' own (the same bytes come out either way; the labels are still read from
-    ``readings``).
+    predictions' own (the same bytes come out either way), and nothing is read from the
+    objects.
     """
     n = len(readings)
     if len(predictions) != n:
         raise ValueError(f"{n} readings but {len(predictions)} predictions")
-    if columns is not None and len(columns.streams) != n:
+    if columns is not None and (
+        len(columns.streams) != n or (columns.labels is not None and len(columns.labels) != n)
+    ):
         raise ValueError(f"{n} readings but columns for {len(columns.streams)}")
     # Columns read with C-level getters, and the usual batch (no labels, every reading
     # predicted, ASCII ids) without a Python step per reading: this runs for every micro-batch.
@@ -148,9 +151,9 @@ def encode_wave(
     else:
         ts = columns.ts.astype("<f8", copy=False)
         values = columns.values.astype("<f8", copy=False)
-    labels_in = list(map(LABEL_OF, readings))
+    labels_in = list(map(LABEL_OF, readings)) if columns is None else columns.labels
     flags = np.zeros(n, dtype=np.uint8)
-    if labels_in.count(None) == n:
+    if labels_in is None or labels_in.count(None) == n:
         labels = np.zeros(n, dtype="<f8")
     else:
         labels = np.fromiter((0.0 if x is None else x for x in labels_in), dtype="<f8", count=n)

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from forecaster.serve.codec import LOWER_OF, UPPER_OF, VALUE_OF, WARM_OF, Prediction
+from forecaster.serve.columns import PredictionColumns
 
 __all__ = ["WARM_FLAG", "Columns", "RecentPredictions"]
 
@@ -61,9 +62,11 @@ class Columns(NamedTuple):
     upper: np.ndarray
 
 
-#: Predictions put in one call, not yet in the dict: their streams, ts, the predictions, and
-#: their columns when the caller gave them (a snapshot then reads no prediction one by one).
-Chunk = tuple[tuple[str, ...], tuple[float, ...], tuple[Prediction, ...], Columns | None]
+#: Predictions put in one call, not yet in the dict: their streams, ts, the predictions (a
+#: tuple, or the engine's :class:`PredictionColumns` as they are: no object per prediction is
+#: made unless the cache is read), and their columns when the caller gave them (a snapshot then
+#: reads no prediction one by one).
+Chunk = tuple[tuple[str, ...], tuple[float, ...], Sequence[Prediction], Columns | None]
 
 
 class RecentPredictions:
@@ -145,7 +148,8 @@ class RecentPredictions:
             ts = [p.ts for p in preds]
         if new or (self._distinct(streams, ts) and not self.could_hold(streams, ts)):
             # Every key new: appended as it is, the dict catches up only if ever read.
-            self._pending.append((tuple(streams), tuple(ts), tuple(preds), columns))
+            kept = preds if isinstance(preds, PredictionColumns) else tuple(preds)
+            self._pending.append((tuple(streams), tuple(ts), kept, columns))
             self._pending_n += len(preds)
             self._newest.update(zip(streams, ts, strict=True))  # each above its bound
             self._trim()

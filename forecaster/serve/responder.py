@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from itertools import chain
 from operator import attrgetter
 from typing import Protocol, cast
 
@@ -34,6 +33,7 @@ import numpy as np
 
 from forecaster.logs import RateLimitedLog
 from forecaster.serve.codec import RECEIVED_OF, Prediction, Reading, prediction_topic
+from forecaster.serve.columns import ReadingColumns, join_readings
 from forecaster.serve.engine import Outcome
 from forecaster.serve.fastcodec import encode_predictions, encode_singles
 from forecaster.serve.intake import Work
@@ -59,7 +59,7 @@ class Publisher(Protocol):
 #: A prediction message to publish: its delivery, payload and the readings' acknowledgements.
 Outgoing = tuple[Delivery, bytes, list[Ack]]
 #: A message with predictions: its work, its predicted readings and its prediction message.
-Ready = tuple[Work, list[Reading], Outgoing]
+Ready = tuple[Work, Sequence[Reading], Outgoing]
 #: :meth:`forecaster.serve.mqtt.Transport.publish_many`: messages, QoS, retain → a result each.
 PublishMany = Callable[[Sequence[Outgoing], int, bool], list[PublishResult]]
 
@@ -112,7 +112,7 @@ class Responder:
             by_route.setdefault(w.route.name, []).append(w)
         for works in by_route.values():
             route = works[0].route
-            readings = list(chain.from_iterable(w.readings for w in works))
+            readings = join_readings([w.readings for w in works])
             try:
                 outcome = route.engine.step(readings, now)
             except Exception as exc:
@@ -152,7 +152,7 @@ class Responder:
     # ------------------------------------------------------------------ one route
 
     def _answer(
-        self, route: Route, works: list[Work], readings: list[Reading], outcome: Outcome
+        self, route: Route, works: list[Work], readings: Sequence[Reading], outcome: Outcome
     ) -> None:
         try:
             self._count(route.name, outcome)
@@ -173,7 +173,9 @@ class Responder:
         for (w, stepped, item), result in zip(ready, results, strict=True):
             if self._settle(route, w, result):
                 published += item[0].predictions
-                if len(stepped) == 1:
+                if isinstance(stepped, ReadingColumns):
+                    received.extend(stepped.received)
+                elif len(stepped) == 1:
                     received.append(stepped[0].received)
                 else:
                     received.extend(map(RECEIVED_OF, stepped))
@@ -186,7 +188,7 @@ class Responder:
         self.processed += len(readings)
 
     def _messages(
-        self, route: Route, works: list[Work], predictions: list[Prediction | None]
+        self, route: Route, works: list[Work], predictions: Sequence[Prediction | None]
     ) -> list[Ready]:
         """Each message's prediction message; a message none of whose readings has a
         prediction (all dropped, a window filling) is acknowledged now instead."""
@@ -201,25 +203,28 @@ class Responder:
             if missing == k:
                 self._ack_now(w)
                 continue
+            answered: Sequence[Prediction]
+            stepped: Sequence[Reading]
             if missing:
                 keep = [i for i, p in enumerate(preds) if p is not None]
                 answered = [cast(Prediction, preds[i]) for i in keep]
                 stepped = [w.readings[i] for i in keep]
-            else:
-                answered, stepped = cast(list[Prediction], preds), w.readings
+            else:  # a list of predictions, or columns (written by the encoder as they are)
+                answered, stepped = cast(Sequence[Prediction], preds), w.readings
             item = self._message(route, w, answered, manifest.name, manifest.version)
             if item is not None:
                 ready.append((w, stepped, item))
         return ready
 
     def _singles(
-        self, route: Route, works: list[Work], predictions: list[Prediction | None]
+        self, route: Route, works: list[Work], predictions: Sequence[Prediction | None]
     ) -> list[Ready]:
         """:meth:`_messages` for single-reading messages, their payloads encoded together
         (``fastcodec.encode_singles``): profiles put the general path's per-message encoding
         and bookkeeping at over a third of the worker's step-and-answer time on single
         readings; this path cut that time per reading by about a fifth (``benchmarks.worker``,
         benchmarks/README.md, 2026-12-03)."""
+        preds: Sequence[Prediction]
         if predictions.count(None):
             answered: list[Work] = []
             for w, p in zip(works, predictions, strict=True):
@@ -229,7 +234,7 @@ class Responder:
                     answered.append(w)
             preds = [p for p in predictions if p is not None]
         else:
-            answered, preds = works, cast(list[Prediction], predictions)
+            answered, preds = works, cast(Sequence[Prediction], predictions)
         if not preds:
             return []
         manifest = route.engine.bundle.manifest
@@ -244,7 +249,7 @@ class Responder:
         ]
 
     def _message(
-        self, route: Route, w: Work, preds: list[Prediction], name: str, version: str
+        self, route: Route, w: Work, preds: Sequence[Prediction], name: str, version: str
     ) -> Outgoing | None:
         """One message's prediction message (delivery, payload, the reading's ack), or None when
         it cannot be made (counted and acknowledged as an internal error)."""

@@ -22,10 +22,12 @@ from forecaster.evaluation.unroll import bundle_run
 from forecaster.model import clip, spread
 from forecaster.model.bundle import Bundle, Interval
 from forecaster.serve.codec import Prediction, Reading
+from forecaster.serve.columns import PredictionColumns, ReadingColumns
 from forecaster.serve.engine import (
     PAD_FACTOR,
     PAD_SLACK,
     Engine,
+    Outcome,
     length_groups,
     waves,
 )
@@ -397,6 +399,21 @@ def test_crash_at_any_byte_of_the_journal_recovers_exact_states(
             assert p is not None and p.value == preds[(rd.stream, rd.ts)], f"seed={seed} {rd}"
 
 
+def journal_records(e: Engine) -> list[bytes]:
+    """Every record payload ``e`` appends to its journal from now on, in order."""
+    journal = e.journal
+    assert journal is not None
+    records: list[bytes] = []
+    real = journal.append
+
+    def keep(kind: int, payload: bytes) -> int:
+        records.append(payload)
+        return real(kind, payload)
+
+    journal.append = keep  # type: ignore[method-assign]
+    return records
+
+
 def test_a_gateway_batch_journals_the_record_its_objects_would(
     tmp_path: Path, lstm: Bundle, seed: int
 ) -> None:
@@ -406,15 +423,7 @@ def test_a_gateway_batch_journals_the_record_its_objects_would(
     rng = random.Random(seed)
     e = lstm_engine(lstm, recent=0)
     e.recover(tmp_path / "r.npz", tmp_path / "r.journal", now=0.0)
-    assert e.journal is not None
-    records: list[bytes] = []
-    real = e.journal.append
-
-    def keep(kind: int, payload: bytes) -> int:
-        records.append(payload)
-        return real(kind, payload)
-
-    e.journal.append = keep  # type: ignore[method-assign]
+    records = journal_records(e)
     for k in range(6):
         batch = [
             Reading(f"s{i}", rng.gauss(100, 5), 1_600_000_000.0 + k, 0.0, f"s{i}")
@@ -428,6 +437,42 @@ def test_a_gateway_batch_journals_the_record_its_objects_would(
     assert out.wave is None and out.drops["duplicate"] == 2, f"seed={seed}"
     assert records[-1] == encode_wave(again, out.predictions), f"seed={seed}"
     e.close()
+
+
+def test_gateway_batches_as_columns_step_and_journal_as_their_objects(
+    tmp_path: Path, lstm: Bundle, seed: int
+) -> None:
+    """The real LSTM with its journal, fed each batch as objects and as columns: the same
+    predictions (bounds included), records, states and cache, and a batch every reading of
+    which was stepped in order is answered with columns."""
+    rng = random.Random(seed)
+    engines, records = [], []
+    for name in ("objects", "columns"):
+        e = lstm_engine(lstm)
+        e.recover(tmp_path / f"{name}.npz", tmp_path / f"{name}.journal", now=0.0)
+        records.append(journal_records(e))
+        engines.append(e)
+    objects, cols = engines
+    batches = [
+        [
+            Reading(f"s{i}", rng.gauss(100, 5), 1_600_000_000.0 + k, 0.5, "gw", rng.choice(labels))
+            for i in rng.sample(range(40), rng.randint(1, 30))
+        ]
+        for k, labels in enumerate([[None]] * 8 + [[None, 0.0, 1.0]] * 4)
+    ]
+    batches += random_batches(rng, 20)  # duplicates, several readings of a stream
+    answered_as_columns = 0
+    for k, batch in enumerate(batches):
+        where = f"seed={seed} batch={k}"
+        a = objects.step(batch, now=float(k))
+        b = cols.step(columns_of(batch), now=float(k))
+        assert_same_outcome(objects, a, cols, b, where)
+        answered_as_columns += isinstance(b.predictions, PredictionColumns)
+        assert all(p is None or p.lower is not None for p in b.predictions), where
+    for e in engines:
+        e.close()
+    assert records[0] == records[1] and len(records[0]) == len(batches), f"seed={seed}"
+    assert answered_as_columns >= 12, f"seed={seed}: {answered_as_columns}"
 
 
 def test_window_classifier_recovers_exactly_with_its_event_fields(tmp_path: Path) -> None:
@@ -685,56 +730,72 @@ def test_sequence_path_gives_exactly_the_waves_outcome(
         manifest = FakeManifest(task="classify", horizon=int(task[-1]), threshold=4.0)
     waves_e = engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
     seq_e = seq_engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
-    clipped_total = 0
+    # The same again, every batch handed over as columns (a gateway batch from the fast codec).
+    cols_e = seq_engine(max_streams, reset_after=20, recent=recent, manifest=manifest)
+    clipped_total = columns_out = 0
     for k, batch in enumerate(random_mix(rng, 150)):
         a, b = waves_e.step(batch, now=float(k)), seq_e.step(batch, now=float(k))
+        c = cols_e.step(columns_of(batch), now=float(k))
         where = f"seed={seed} batch={k}"
-        assert a.predictions == b.predictions, where
-        assert (a.drops, a.resets, a.evicted, a.repeated, a.clipped) == (
-            b.drops,
-            b.resets,
-            b.evicted,
-            b.repeated,
-            b.clipped,
-        ), where
-        for got, want in ((b.abs_err, a.abs_err), (b.naive_abs_err, a.naive_abs_err)):
-            g = np.sort(np.concatenate(got)) if got else np.array([])
-            w = np.sort(np.concatenate(want)) if want else np.array([])
-            np.testing.assert_array_equal(g, w, err_msg=where)
-        assert (a.interval_inside, a.interval_outside) == (b.interval_inside, b.interval_outside)
-        assert a.events == b.events, where
-        # The LRU order (slot numbers may differ: new streams can be acquired in another order)
-        order = [s for s, _ in waves_e.store.streams()]
-        assert order == [s for s, _ in seq_e.store.streams()], where
-        slots_a = np.array([waves_e.store.slot_of(s) for s in order], dtype=np.intp)
-        slots_b = np.array([seq_e.store.slot_of(s) for s in order], dtype=np.intp)
-        for name in (
-            "last_ts",
-            "last_value",
-            "last_pred",
-            "seen",
-            "last_used",
-            "spread",
-            "clipped",
-        ):
-            np.testing.assert_array_equal(
-                getattr(waves_e.store, name)[slots_a],
-                getattr(seq_e.store, name)[slots_b],
-                err_msg=f"{where} {name}",
-            )
-        assert states_of(waves_e).keys() == states_of(seq_e).keys(), where
-        for s, st in states_of(waves_e).items():
-            np.testing.assert_array_equal(st[0], states_of(seq_e)[s][0], err_msg=where)
-        wa, wb = waves_e.recent.to_arrays(), seq_e.recent.to_arrays()
-        assert wa[0] == wb[0], where
-        for column in ("recent_value", "recent_lower", "recent_upper"):
-            np.testing.assert_array_equal(wa[1][column], wb[1][column], err_msg=where)
+        assert_same_outcome(waves_e, a, seq_e, b, where)
+        assert_same_outcome(seq_e, b, cols_e, c, f"{where} (columns)")
         clipped_total += b.clipped
+        columns_out += isinstance(c.predictions, PredictionColumns)
     fake = cast(FakeSeqBundle, seq_e.bundle)
     # 5 streams: many batches evict their own; a full cache of 50: redeliveries go to waves
     least = 100 if max_streams == 100 and recent != 50 else 20
     assert len(fake.runs) >= least, f"seed={seed}: the sequence path was hardly used"
     assert (clipped_total > 0) == (task == "clipped"), f"seed={seed}: {clipped_total} clipped"
+    assert columns_out >= 10, f"seed={seed}: {columns_out} batches answered as columns"
+
+
+def columns_of(batch: list[Reading]) -> ReadingColumns:
+    labels = [r.label for r in batch]
+    return ReadingColumns(
+        [r.stream for r in batch],
+        [r.value for r in batch],
+        [r.ts for r in batch],
+        [r.received for r in batch],
+        [r.topic for r in batch],
+        None if labels.count(None) == len(labels) else labels,
+    )
+
+
+def assert_same_outcome(ea: Engine, a: Outcome, eb: Engine, b: Outcome, where: str) -> None:
+    """Every prediction, drop, reset, eviction, error, event count, cache entry, stored
+    column, state and the LRU order agree."""
+    assert a.predictions == b.predictions, where
+    assert (a.drops, a.resets, a.evicted, a.repeated, a.clipped) == (
+        b.drops,
+        b.resets,
+        b.evicted,
+        b.repeated,
+        b.clipped,
+    ), where
+    for got, want in ((b.abs_err, a.abs_err), (b.naive_abs_err, a.naive_abs_err)):
+        g = np.sort(np.concatenate(got)) if got else np.array([])
+        w = np.sort(np.concatenate(want)) if want else np.array([])
+        np.testing.assert_array_equal(g, w, err_msg=where)
+    assert (a.interval_inside, a.interval_outside) == (b.interval_inside, b.interval_outside)
+    assert a.events == b.events, where
+    # The LRU order (slot numbers may differ: new streams can be acquired in another order)
+    order = [s for s, _ in ea.store.streams()]
+    assert order == [s for s, _ in eb.store.streams()], where
+    slots_a = np.array([ea.store.slot_of(s) for s in order], dtype=np.intp)
+    slots_b = np.array([eb.store.slot_of(s) for s in order], dtype=np.intp)
+    for name in ("last_ts", "last_value", "last_pred", "seen", "last_used", "spread", "clipped"):
+        np.testing.assert_array_equal(
+            getattr(ea.store, name)[slots_a],
+            getattr(eb.store, name)[slots_b],
+            err_msg=f"{where} {name}",
+        )
+    assert states_of(ea).keys() == states_of(eb).keys(), where
+    for s, st in states_of(ea).items():
+        np.testing.assert_array_equal(st[0], states_of(eb)[s][0], err_msg=where)
+    wa, wb = ea.recent.to_arrays(), eb.recent.to_arrays()
+    assert wa[0] == wb[0], where
+    for column in ("recent_value", "recent_lower", "recent_upper"):
+        np.testing.assert_array_equal(wa[1][column], wb[1][column], err_msg=where)
 
 
 def test_real_sequence_bundle_matches_its_one_step_stepping(lstm: Bundle, seed: int) -> None:

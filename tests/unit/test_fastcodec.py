@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from forecaster.serve import codec, fastcodec
 from forecaster.serve.codec import PayloadSpec, Prediction
+from forecaster.serve.columns import ReadingColumns
 
 SPEC = PayloadSpec(max_future_s=3600.0)
 RECEIVED = 1_700_000_000.0
@@ -135,6 +136,7 @@ def test_a_clean_batch_is_really_fast_pathed() -> None:
     payload = b'[{"stream":"a","value":1.5,"ts":1699999999},{"stream":"b","value":-2}]'
     fast = fastcodec.clean_batch(payload, "gateway/batch", SPEC, RECEIVED)
     assert fast is not None
+    assert isinstance(fast.readings, ReadingColumns)  # no object per reading (columns.py)
     assert [(r.stream, r.value, r.ts) for r in fast.readings] == [
         ("a", 1.5, 1699999999.0),
         ("b", -2.0, RECEIVED),

@@ -97,8 +97,8 @@ def test_wave_round_trip(rows: list) -> None:
     warm=st.lists(st.booleans(), min_size=20, max_size=20),
 )
 def test_wave_from_the_engine_s_columns_is_the_same_record(rows: list, warm: list) -> None:
-    """Every reading predicted: the columns the engine hands over pack to the very bytes the
-    reading and prediction objects do (labels still come from the readings)."""
+    """Every reading predicted: the columns the engine hands over (labels included) pack to
+    the very bytes the reading and prediction objects do."""
     rs = [Reading(s, v, t, t, s, label) for s, t, v, label, _ in rows]
     ps: list[Prediction | None] = [
         Prediction(s, t, p, w) for (s, t, _v, _l, p), w in zip(rows, warm, strict=False)
@@ -109,6 +109,7 @@ def test_wave_from_the_engine_s_columns_is_the_same_record(rows: list, warm: lis
         np.array([r.value for r in rs], dtype=np.float64),
         np.array([p.value for p in ps if p is not None], dtype=np.float64),
         np.array(warm[: len(rs)], dtype=bool),
+        None if all(r.label is None for r in rs) else [r.label for r in rs],
     )
     assert encode_wave(rs, ps, columns) == encode_wave(rs, ps)
 

@@ -6,6 +6,7 @@ the engine and the state store are the real ones (the bundled water-flow LSTM).
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +16,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from forecaster.model.bundle import Bundle
+from forecaster.serve import fastcodec
 from forecaster.serve import responder as responder_module
 from forecaster.serve.codec import Reading
+from forecaster.serve.columns import ReadingColumns
 from forecaster.serve.config import RouteConfig
 from forecaster.serve.engine import Engine, Outcome
 from forecaster.serve.intake import Work
@@ -290,3 +293,46 @@ def test_single_reading_messages_are_answered_as_the_general_path_answers_them(
     monkeypatch.setattr(Responder, "_singles", None)  # not taken: would raise
     rig.responder.respond(works)
     assert [payload.lstrip()[:1] for _, payload, _, _ in rig.pub.published] == [b"{", b"["]
+
+
+def test_gateway_batches_as_columns_are_answered_as_their_objects(bundle: Bundle) -> None:
+    """Gateway batches decoded by the fast codec hold their readings as columns, and a
+    micro-batch of them is answered from the engine's prediction columns: the same payloads,
+    deliveries, acknowledgements and counts as the same messages with reading objects, with
+    dropped readings (repeated timestamps) and QoS 0 among them."""
+    seed = 20261203
+    rng = random.Random(seed)
+    spec = make_route(bundle).spec
+    messages = []
+    for mid in range(1, 25):
+        items = [
+            {"stream": f"s{i}", "value": round(rng.uniform(0, 50), 3), "ts": 1000 + mid // 3}
+            for i in rng.sample(range(30), rng.randint(1, 12))
+        ]
+        messages.append((mid, json.dumps(items).encode(), rng.choice((0, 1))))
+
+    def run(as_columns: bool) -> tuple[Any, ...]:
+        rig = Rig(make_route(bundle))
+        works = []
+        for mid, payload, qos in messages:
+            decoded = fastcodec.decode(payload, "gateway/batch", spec, WALL - 0.25)
+            readings = decoded.readings if as_columns else list(decoded.readings)
+            assert isinstance(decoded.readings, ReadingColumns), f"seed {seed}"
+            works.append(Work(rig.route, readings, True, "gateway/batch", mid, qos))
+        for start in range(0, len(works), 6):  # micro-batches of six messages
+            rig.responder.respond(works[start : start + 6])
+        return (
+            rig.pub.published,
+            rig.pub.deliveries,
+            rig.pub.acked,
+            [w.settled for w in works],
+            rig.sample("forecaster_predictions_total", route="water"),
+            rig.rejected("duplicate"),
+            rig.sample("forecaster_end_to_end_seconds_count"),
+            rig.sample("forecaster_end_to_end_seconds_sum"),
+        )
+
+    columns, objects = run(True), run(False)
+    assert columns == objects, f"seed {seed}"
+    published, _, _, settled, _, duplicates, _, _ = columns
+    assert duplicates > 0 and all(settled) and published, f"seed {seed}: a case lacks"
