@@ -51,6 +51,32 @@ _DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
 _LONG_RUN = b"0" * (_LONG + 1)
 
 
+#: Every byte but the braces, brackets and backslash: deleted by :func:`_marks`.
+_NOT_MARKS = bytes(c for c in range(256) if c not in b"{}[]\\")
+
+
+def _all_numbers(column: list[float | UnsetType | None]) -> bool:
+    """No None or UNSET in ``column``: ``sum`` raises on either, and costs a fifth of a
+    ``count`` (which compares every float with the sentinel)."""
+    try:
+        sum(column)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
+def _unset(column: list[float | UnsetType | None]) -> int:
+    """How many of ``column`` are UNSET (an item without the key): none, when all are numbers."""
+    return 0 if _all_numbers(column) else column.count(UNSET)
+
+
+def _marks(body: bytes) -> bytes:
+    """``body``'s braces, brackets and backslashes, in order: one pass over the payload, after
+    which counting them is cheap (each ``count`` or ``in`` over the whole payload took about
+    5 µs per 5.5 KB gateway batch, and the checks made four of them)."""
+    return body.translate(None, _NOT_MARKS)
+
+
 def _long_integer(body: bytes) -> bool:
     return len(body) > _LONG and _LONG_RUN in body.translate(_DIGITS)
 
@@ -183,9 +209,10 @@ def clean_objects(
     ):
         return None  # the rare long one: the reference measures it exactly
     joined = b",".join(payloads)
-    if b"\\u" in joined or b"[" in joined or plan.stream in joined:
+    marks = _marks(joined)
+    if (b"\\" in marks and b"\\u" in joined) or b"[" in marks or plan.stream in joined:
         return None
-    if joined.count(b"{") != n or joined.count(b"}") != n or joined.count(plan.value) != n:
+    if marks.count(b"{") != n or marks.count(b"}") != n or joined.count(plan.value) != n:
         return None
     try:
         items = plan.objects.decode(b"[" + joined + b"]")
@@ -195,7 +222,7 @@ def clean_objects(
         return None
     ts_raw = list(map(_T, items))
     labels = list(map(_L, items))
-    no_ts = ts_raw.count(UNSET)
+    no_ts = _unset(ts_raw)
     unlabelled = labels.count(UNSET)
     if joined.count(plan.ts) != n - no_ts or joined.count(plan.label) != n - unlabelled:
         return None
@@ -233,7 +260,7 @@ def _checked(
     total = sum(values)
     if total != total or min(values) < -FLOAT32_MAX or max(values) > FLOAT32_MAX:
         return None
-    if no_ts == 0 and ts_raw.count(None) == 0:
+    if no_ts == 0 and _all_numbers(ts_raw):
         ts = cast(list[float], ts_raw)
     else:
         ts = [received if t is None or t is UNSET else t for t in ts_raw]
@@ -260,12 +287,15 @@ def clean_batch(payload: bytes, topic: str, spec: PayloadSpec, received: float) 
     if spec.format not in ("auto", "batch") or len(payload) > spec.max_bytes:
         return None
     body = payload.strip(_ASCII_WS)
-    if body[:1] != b"[" or b"\\u" in body:  # NaN and Infinity: see clean_object
+    if body[:1] != b"[":
         return None
-    n = body.count(b"{")
+    marks = _marks(body)
+    if b"\\" in marks and b"\\u" in body:  # NaN and Infinity: see clean_object
+        return None
+    n = marks.count(b"{")
     # Flat: one object per item and no nested arrays or objects anywhere (a brace inside a
     # string only sends the batch to the reference path).
-    if n == 0 or n > spec.max_items or body.count(b"[") != 1 or body.count(b"}") != n:
+    if n == 0 or n > spec.max_items or marks.count(b"[") != 1 or marks.count(b"}") != n:
         return None
     if codec._topic_too_long(topic, spec.max_stream_bytes):
         return None
@@ -287,7 +317,7 @@ def clean_batch(payload: bytes, topic: str, spec: PayloadSpec, received: float) 
     # (every item with a ts, none with a label).
     ts_raw = list(map(_T, items))
     labels = list(map(_L, items))
-    no_ts = ts_raw.count(UNSET)
+    no_ts = _unset(ts_raw)
     if body.count(plan.ts) != n - no_ts:
         return None
     unlabelled = labels.count(UNSET)
