@@ -142,19 +142,24 @@ Shape = Literal["plain", "interval", "event"]
 class PredictionColumns(Sequence[Prediction]):
     """Predictions as columns, one per stepped reading: ``Prediction(streams[i], ts[i],
     values[i], warm[i], ...)`` with ``lower[i]``/``upper[i]`` (shape ``interval``) or
-    ``probability = values[i]`` and ``event = values[i] >= threshold`` (shape ``event``)."""
+    ``probability = values[i]`` and ``event = values[i] >= threshold`` (shape ``event``).
+
+    The columns are kept as tuples: the recent-predictions cache holds these for a while, and
+    the garbage collector stops tracking a tuple of plain values the first time it sees it,
+    where every list stays tracked (with lists, a cache filled by micro-batches of single
+    readings held 4.5× the tracked objects, and a full collection took 40 ms instead of 25)."""
 
     __slots__ = ("lower", "shape", "streams", "threshold", "ts", "upper", "values", "warm")
 
     def __init__(
         self,
-        streams: list[str],
-        ts: list[float],
-        values: list[float],
-        warm: list[bool],
+        streams: Sequence[str],
+        ts: Sequence[float],
+        values: Sequence[float],
+        warm: Sequence[bool],
         *,
-        lower: list[float] | None = None,
-        upper: list[float] | None = None,
+        lower: Sequence[float] | None = None,
+        upper: Sequence[float] | None = None,
         threshold: float | None = None,
     ) -> None:
         n = len(streams)
@@ -164,12 +169,13 @@ class PredictionColumns(Sequence[Prediction]):
             raise ValueError("bounds come in pairs, and not with an event threshold")
         if lower is not None and upper is not None and not len(lower) == len(upper) == n:
             raise ValueError("prediction columns of different lengths")
-        self.streams = streams
-        self.ts = ts
-        self.values = values
-        self.warm = warm
-        self.lower = lower
-        self.upper = upper
+        # ``tuple`` of a tuple is the tuple itself: slices and copies cost nothing more.
+        self.streams: tuple[str, ...] = tuple(streams)
+        self.ts: tuple[float, ...] = tuple(ts)
+        self.values: tuple[float, ...] = tuple(values)
+        self.warm: tuple[bool, ...] = tuple(warm)
+        self.lower: tuple[float, ...] | None = None if lower is None else tuple(lower)
+        self.upper: tuple[float, ...] | None = None if upper is None else tuple(upper)
         self.threshold = threshold
         self.shape: Shape = (
             "interval" if lower is not None else "plain" if threshold is None else "event"

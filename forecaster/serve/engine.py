@@ -659,7 +659,11 @@ class Engine:
         self._online_errors(
             readings, flat, vals, y64, prev_pred, prev_val, prior_seen, prev_sp, out
         )
-        in_order = by_stream is None and m == n  # ``flat`` is every reading, in arrival order
+        # ``flat`` is every reading, in arrival order: each its stream's only one, or one
+        # stream's readings (a busy stream's micro-batch), all stepped.
+        in_order = m == n and (by_stream is None or len(streams) == 1)
+        if in_order and by_stream is not None:
+            ts_arr = np.array(ts_all, dtype=np.float64)
 
         done = np.flatnonzero(plan.last_row >= 0)
         ends_rows = plan.last_row[done]

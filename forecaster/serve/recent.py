@@ -65,8 +65,14 @@ class Columns(NamedTuple):
 #: Predictions put in one call, not yet in the dict: their streams, ts, the predictions (a
 #: tuple, or the engine's :class:`PredictionColumns` as they are: no object per prediction is
 #: made unless the cache is read), and their columns when the caller gave them (a snapshot then
-#: reads no prediction one by one).
-Chunk = tuple[tuple[str, ...], tuple[float, ...], Sequence[Prediction], Columns | None]
+#: reads no prediction one by one), as a plain tuple: a :class:`Columns` is a tuple subclass,
+#: which the garbage collector would keep tracking for as long as the chunk is held.
+Chunk = tuple[
+    tuple[str, ...],
+    tuple[float, ...],
+    Sequence[Prediction],
+    tuple[np.ndarray, ...] | None,
+]
 
 
 class RecentPredictions:
@@ -149,7 +155,8 @@ class RecentPredictions:
         if new or (self._distinct(streams, ts) and not self.could_hold(streams, ts)):
             # Every key new: appended as it is, the dict catches up only if ever read.
             kept = preds if isinstance(preds, PredictionColumns) else tuple(preds)
-            self._pending.append((tuple(streams), tuple(ts), kept, columns))
+            plain = None if columns is None else tuple(columns)  # an exact tuple
+            self._pending.append((tuple(streams), tuple(ts), kept, plain))
             self._pending_n += len(preds)
             self._newest.update(zip(streams, ts, strict=True))  # each above its bound
             self._trim()
@@ -277,7 +284,7 @@ class RecentPredictions:
         for chunk_streams, chunk_ts, chunk_preds, columns in self._pending:
             streams.extend(chunk_streams)
             ts.extend(chunk_ts)
-            parts.append(_columns_of(chunk_preds) if columns is None else columns)
+            parts.append(_columns_of(chunk_preds) if columns is None else Columns._make(columns))
         return streams, ts, parts
 
     def _exact_keys(self) -> list[Key]:
