@@ -824,26 +824,26 @@ class Engine:
             # Every reading predicted: the columns are the outcome's predictions as they are
             # (no object per prediction; the encoder writes the messages from them).
             out.predictions = made
-        else:
-            for i, p in zip(flat, made, strict=True):
-                preds[i] = p
-        if not self.recent.capacity:
-            return
-        if n_streams == 1 or (not hits and n_streams == n):
-            # One stream, or each its own stream's only reading: ``flat`` is in arrival order.
-            if every:
+            if self.recent.capacity:
                 if lows is None or highs is None:
                     lows = highs = np.full(len(flat), np.nan)
                 columns = Columns(y, warm, lows, highs)
                 # Every reading stepped, in arrival order: distinct keys, each stream's rising.
                 self.recent.put_many(made, streams_all, ts_all, columns, new=new)
-            else:
-                self.recent.put_many(list(made))
+            return
+        objects = list(made)  # shared by the outcome and the cache
+        for i, p in zip(flat, objects, strict=True):
+            preds[i] = p
+        if not self.recent.capacity:
+            return
+        if n_streams == 1 or (not hits and n_streams == n):
+            # One stream, or each its own stream's only reading: ``flat`` is in arrival order.
+            self.recent.put_many(objects)
             return
         # Wave k holds the k-th reading of each stream (cache hits included).
         occurrence = _occurrences(streams_all)
         order = sorted(range(len(flat)), key=lambda k: (occurrence[flat[k]], flat[k]))
-        self.recent.put_many([made[k] for k in order])
+        self.recent.put_many([objects[k] for k in order])
 
     def _touch_in_wave_order(
         self,

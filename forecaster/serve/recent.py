@@ -62,16 +62,22 @@ class Columns(NamedTuple):
     upper: np.ndarray
 
 
-#: Predictions put in one call, not yet in the dict: their streams, ts, the predictions (a
-#: tuple, or the engine's :class:`PredictionColumns` as they are: no object per prediction is
-#: made unless the cache is read), and their columns when the caller gave them (a snapshot then
-#: reads no prediction one by one), as a plain tuple: a :class:`Columns` is a tuple subclass,
-#: which the garbage collector would keep tracking for as long as the chunk is held.
+#: Predictions put in one call, not yet in the dict: their streams and ts; the predictions, or
+#: None when they are the engine's :class:`PredictionColumns`, which are made again from the
+#: columns only if the cache is read; their columns when the caller gave them (a snapshot then
+#: reads no prediction one by one); and, to make them from the columns, the event threshold and
+#: whether they carry bounds. Everything in a chunk is a plain tuple, a string, a number or an
+#: array: the garbage collector stops tracking such tuples the first time it sees them, where
+#: the columns object (or a :class:`Columns`, a tuple subclass) would stay tracked for as long
+#: as the chunk is held, and every tracked object that survives brings the next collection
+#: closer (see ``serve/gcsettings.py``).
 Chunk = tuple[
     tuple[str, ...],
     tuple[float, ...],
-    Sequence[Prediction],
+    tuple[Prediction, ...] | None,
     tuple[np.ndarray, ...] | None,
+    float | None,
+    bool,
 ]
 
 
@@ -154,9 +160,19 @@ class RecentPredictions:
             ts = [p.ts for p in preds]
         if new or (self._distinct(streams, ts) and not self.could_hold(streams, ts)):
             # Every key new: appended as it is, the dict catches up only if ever read.
-            kept = preds if isinstance(preds, PredictionColumns) else tuple(preds)
             plain = None if columns is None else tuple(columns)  # an exact tuple
-            self._pending.append((tuple(streams), tuple(ts), kept, plain))
+            if isinstance(preds, PredictionColumns) and plain is not None:
+                chunk: Chunk = (
+                    tuple(streams),
+                    tuple(ts),
+                    None,
+                    plain,
+                    preds.threshold,
+                    preds.shape == "interval",
+                )
+            else:
+                chunk = (tuple(streams), tuple(ts), tuple(preds), plain, None, False)
+            self._pending.append(chunk)
             self._pending_n += len(preds)
             self._newest.update(zip(streams, ts, strict=True))  # each above its bound
             self._trim()
@@ -207,10 +223,12 @@ class RecentPredictions:
         pending, self._pending = self._pending, deque()
         skip = max(0, self._pending_n - self.capacity)  # evicted by the chunks after them
         self._pending_n = 0
-        for streams, ts, preds, _ in pending:
-            if skip >= len(preds):
-                skip -= len(preds)
+        for chunk in pending:
+            streams, ts = chunk[0], chunk[1]
+            if skip >= len(streams):
+                skip -= len(streams)
                 continue
+            preds = _predictions(chunk)
             self._put_exact(list(zip(streams[skip:], ts[skip:], strict=True)), preds[skip:])
             skip = 0
 
@@ -220,7 +238,7 @@ class RecentPredictions:
         for s, t in self._map:
             if t > newest.get(s, _NEVER):
                 newest[s] = t
-        for streams, ts, _, _ in self._pending:  # each ts above every earlier one of its stream
+        for streams, ts, *_ in self._pending:  # each ts above every earlier one of its stream
             newest.update(zip(streams, ts, strict=True))
         self._newest = newest
 
@@ -281,10 +299,13 @@ class RecentPredictions:
         streams = list(map(_FIRST, keys))
         ts = list(map(_SECOND, keys))
         parts = [_columns_of(list(map(self._map.__getitem__, keys)))]
-        for chunk_streams, chunk_ts, chunk_preds, columns in self._pending:
-            streams.extend(chunk_streams)
-            ts.extend(chunk_ts)
-            parts.append(_columns_of(chunk_preds) if columns is None else Columns._make(columns))
+        for chunk in self._pending:
+            streams.extend(chunk[0])
+            ts.extend(chunk[1])
+            columns = chunk[3]
+            parts.append(
+                _columns_of(_predictions(chunk)) if columns is None else Columns._make(columns)
+            )
         return streams, ts, parts
 
     def _exact_keys(self) -> list[Key]:
@@ -325,6 +346,25 @@ class RecentPredictions:
             "recent_upper": upper.astype(np.float64),
         }
         return streams[skip:], arrays
+
+
+def _predictions(chunk: Chunk) -> Sequence[Prediction]:
+    """A chunk's predictions: as put, or made from its columns (the engine's, see ``Chunk``)."""
+    streams, ts, preds, columns, threshold, bounded = chunk
+    if preds is not None:
+        return preds
+    if columns is None:
+        raise ValueError("a chunk without predictions must hold their columns")
+    value, warm, lower, upper = columns
+    return PredictionColumns(
+        streams,
+        ts,
+        value.tolist(),
+        warm.tolist(),
+        lower=lower.tolist() if bounded else None,
+        upper=upper.tolist() if bounded else None,
+        threshold=threshold,
+    )
 
 
 def _columns_of(preds: Sequence[Prediction]) -> Columns:
