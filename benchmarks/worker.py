@@ -18,6 +18,7 @@ readings (``one-stream``). Micro-batches are cut at ``--per-batch`` readings (th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import tempfile
@@ -107,6 +108,12 @@ def run(
     route = Route(rc, engine)
     responder = Responder(CountingPublisher(), Metrics(CollectorRegistry()))
     messages = _messages(kind, readings)
+    # What the run leaves for the garbage collector: collections during it, and the objects
+    # still tracked after it (the recent cache's chunks, mostly), as the daemon's settings
+    # (serve/gcsettings.py) would see them.
+    gc.collect()
+    tracked_before = len(gc.get_objects())
+    collections_before = sum(g["collections"] for g in gc.get_stats())
     decode_s = respond_s = 0.0
     works: list[Work] = []
     n = pending = 0
@@ -127,8 +134,13 @@ def run(
         t = time.process_time()
         responder.respond(works)
         respond_s += time.process_time() - t
+    collections = sum(g["collections"] for g in gc.get_stats()) - collections_before
+    gc.collect()
+    tracked = len(gc.get_objects()) - tracked_before
     return {
         "readings": n,
+        "gc_collections": collections,
+        "tracked_objects_left": tracked,
         "decode_us_per_reading": decode_s / n * 1e6,
         "step_and_answer_us_per_reading": respond_s / n * 1e6,
         "total_us_per_reading": (decode_s + respond_s) / n * 1e6,
@@ -156,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{kind:10s} {name:15s} decode {r['decode_us_per_reading']:6.1f}  "
                 f"step+answer {r['step_and_answer_us_per_reading']:6.1f}  "
-                f"total {r['total_us_per_reading']:6.1f} µs CPU per reading",
+                f"total {r['total_us_per_reading']:6.1f} µs CPU per reading; "
+                f"{r['gc_collections']} collections, {r['tracked_objects_left']:,} objects left "
+                "tracked",
                 flush=True,
             )
     load = os.getloadavg()[0]
