@@ -24,9 +24,9 @@ are never tracked by the garbage collector (see :class:`~forecaster.serve.codec.
 and chunks are tuples of strings, floats and predictions, which the collector stops tracking the
 first time it sees them. A gateway batch's predictions arrive as the engine's columns
 (``serve/columns.py``); their chunk keeps the column arrays only, and the predictions are made
-from them if the cache is ever read. A filling cache so costs one cheap young-generation pass per entry and
-nothing after, where tens of thousands of tracked objects promoted through every generation made
-30-60 ms pauses that the readings in flight waited behind.
+from them if the cache is ever read. A filling cache so costs one cheap young-generation pass
+per entry and nothing after, where tens of thousands of tracked objects promoted through every
+generation made 30-60 ms pauses that the readings in flight waited behind.
 """
 
 from __future__ import annotations
