@@ -411,24 +411,12 @@ class _Plain(msgspec.Struct, gc=False):
     warm: bool
 
 
-class _Interval(msgspec.Struct, gc=False):
-    stream: str
-    ts: float
-    value: float
-    model: str
-    version: str
-    warm: bool
+class _Interval(_Plain, gc=False):  # a subclass's fields follow its base's
     lower: float
     upper: float
 
 
-class _Event(msgspec.Struct, gc=False):
-    stream: str
-    ts: float
-    value: float
-    model: str
-    version: str
-    warm: bool
+class _Event(_Plain, gc=False):
     probability: float
     event: bool
 

@@ -103,6 +103,19 @@ class Rig:
     def rejected(self, reason: str) -> float:
         return self.sample("forecaster_readings_rejected_total", route="water", reason=reason)
 
+    def answered(self, works: list[Work]) -> tuple[Any, ...]:
+        """Everything the broker and a scrape would see of how ``works`` were answered."""
+        return (
+            self.pub.published,
+            self.pub.deliveries,
+            self.pub.acked,
+            [w.settled for w in works],
+            self.sample("forecaster_predictions_total", route="water"),
+            self.rejected("duplicate"),
+            self.sample("forecaster_end_to_end_seconds_count"),
+            self.sample("forecaster_end_to_end_seconds_sum"),
+        )
+
 
 def test_prediction_is_published_and_its_reading_acked_by_the_transport(bundle: Bundle) -> None:
     rig = Rig(make_route(bundle))
@@ -269,22 +282,14 @@ def test_single_reading_messages_are_answered_as_the_general_path_answers_them(
             monkeypatch.setattr(responder_module, "_all_single", lambda works: False)
         rig.responder.respond(works)
         monkeypatch.undo()
-        return (
-            rig.pub.published,
-            rig.pub.deliveries,
-            rig.pub.acked,
-            [w.settled for w in works],
-            rig.sample("forecaster_predictions_total", route="water"),
-            rig.rejected("duplicate"),
-            rig.sample("forecaster_end_to_end_seconds_count"),
-        )
+        return rig.answered(works)
 
     fast = run(True)
     rng.seed(seed)
     general = run(False)
     assert fast == general, f"seed {seed}"
     assert taken == [60], f"seed {seed}: the single-reading path was not taken once"
-    _, _, acked, settled, _, duplicates, _ = fast
+    _, _, acked, settled, _, duplicates, _, _ = fast
     assert duplicates > 0 and acked and all(settled), f"seed {seed}: the mix lacks a case"
 
     rig = Rig(make_route(bundle))
@@ -321,16 +326,7 @@ def test_gateway_batches_as_columns_are_answered_as_their_objects(bundle: Bundle
             works.append(Work(rig.route, readings, True, "gateway/batch", mid, qos))
         for start in range(0, len(works), 6):  # micro-batches of six messages
             rig.responder.respond(works[start : start + 6])
-        return (
-            rig.pub.published,
-            rig.pub.deliveries,
-            rig.pub.acked,
-            [w.settled for w in works],
-            rig.sample("forecaster_predictions_total", route="water"),
-            rig.rejected("duplicate"),
-            rig.sample("forecaster_end_to_end_seconds_count"),
-            rig.sample("forecaster_end_to_end_seconds_sum"),
-        )
+        return rig.answered(works)
 
     columns, objects = run(True), run(False)
     assert columns == objects, f"seed {seed}"
