@@ -7,11 +7,13 @@ by msgspec straight into typed items, and the checks run on whole columns. Anyth
 is not *sure* about (a bad item, a NaN literal (msgspec refuses it), a long integer, a ``\\u``
 escape, nesting, a key that may be repeated, an ISO timestamp) goes to :func:`codec.decode`, so
 the two give equal results on every payload (``tests/unit/test_fastcodec.py`` checks that with
-generated batches); the fast path only decides how quickly a clean batch is accepted. Reading
-objects that arrive together are decoded together (:func:`clean_objects`).
+generated batches); the fast path only decides how quickly a clean batch is accepted. A clean
+batch's readings come back as columns (:mod:`forecaster.serve.columns`), not an object each.
+Reading objects that arrive together are decoded together (:func:`clean_objects`).
 
 Predictions are encoded by msgspec from the :class:`~forecaster.serve.codec.Prediction` structs
-themselves, with the model's name and version put in: the same JSON document as
+themselves, with the model's name and version put in, or, given as columns, through a struct per
+document shape that carries the name and version as fields: the same JSON document as
 :func:`codec.encode_predictions` (same keys in the same order, ``null`` for non-finite numbers,
 absent optional fields), written as UTF-8; stream ids that are not ASCII take the reference
 encoder, which escapes them.
