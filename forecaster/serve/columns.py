@@ -144,10 +144,8 @@ class PredictionColumns(Sequence[Prediction]):
     values[i], warm[i], ...)`` with ``lower[i]``/``upper[i]`` (shape ``interval``) or
     ``probability = values[i]`` and ``event = values[i] >= threshold`` (shape ``event``).
 
-    The columns are kept as tuples: the recent-predictions cache holds these for a while, and
-    the garbage collector stops tracking a tuple of plain values the first time it sees it,
-    where every list stays tracked (with lists, a cache filled by micro-batches of single
-    readings held 4.5× the tracked objects, and a full collection took 40 ms instead of 25)."""
+    Short-lived: the columns are kept as the engine made them (lists), and the recent cache
+    keeps only their arrays (recent.py says why)."""
 
     __slots__ = ("lower", "shape", "streams", "threshold", "ts", "upper", "values", "warm")
 
@@ -169,13 +167,12 @@ class PredictionColumns(Sequence[Prediction]):
             raise ValueError("bounds come in pairs, and not with an event threshold")
         if lower is not None and upper is not None and not len(lower) == len(upper) == n:
             raise ValueError("prediction columns of different lengths")
-        # ``tuple`` of a tuple is the tuple itself: slices and copies cost nothing more.
-        self.streams: tuple[str, ...] = tuple(streams)
-        self.ts: tuple[float, ...] = tuple(ts)
-        self.values: tuple[float, ...] = tuple(values)
-        self.warm: tuple[bool, ...] = tuple(warm)
-        self.lower: tuple[float, ...] | None = None if lower is None else tuple(lower)
-        self.upper: tuple[float, ...] | None = None if upper is None else tuple(upper)
+        self.streams = streams
+        self.ts = ts
+        self.values = values
+        self.warm = warm
+        self.lower = lower
+        self.upper = upper
         self.threshold = threshold
         self.shape: Shape = (
             "interval" if lower is not None else "plain" if threshold is None else "event"
@@ -213,10 +210,17 @@ class PredictionColumns(Sequence[Prediction]):
         head = (self.streams, self.ts, self.values, self.warm)
         if self.lower is not None and self.upper is not None:
             return map(Prediction, *head, repeat(None), repeat(None), self.lower, self.upper)
-        if self.threshold is not None:
-            events = [v >= self.threshold for v in self.values]
+        events = self.events()
+        if events is not None:
             return map(Prediction, *head, self.values, events)
         return map(Prediction, *head)
+
+    def events(self) -> list[bool] | None:
+        """Each prediction's event (shape ``event``), else None."""
+        if self.threshold is None:
+            return None
+        threshold = self.threshold
+        return [v >= threshold for v in self.values]
 
     def count(self, value: object) -> int:
         """Every reading has its prediction: no None (the responder asks per message)."""

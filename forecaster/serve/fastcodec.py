@@ -364,14 +364,10 @@ def encode_predictions(preds: Sequence[Prediction], model: str, version: str, ba
     # the reference omits them), with the model's name and version to go before "warm". Every
     # string in the document is JSON-escaped, so the key's bytes are found nowhere else.
     keys = _model_keys(model, version)
-    try:
-        body = _ENCODER.encode(preds if batch else preds[0])
-    except UnicodeEncodeError:  # a lone surrogate in a stream id
-        body = None
-    # Anything not ASCII (a stream id, the model's name): the reference escapes it.
-    if keys is None or body is None or not body.isascii():
+    encoded = _ascii_encoded((preds if batch else preds[0],))
+    if keys is None or encoded is None:
         return codec.encode_predictions(preds, model, version, batch)
-    return body.replace(_WARM_KEY, keys)
+    return encoded[0].replace(_WARM_KEY, keys)
 
 
 def encode_singles(preds: Sequence[Prediction], model: str, version: str) -> list[bytes]:
@@ -381,22 +377,26 @@ def encode_singles(preds: Sequence[Prediction], model: str, version: str) -> lis
     per-message encoding at a tenth of the inference worker's time)."""
     if isinstance(preds, PredictionColumns):
         docs = _wire_documents(preds, model, version)
-        if docs is not None:
-            try:
-                bodies: list[bytes] | None = list(map(_ENCODER.encode, docs))
-            except UnicodeEncodeError:
-                bodies = None
-            if bodies is not None and b"".join(bodies).isascii():
-                return bodies
+        bodies = None if docs is None else _ascii_encoded(docs)
+        if bodies is not None:
+            return bodies
         preds = list(preds)
     keys = _model_keys(model, version)
-    try:
-        bodies = list(map(_ENCODER.encode, preds))
-    except UnicodeEncodeError:  # a lone surrogate in a stream id: each message on its own
-        bodies = None
-    if keys is None or bodies is None or not b"".join(bodies).isascii():
+    bodies = _ascii_encoded(preds)
+    if keys is None or bodies is None:  # each message on its own, the odd one by the reference
         return [encode_predictions((p,), model, version, False) for p in preds]
     return [body.replace(_WARM_KEY, keys) for body in bodies]
+
+
+def _ascii_encoded(items: Sequence[object]) -> list[bytes] | None:
+    """Each of ``items`` encoded by msgspec, or None where the reference must write one: a lone
+    surrogate in a stream id (msgspec refuses it), or anything not ASCII (the reference escapes
+    it)."""
+    try:
+        bodies = list(map(_ENCODER.encode, items))
+    except UnicodeEncodeError:
+        return None
+    return bodies if b"".join(bodies).isascii() else None
 
 
 # The published document of each prediction shape, with the model's name and version as fields
@@ -433,9 +433,9 @@ def _wire_documents(
     head = (preds.streams, preds.ts, preds.values, repeat(model), repeat(version), preds.warm)
     if preds.lower is not None and preds.upper is not None:
         return list(map(_Interval, *head, preds.lower, preds.upper))
-    if preds.threshold is not None:
-        threshold = preds.threshold
-        return list(map(_Event, *head, preds.values, [v >= threshold for v in preds.values]))
+    events = preds.events()
+    if events is not None:
+        return list(map(_Event, *head, preds.values, events))
     return list(map(_Plain, *head))
 
 
@@ -443,13 +443,8 @@ def _columns_body(preds: PredictionColumns, model: str, version: str) -> bytes |
     """The batch document of ``preds`` (a JSON array), or None where the reference must write
     it (an id or the model's name not ASCII: it escapes them)."""
     docs = _wire_documents(preds, model, version)
-    if docs is None:
-        return None
-    try:
-        body = _ENCODER.encode(docs)
-    except UnicodeEncodeError:  # a lone surrogate in a stream id
-        return None
-    return body if body.isascii() else None
+    body = None if docs is None else _ascii_encoded((docs,))
+    return None if body is None else body[0]
 
 
 _WARM_KEY = b',"warm":'
