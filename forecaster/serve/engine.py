@@ -66,7 +66,7 @@ from forecaster.serve.journal import (
 )
 from forecaster.serve.recent import WARM_FLAG, Columns, RecentPredictions
 from forecaster.serve.snapshot import SnapshotData, SnapshotError, load_snapshot, previous_path
-from forecaster.serve.state import StateStore, Verdict, finite_rows
+from forecaster.serve.state import StateStore, Verdict, all_finite, finite_rows
 from forecaster.serve.window import as_batch, push
 
 log = logging.getLogger(__name__)
@@ -612,7 +612,7 @@ class Engine:
                 )
                 out.clipped += int(np.count_nonzero(clipped0)) + later
             y_flat = y[row_of, t_of]
-            if not np.isfinite(y_flat).all() or not finite_rows(new).all():
+            if not np.isfinite(y_flat).all() or not all_finite(new):
                 return None  # waves drop and reset exactly the reading that blew up
 
         # Commit.

@@ -89,13 +89,15 @@ class BulkHistogram(Collector):
         if v.size <= _FEW:
             self._observe_few(v.tolist(), key)
             return
-        v = v[~np.isnan(v)]
-        if not v.size:
-            return
+        total = float(v.sum())
+        if total != total:  # a NaN among them (or infinities of both signs): drop the NaNs
+            v = v[~np.isnan(v)]
+            if not v.size:
+                return
+            total = float(v.sum())
         # le is inclusive: a value equal to a bound belongs to that bound's bucket.
         idx = np.searchsorted(self._bounds, v, side="left")
         counts = np.bincount(idx, minlength=len(self._bounds))
-        total = float(v.sum())
         with self._lock:
             series = self._series.setdefault(key, _Series(len(self._bounds)))
             series.counts += counts

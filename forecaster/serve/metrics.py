@@ -12,6 +12,7 @@ The HTTP side is deliberately thin (see ``STYLE.md``: pure core, thin I/O): the 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from typing import Final
@@ -384,8 +385,12 @@ class Metrics:
         b = np.asarray(naive_abs_err, dtype=np.float64).ravel()
         if a.shape != b.shape:
             raise ValueError(f"abs_err {a.shape} and naive_abs_err {b.shape} differ in shape")
-        keep = np.isfinite(a) & np.isfinite(b)
-        if not keep.all():
+        # Both sums finite: every entry is (a NaN or an infinity makes its sum non-finite);
+        # otherwise, or when a sum overflows, the entries are checked one by one.
+        with np.errstate(over="ignore", invalid="ignore"):
+            screened = math.isfinite(float(a.sum()) + float(b.sum()))
+        keep = None if screened else np.isfinite(a) & np.isfinite(b)
+        if keep is not None and not keep.all():
             log.warning("dropping %d non-finite online errors on route %s", (~keep).sum(), route)
             a, b = a[keep], b[keep]
         if a.size == 0:

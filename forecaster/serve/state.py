@@ -22,6 +22,7 @@ beside them.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from enum import IntEnum
@@ -47,6 +48,7 @@ __all__ = [
     "SnapshotError",
     "StateStore",
     "Verdict",
+    "all_finite",
     "finite_rows",
     "previous_path",
 ]
@@ -77,6 +79,21 @@ def finite_rows(states: Sequence[np.ndarray]) -> np.ndarray:
     for arr in states[1:]:
         ok &= np.isfinite(arr).all(axis=(0, 2))
     return ok
+
+
+def all_finite(states: Sequence[np.ndarray]) -> bool:
+    """``finite_rows(states).all()``, at about a fifth of its cost when the answer is True (the
+    usual one; the sequence path asks it of every micro-batch's new states).
+
+    A tensor's dot product with itself is finite only when every value is: a NaN or an infinity
+    makes it NaN or infinite. When it is not finite (a non-finite value, or squares beyond
+    float32's range, ~1.8e19), the exact check decides, so the answer never differs."""
+    with np.errstate(all="ignore"):  # an overflow here is an answer, not a warning
+        for arr in states:
+            flat = arr.reshape(-1)
+            if not math.isfinite(float(np.dot(flat, flat))):
+                return bool(finite_rows(states).all())
+    return True
 
 
 def _check_shapes(shapes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

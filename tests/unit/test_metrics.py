@@ -240,6 +240,24 @@ def test_observe_errors_drops_non_finite_pairs_and_checks_shapes() -> None:
         m.observe_errors("r", np.zeros(2), np.zeros(3))
 
 
+def test_observe_errors_keeps_finite_errors_whose_sums_overflow() -> None:
+    """The quick screen (both sums finite) fails on huge finite errors; the entries are then
+    checked one by one and all kept, and a NaN among many values is still dropped. (Errors
+    this large cannot come from readings, which are within float32's range.)"""
+    m = Metrics(CollectorRegistry())
+    big = np.array([1e308, 1e308, 1.0, 2.0, 3.0, 4.0])
+    with np.errstate(over="ignore"):  # their squares' sum, the counter's own concern
+        m.observe_errors("r", big, big[::-1].copy())
+    get = m.registry.get_sample_value
+    assert get("forecaster_prediction_abs_error_count", {"route": "r"}) == 6.0
+    assert get("forecaster_naive_abs_error_count", {"route": "r"}) == 6.0
+    errs = np.arange(1.0, 11.0)
+    errs[3] = np.nan
+    m.observe_errors("r", errs, np.ones(10))
+    assert get("forecaster_prediction_abs_error_count", {"route": "r"}) == 15.0
+    assert get("forecaster_naive_abs_error_count", {"route": "r"}) == 15.0
+
+
 def test_liveness() -> None:
     live = Liveness(now=100.0)
     assert live.alive(105.0, timeout=10.0)

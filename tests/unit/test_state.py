@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -22,6 +22,7 @@ from forecaster.serve.state import (
     SnapshotError,
     StateStore,
     Verdict,
+    all_finite,
     finite_rows,
     previous_path,
 )
@@ -145,6 +146,31 @@ def test_finite_rows() -> None:
     np.testing.assert_array_equal(finite_rows([h, c]), [True, False, True, False, False])
     np.testing.assert_array_equal(finite_rows([h]), [True, False, True, True, False])
     assert finite_rows([np.zeros((1, 0, 3), np.float32)]).shape == (0,)
+
+
+_ODD = st.sampled_from([np.nan, np.inf, -np.inf, 3e38, -3e38, 1e20, 0.0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(0, 6),
+    st.integers(1, 5),
+    st.lists(st.tuples(st.integers(0, 10**6), _ODD), max_size=4),
+    st.integers(0, 2**32 - 1),
+)
+def test_all_finite_is_finite_rows_all(
+    layers: int, batch: int, hidden: int, odd: list[tuple[int, float]], seed: int
+) -> None:
+    """The quick check agrees with the exact one, with values that overflow its dot product
+    (1e20, 3e38: finite, yet their squares are not) as well as NaN and infinities."""
+    rng = np.random.default_rng(seed)
+    states = [rng.standard_normal((layers, batch, hidden)).astype(np.float32) for _ in range(2)]
+    for where, value in odd:
+        if batch:
+            arr = states[where % 2].reshape(-1)
+            arr[where % arr.size] = value
+    assert all_finite(states) == bool(finite_rows(states).all()), f"seed {seed}, odd {odd}"
 
 
 def test_non_finite_state_is_not_stored_when_screened() -> None:
