@@ -389,10 +389,13 @@ class Metrics:
         # otherwise, or when a sum overflows, the entries are checked one by one.
         with np.errstate(over="ignore", invalid="ignore"):
             screened = math.isfinite(float(a.sum()) + float(b.sum()))
-        keep = None if screened else np.isfinite(a) & np.isfinite(b)
-        if keep is not None and not keep.all():
-            log.warning("dropping %d non-finite online errors on route %s", (~keep).sum(), route)
-            a, b = a[keep], b[keep]
+        if not screened:
+            keep = np.isfinite(a) & np.isfinite(b)
+            if not keep.all():
+                log.warning(
+                    "dropping %d non-finite online errors on route %s", (~keep).sum(), route
+                )
+                a, b = a[keep], b[keep]
         if a.size == 0:
             return
         model_h = self.prediction_abs_error.labels(route)
